@@ -1,0 +1,68 @@
+"""``TopKSAE``: the smallest nn.Module around the three kernels, for embedding in other code."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .loss import LossOutput, fvu_auxk_loss
+from .sparse_decode import sparse_decode
+from .topk_encode import EncodeOutput, topk_encode
+
+
+class ForwardOutput(NamedTuple):
+    """``x_hat [N, d]``, the sparse ``latents`` and the ``loss`` terms of one batch."""
+
+    x_hat: torch.Tensor
+    latents: EncodeOutput
+    loss: LossOutput
+
+
+class TopKSAE(nn.Module):
+    """TopK sparse autoencoder: ``f = topk(relu(W_enc (x - b_dec) + b_enc))``, ``x_hat = b_dec +
+    W_dec^T f``, with one unit-norm decoder row per latent.
+
+    Args:
+        d: activation width.
+        m: number of latents.
+        k: latents active per row.
+        auxk_alpha: AuxK weight in the loss.
+    """
+
+    def __init__(self, d: int, m: int, k: int, auxk_alpha: float = 1 / 32, device=None, dtype=None):
+        super().__init__()
+        if not 1 <= k <= m:
+            raise ValueError(f"k must be in [1, m={m}], got {k}")
+        self.d, self.m, self.k, self.auxk_alpha = d, m, k, auxk_alpha
+        factory = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(m, d, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(m, **factory))
+        self.W_dec = nn.Parameter(torch.empty(m, d, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d, **factory))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows: random unit vectors; encoder: the decoder's transpose; biases: 0."""
+        w = torch.randn(self.m, self.d, generator=generator, device=self.W_dec.device)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    def encode(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> EncodeOutput:
+        return topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux)
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return sparse_decode(values, indices, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> ForwardOutput:
+        """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``."""
+        latents = self.encode(x, dead_mask, k_aux)
+        x_hat = self.decode(latents.values, latents.indices)
+        aux_recon = None
+        if latents.aux_values is not None:
+            aux_recon = sparse_decode(latents.aux_values, latents.aux_indices, self.W_dec, None)
+        return ForwardOutput(x_hat, latents, fvu_auxk_loss(x, x_hat, aux_recon, self.auxk_alpha))

@@ -1,0 +1,376 @@
+"""TopK encoder: ``values, indices = topk(relu((x - b_dec) @ W_enc.T + b_enc), k)`` per row, and
+optionally, in the same pass, the top ``k_aux`` latents among the dead ones (for AuxK).
+
+Selection is by the pre-activation (ties between equal pre-activations go to the lower latent
+id in the Triton kernel); the values are then ReLU'd, so a row with fewer than ``k`` positive
+latents gets value 0 in its spare slots. Order within a row is unspecified (the Triton kernel
+returns it sorted, the torch path does not).
+
+Triton forward, ``_encode_topk_kernel``: one program owns ``BLOCK_N`` rows and walks all ``m``
+latents in ``BLOCK_M``-column tiles. For each tile it accumulates the ``[BLOCK_N, BLOCK_M]``
+pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the pre-bias is subtracted as x
+is loaded), packs every pre-activation with its latent id into one order-preserving int64 key
+(float bits, sign-fixed, in the high word; the complemented id in the low word) and merges the
+tile into a running per-row top-``K_PAD`` buffer with ``tl.topk`` (a bitonic network).
+The ``[N, m]`` pre-activation matrix never reaches global memory. The AuxK buffer is a second
+running top-``KA_PAD`` over the same tile with live latents masked out; tiles with no dead
+latent that beats the current ``KA``-th best skip the merge. Block sizes are powers of two and
+at least 16, and kernels use only portable ``tl`` ops, so the same code runs on 32-wide NVIDIA
+warps and 64-wide AMD wavefronts.
+
+Backward (both backends): only the selected entries carry gradient. With ``g = grad_values *
+(values > 0)``: ``grad_W_enc[i] = sum_{n,j: idx=i} g[n,j] (x[n] - b_dec)`` and ``grad_b_enc``
+by one latent-sorted ``sparse_transpose``; ``grad_x = sum_j g[:, j] W_enc[idx[:, j]]`` by
+``gather_combine`` (skipped when x needs no gradient, since then ``grad_b_dec = -grad_b_enc @
+W_enc`` gives the pre-bias gradient without touching N x d). No ``[N, m]`` tensor is built.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import reference
+from ._backend import (
+    check_matrix,
+    check_same,
+    check_vector,
+    resolve_backend,
+    tl,
+    triton,
+)
+from .sparse_ops import gather_combine, latent_segments, sparse_transpose
+
+
+class EncodeOutput(NamedTuple):
+    """Sparse latents of a batch: ``values``/``indices`` are ``[N, k]``; ``aux_values``/
+    ``aux_indices`` are ``[N, k_aux]`` (the best dead latents, value 0 in slots beyond the number
+    of dead latents) or ``None`` when no AuxK selection was asked for."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    aux_values: torch.Tensor | None
+    aux_indices: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+_SENTINEL = tl.constexpr(-9223372036854775807 - 1)  # int64 min: below every packed key
+
+
+@triton.jit
+def _pack(z, lat):
+    """Order-preserving int64 key of (pre-activation, latent): larger z first, then lower id."""
+    bits = z.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: reverse their order
+    return (bits.to(tl.int64) << 32) | (0xFFFFFFFF - lat.to(tl.int64))
+
+
+@triton.jit
+def _cas(x, J: tl.constexpr, S: tl.constexpr, DESC: tl.constexpr):
+    """Compare-and-swap the partners p and p ^ 2^J of every row of ``x [R, W]``; element p goes
+    descending when bit S of p differs from ``DESC`` is false, i.e. runs of 2^S alternate."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    A: tl.constexpr = W >> (J + 1)
+    B: tl.constexpr = 1 << J
+    a, b = tl.split(tl.permute(tl.reshape(x, [R, A, 2, B]), [0, 1, 3, 2]))  # [R, A, B] each
+    p = (tl.arange(0, A)[:, None] << (J + 1)) + tl.arange(0, B)[None, :]  # position of a
+    desc = (((p >> S) & 1) ^ DESC)[None, :, :] != 0
+    lo = tl.minimum(a, b)
+    hi = tl.maximum(a, b)
+    ab = tl.join(tl.where(desc, hi, lo), tl.where(desc, lo, hi))  # [R, A, B, 2]
+    return tl.reshape(tl.permute(ab, [0, 1, 3, 2]), [R, W])
+
+
+@triton.jit
+def _bitonic_merge(x, LOG_K: tl.constexpr, DESC: tl.constexpr):
+    """Sort every bitonic run of 2^LOG_K; run r goes descending iff (r & 1) ^ DESC."""
+    for jj in tl.static_range(LOG_K):
+        x = _cas(x, LOG_K - 1 - jj, LOG_K, DESC)
+    return x
+
+
+@triton.jit
+def _topk_rows(x, LOG_W: tl.constexpr, LOG_K: tl.constexpr, DESC: tl.constexpr):
+    """Top 2^LOG_K of every row of ``x [R, 2^LOG_W]``, sorted (descending iff DESC).
+
+    Bitonic top-k, as ``tl.topk`` does it, but with every step a whole-tile op (reshape, split,
+    join, max), which the Triton interpreter runs vectorized: sort runs of K with alternating
+    directions, then halve (the elementwise max of an ascending and a descending run is a
+    bitonic run holding their top K) and re-merge, until one run is left."""
+    R: tl.constexpr = x.shape[0]
+    K: tl.constexpr = 1 << LOG_K
+    for s in tl.static_range(1, LOG_K + 1):
+        x = _bitonic_merge(x, s, DESC)
+    for _ in tl.static_range(LOG_W - LOG_K):
+        pairs = tl.reshape(x, [R, x.shape[1] // (2 * K), 2, K])
+        x = tl.reshape(tl.max(pairs, axis=2), [R, x.shape[1] // 2])
+        x = _bitonic_merge(x, LOG_K, DESC)
+    return x
+
+
+@triton.jit
+def _widen(key, LOG_K: tl.constexpr):
+    """Pad ``[R, C]`` keys with sentinels up to ``[R, 2^LOG_K]``."""
+    for _ in tl.static_range(LOG_K):
+        if key.shape[1] < (1 << LOG_K):
+            pad = tl.full(key.shape, _SENTINEL, tl.int64)
+            key = tl.reshape(tl.join(key, pad), [key.shape[0], key.shape[1] * 2])
+    return key
+
+
+@triton.jit
+def _merge_topk(best, key, LOG_M: tl.constexpr, LOG_K: tl.constexpr):
+    """Top-K of (running ``best [R, K]``, sorted descending) and a key tile ``[R, 2^LOG_M]``."""
+    if LOG_M < LOG_K:
+        top = _topk_rows(_widen(key, LOG_K), LOG_K, LOG_K, 0)
+    else:
+        top = _topk_rows(key, LOG_M, LOG_K, 0)  # [R, K] ascending
+    # descending vs ascending: their elementwise max is the top K of both, as a bitonic run
+    return _bitonic_merge(tl.maximum(best, top), LOG_K, 1)
+
+
+@triton.jit
+def _store_topk(best, VALS, IDX, rows, rmask, K: tl.constexpr, K_PAD: tl.constexpr):
+    hi = (best >> 32).to(tl.int32)
+    bits = tl.where(hi < 0, hi ^ 0x7FFFFFFF, hi)
+    z = bits.to(tl.float32, bitcast=True)
+    lat = 0xFFFFFFFF - (best & 0xFFFFFFFF)
+    valid = best > _SENTINEL  # sentinels fill slots beyond the number of candidates
+    val = tl.where(valid, tl.maximum(z, 0.0), 0.0)
+    lat = tl.where(valid, lat, 0)
+    slots = tl.arange(0, K_PAD)
+    offs = rows[:, None] * K + slots[None, :]
+    mask = rmask[:, None] & (slots < K)[None, :]
+    tl.store(VALS + offs, val.to(VALS.dtype.element_ty), mask=mask)
+    tl.store(IDX + offs, lat, mask=mask)
+
+
+@triton.jit
+def _encode_topk_kernel(
+    X, W, B_ENC, B_DEC, DEAD, VALS, IDX, AVALS, AIDX,
+    N, M, D, stride_x, stride_w,
+    K: tl.constexpr, LOG_K: tl.constexpr, KA: tl.constexpr, LOG_KA: tl.constexpr,
+    HAS_AUX: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, LOG_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    K_PAD: tl.constexpr = 1 << LOG_K
+    KA_PAD: tl.constexpr = 1 << LOG_KA
+    BLOCK_M: tl.constexpr = 1 << LOG_M
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    best = tl.full([BLOCK_N, K_PAD], _SENTINEL, tl.int64)
+    abest = tl.full([BLOCK_N, KA_PAD], _SENTINEL, tl.int64)
+    for m0 in range(0, M, BLOCK_M):
+        lat = m0 + tl.arange(0, BLOCK_M)
+        lmask = lat < M
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            x = tl.load(
+                X + rows[:, None] * stride_x + cols[None, :],
+                mask=rmask[:, None] & cmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            x -= tl.load(B_DEC + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(
+                W + lat[None, :].to(tl.int64) * stride_w + cols[:, None],
+                mask=lmask[None, :] & cmask[:, None],
+                other=0.0,
+            )  # [BLOCK_D, BLOCK_M]: W_enc rows read as columns, i.e. W_enc.T
+            acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PRECISION)
+        z = acc + tl.load(B_ENC + lat, mask=lmask, other=0.0).to(tl.float32)[None, :]
+        key = tl.where(lmask[None, :], _pack(z, lat[None, :]), _SENTINEL)  # [BLOCK_N, BLOCK_M]
+        best = _merge_topk(best, key, LOG_M, LOG_K)
+        if HAS_AUX:
+            dead = tl.load(DEAD + lat, mask=lmask, other=0) != 0
+            akey = tl.where(dead[None, :], key, _SENTINEL)
+            # the K-th best so far, per row: a tile with nothing above it cannot change the buffer
+            kth = tl.min(tl.where(tl.arange(0, KA_PAD)[None, :] < KA, abest, 2**62), axis=1)
+            if tl.max((tl.max(akey, axis=1) > kth).to(tl.int32), axis=0) > 0:
+                abest = _merge_topk(abest, akey, LOG_M, LOG_KA)
+    _store_topk(best, VALS, IDX, rows, rmask, K, K_PAD)
+    if HAS_AUX:
+        _store_topk(abest, AVALS, AIDX, rows, rmask, KA, KA_PAD)
+
+
+# --------------------------------------------------------------------------------------------
+# Host forward / backward
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_precision(x: torch.Tensor) -> str:
+    # follow torch's own fp32 matmul setting, so the kernel selects what torch.mm would
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 and x.is_cuda and torch.version.hip is None else "ieee"
+
+
+def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+    n, d = x.shape
+    m = W_enc.shape[0]
+    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    has_aux = k_aux > 0
+    aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
+    aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x.device)
+    log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
+    log_ka = (k_aux - 1).bit_length() if has_aux else 0
+    # tiles checked with ptxas/amdgcn for sm_80 and gfx90a: no spills up to k = 128 without AuxK
+    block_n, log_m, block_d = 16, max(6, min(log_k, 8)), 32
+    num_warps = 8 if log_k >= 6 or has_aux else 4
+    dead = dead_mask.to(torch.int8) if has_aux else values  # any pointer when unused
+    _encode_topk_kernel[(triton.cdiv(n, block_n),)](
+        x, W_enc, b_enc, b_dec, dead, values, indices, aux_values, aux_indices,
+        n, m, d, x.stride(0), W_enc.stride(0),
+        K=k, LOG_K=log_k, KA=max(k_aux, 1), LOG_KA=log_ka, HAS_AUX=has_aux,
+        PRECISION=_dot_precision(x), BLOCK_N=block_n, LOG_M=log_m, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return values, indices, aux_values, aux_indices
+
+
+def _chunk_rows(m: int) -> int:
+    # keep one chunk of pre-activations (rows x m floats) inside the L2/L3 caches
+    return max(32, (1 << 21) // m)
+
+
+def _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux):
+    n = xc.shape[0]
+    values = xc.new_empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64, device=xc.device)
+    aux_values = xc.new_zeros(n, k_aux)
+    aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=xc.device)
+    dead_idx = dead_mask.nonzero().squeeze(1) if k_aux > 0 else None
+    ka = min(k_aux, dead_idx.numel()) if dead_idx is not None else 0
+    step = _chunk_rows(W_enc.shape[0])
+    for s in range(0, n, step):
+        z = torch.addmm(b_enc, xc[s : s + step], W_enc.t())  # [c, m]: only a chunk at a time
+        torch.topk(z, k, dim=1, sorted=False, out=(values[s : s + step], indices[s : s + step]))
+        if ka > 0:
+            v, i = z.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
+            aux_values[s : s + step, :ka] = v
+            aux_indices[s : s + step, :ka] = dead_idx[i]
+    return values.relu_(), indices, aux_values.relu_(), aux_indices
+
+
+def _encode_bwd(grad_values, grad_aux, xc, W_enc, values, indices, aux_values, aux_indices,
+                needs, backend):  # fmt: skip
+    """Gradients for (x, W_enc, b_enc, b_dec) from the selected entries only."""
+    need_x, need_w, need_be, need_bd = needs
+    parts = [(g * (v > 0), i) for g, v, i in ((grad_values, values, indices),
+             (grad_aux, aux_values, aux_indices)) if g is not None and i.shape[1] > 0]  # fmt: skip
+    m = W_enc.shape[0]
+    if not parts:
+        return (None,) * 4
+    g = torch.cat([p[0] for p in parts], 1) if len(parts) > 1 else parts[0][0]  # [N, k + k_aux]
+    idx = torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1]
+    grad_x = gather_combine(g, idx, W_enc, None, backend) if need_x else None
+    grad_w = grad_be = None
+    if need_w or need_be or (need_bd and grad_x is None):
+        segs = latent_segments(idx, m)
+        grad_w, grad_be = sparse_transpose(segs, g, xc, m, with_bias=True, backend=backend)
+    grad_bd = None
+    if need_bd:
+        # sum_n grad_x[n] = sum_i grad_b_enc[i] W_enc[i]: no [N, d] product needed
+        grad_bd = -grad_x.sum(0) if grad_x is not None else -(grad_be @ W_enc)
+    return grad_x, grad_w if need_w else None, grad_be if need_be else None, grad_bd
+
+
+class TopKEncodeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend):
+        xc = x - b_dec  # [N, d]: kept for grad_W_enc
+        if backend == "triton":
+            out = _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        else:
+            out = _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux)
+        values, indices, aux_values, aux_indices = out
+        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(indices, aux_indices)
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):
+        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        grads = _encode_bwd(
+            grad_values, grad_aux, xc, W_enc, values, indices, aux_values, aux_indices,
+            needs, ctx.backend,
+        )  # fmt: skip
+        return (*grads, None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional
+# --------------------------------------------------------------------------------------------
+
+
+def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+    check_matrix("x", x, None, None)
+    d = x.shape[1]
+    check_matrix("W_enc", W_enc, None, d)
+    m = W_enc.shape[0]
+    check_vector("b_enc", b_enc, m)
+    check_vector("b_dec", b_dec, d)
+    check_same("x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
+        raise ValueError(f"k must be an integer in [1, m={m}], got {k!r}")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
+        raise ValueError(f"k_aux must be an integer in [0, m={m}], got {k_aux!r}")
+    if k_aux > 0:
+        if dead_mask is None:
+            raise ValueError("k_aux > 0 needs a dead_mask ([m] bool) to choose AuxK latents from")
+        if dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (m,):
+            raise ValueError(
+                f"dead_mask must be a bool tensor of shape ({m},), "
+                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        if dead_mask.device != x.device:
+            raise ValueError(f"dead_mask is on {dead_mask.device} but x is on {x.device}")
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    dead_mask: torch.Tensor | None = None,
+    k_aux: int = 0,
+    *,
+    backend: str | None = None,
+) -> EncodeOutput:
+    """TopK SAE encoder with a sparse backward.
+
+    Args:
+        x: ``[N, d]`` activations.
+        W_enc: ``[m, d]`` encoder, one row per latent.
+        b_enc: ``[m]`` encoder bias.
+        b_dec: ``[d]`` pre-bias, subtracted from x before encoding.
+        k: latents kept per row, ``1 <= k <= m``.
+        dead_mask: ``[m]`` bool, the latents AuxK may use; needed when ``k_aux > 0``.
+        k_aux: dead latents kept per row for AuxK (0: no AuxK selection).
+        backend: ``"triton"``, ``"torch"`` or ``"reference"``; default from the device.
+
+    Returns:
+        :class:`EncodeOutput`. Gradients reach x, W_enc, b_enc and b_dec through the selected
+        entries only.
+    """
+    _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    backend = resolve_backend(x.device, backend)
+    if backend == "reference":
+        return EncodeOutput(*reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = TopKEncodeFunction.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend)
+    values, indices, aux_values, aux_indices = out
+    if k_aux == 0:
+        return EncodeOutput(values, indices, None, None)
+    return EncodeOutput(values, indices, aux_values, aux_indices)

@@ -1,0 +1,35 @@
+"""Test setup. On a CPU-only machine the Triton kernels run under TRITON_INTERPRET=1, which must
+be set before anything imports triton: triton decides at decoration time whether a kernel is
+compiled or interpreted. With a GPU, the kernels are compiled and tested on it.
+"""
+
+import os
+import sys
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could set TRITON_INTERPRET"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change note
+
+import pytest  # noqa: E402
+
+# where the Triton backend runs: the GPU when there is one, else the interpreter on the CPU
+TRITON_DEVICE = "cuda" if GPU else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a GPU (CUDA or ROCm)")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
