@@ -31,7 +31,16 @@ class TopKSAE(nn.Module):
         auxk_alpha: AuxK weight in the loss.
     """
 
-    def __init__(self, d: int, m: int, k: int, auxk_alpha: float = 1 / 32, device=None, dtype=None):
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        k: int,
+        auxk_alpha: float = 1 / 32,
+        device=None,
+        dtype=None,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if not 1 <= k <= m:
             raise ValueError(f"k must be in [1, m={m}], got {k}")
@@ -41,12 +50,13 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m, **factory))
         self.W_dec = nn.Parameter(torch.empty(m, d, **factory))
         self.b_dec = nn.Parameter(torch.zeros(d, **factory))
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows: random unit vectors; encoder: the decoder's transpose; biases: 0."""
-        w = torch.randn(self.m, self.d, generator=generator, device=self.W_dec.device)
+        device = generator.device if generator is not None else self.W_dec.device
+        w = torch.randn(self.m, self.d, generator=generator, device=device).to(self.W_dec)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()
@@ -60,8 +70,10 @@ class TopKSAE(nn.Module):
 
     def forward(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> ForwardOutput:
         """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``."""
-        latents = self.encode(x, dead_mask, k_aux)
-        x_hat = self.decode(latents.values, latents.indices)
+        # the kernels are called directly (not self.encode/decode) so subclasses that wrap
+        # encode/decode, e.g. with an input scale, can reuse this forward on prepared inputs
+        latents = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux)
+        x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec)
         aux_recon = None
         if latents.aux_values is not None:
             aux_recon = sparse_decode(latents.aux_values, latents.aux_indices, self.W_dec, None)

@@ -220,11 +220,12 @@ def row_dot(
         )  # fmt: skip
         return out
     if table.dtype in (torch.float32, torch.float64) and segs is not None:
-        # latent-major SDDMM: each dictionary row is read once for all the rows that chose it
+        # latent-major SDDMM: each dictionary row is read once for all the rows that chose it;
+        # the pattern values must be zeros, not empty: beta=0 still multiplies them (0 * NaN)
         with warnings.catch_warnings():  # torch flags CSR as beta on every construction
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(
-                segs.offsets, segs.rows, torch.empty_like(segs.rows, dtype=table.dtype),
+                segs.offsets, segs.rows, torch.zeros_like(segs.rows, dtype=table.dtype),
                 size=(table.shape[0], n), check_invariants=False,
             )  # fmt: skip
         dots = torch.sparse.sampled_addmm(pattern, table, g.t(), beta=0.0).values()
