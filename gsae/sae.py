@@ -296,8 +296,8 @@ class SaeTrainer:
         w_dec = self.sae.W_dec
         if w_dec.grad is not None:
             # keep the rows on the unit sphere: no gradient along the row itself
-            parallel = torch.linalg.vecdot(w_dec.grad, w_dec).unsqueeze(1)  # [m, 1]
-            w_dec.grad.sub_(parallel * w_dec)
+            parallel = torch.bmm(w_dec.grad.unsqueeze(1), w_dec.unsqueeze(2)).view(-1, 1)  # [m, 1]
+            w_dec.grad.addcmul_(parallel, w_dec, value=-1)  # in place: no [m, d] temporary
         self.optimizer.found_inf = (~finite).to(torch.float32)
         self.optimizer.step()
         # renormalise; a skipped step divides by exactly 1 and leaves the rows bit-identical

@@ -40,11 +40,13 @@ class TopKSAE(nn.Module):
         device=None,
         dtype=None,
         generator: torch.Generator | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
         if not 1 <= k <= m:
             raise ValueError(f"k must be in [1, m={m}], got {k}")
         self.d, self.m, self.k, self.auxk_alpha = d, m, k, auxk_alpha
+        self.backend = backend  # None: chosen by the device (or GSAE_KERNELS)
         factory = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.empty(m, d, **factory))
         self.b_enc = nn.Parameter(torch.zeros(m, **factory))
@@ -63,18 +65,25 @@ class TopKSAE(nn.Module):
         self.b_dec.zero_()
 
     def encode(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> EncodeOutput:
-        return topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux)
+        w, b = (self.W_enc, self.b_enc, self.b_dec), self.backend
+        return topk_encode(x, *w, self.k, dead_mask, k_aux, backend=b)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        return sparse_decode(values, indices, self.W_dec, self.b_dec)
+        return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
 
     def forward(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> ForwardOutput:
         """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``."""
         # the kernels are called directly (not self.encode/decode) so subclasses that wrap
         # encode/decode, e.g. with an input scale, can reuse this forward on prepared inputs
-        latents = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux)
-        x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec)
+        b = self.backend
+        latents = topk_encode(
+            x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux, backend=b
+        )
+        x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec, backend=b)
         aux_recon = None
         if latents.aux_values is not None:
-            aux_recon = sparse_decode(latents.aux_values, latents.aux_indices, self.W_dec, None)
-        return ForwardOutput(x_hat, latents, fvu_auxk_loss(x, x_hat, aux_recon, self.auxk_alpha))
+            aux_recon = sparse_decode(
+                latents.aux_values, latents.aux_indices, self.W_dec, None, backend=b
+            )
+        loss = fvu_auxk_loss(x, x_hat, aux_recon, self.auxk_alpha, backend=b)
+        return ForwardOutput(x_hat, latents, loss)

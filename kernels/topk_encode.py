@@ -210,6 +210,21 @@ def _dot_precision(x: torch.Tensor) -> str:
     return "tf32" if tf32 and x.is_cuda and torch.version.hip is None else "ieee"
 
 
+def encode_meta(k: int, k_aux: int) -> dict:
+    """Tiles checked with ptxas/amdgcn: no spills on sm_80 or gfx90a up to k = 128 without AuxK;
+    a wide AuxK buffer (k_aux in the hundreds) spills on both, a cost paid only on the steps that
+    have dead latents."""
+    log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
+    return {
+        "LOG_K": log_k,
+        "LOG_KA": (k_aux - 1).bit_length() if k_aux > 0 else 0,
+        "BLOCK_N": 16,
+        "LOG_M": max(6, min(log_k, 8)),
+        "BLOCK_D": 32,
+        "num_warps": 8 if log_k >= 6 or k_aux > 0 else 4,
+    }
+
+
 def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
     n, d = x.shape
     m = W_enc.shape[0]
@@ -218,43 +233,41 @@ def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
     has_aux = k_aux > 0
     aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
     aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x.device)
-    log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
-    log_ka = (k_aux - 1).bit_length() if has_aux else 0
-    # tiles checked with ptxas/amdgcn for sm_80 and gfx90a: no spills up to k = 128 without AuxK
-    block_n, log_m, block_d = 16, max(6, min(log_k, 8)), 32
-    num_warps = 8 if log_k >= 6 or has_aux else 4
+    meta = encode_meta(k, k_aux)
     dead = dead_mask.to(torch.int8) if has_aux else values  # any pointer when unused
-    _encode_topk_kernel[(triton.cdiv(n, block_n),)](
+    _encode_topk_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
         x, W_enc, b_enc, b_dec, dead, values, indices, aux_values, aux_indices,
         n, m, d, x.stride(0), W_enc.stride(0),
-        K=k, LOG_K=log_k, KA=max(k_aux, 1), LOG_KA=log_ka, HAS_AUX=has_aux,
-        PRECISION=_dot_precision(x), BLOCK_N=block_n, LOG_M=log_m, BLOCK_D=block_d,
-        num_warps=num_warps,
+        K=k, KA=max(k_aux, 1), HAS_AUX=has_aux, PRECISION=_dot_precision(x), **meta,
     )  # fmt: skip
     return values, indices, aux_values, aux_indices
 
 
-def _chunk_rows(m: int) -> int:
-    # keep one chunk of pre-activations (rows x m floats) inside the L2/L3 caches
-    return max(32, (1 << 21) // m)
+def _chunk_rows(n: int, m: int) -> int:
+    # one [rows, m] fp32 buffer of <= 32 MiB, reused by every chunk: big enough for an efficient
+    # GEMM, small enough that glibc serves it from the heap (larger blocks are mmap'd, and
+    # page-faulted in again on every call), and it bounds memory for any N
+    return max(1, min(n, max(64, (1 << 23) // m)))
 
 
 def _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux):
-    n = xc.shape[0]
+    n, m = xc.shape[0], W_enc.shape[0]
     values = xc.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=xc.device)
     aux_values = xc.new_zeros(n, k_aux)
     aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=xc.device)
     dead_idx = dead_mask.nonzero().squeeze(1) if k_aux > 0 else None
     ka = min(k_aux, dead_idx.numel()) if dead_idx is not None else 0
-    step = _chunk_rows(W_enc.shape[0])
+    step = _chunk_rows(n, m)
+    buf = xc.new_empty(step, m)
     for s in range(0, n, step):
-        z = torch.addmm(b_enc, xc[s : s + step], W_enc.t())  # [c, m]: only a chunk at a time
-        torch.topk(z, k, dim=1, sorted=False, out=(values[s : s + step], indices[s : s + step]))
+        e = min(n, s + step)
+        z = torch.addmm(b_enc, xc[s:e], W_enc.t(), out=buf[: e - s])  # [c, m]
+        torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
         if ka > 0:
             v, i = z.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
-            aux_values[s : s + step, :ka] = v
-            aux_indices[s : s + step, :ka] = dead_idx[i]
+            aux_values[s:e, :ka] = v
+            aux_indices[s:e, :ka] = dead_idx[i]
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
