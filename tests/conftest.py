@@ -33,3 +33,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 4-layer, d=32 GPTNeoX with random weights and a BPE tokenizer, saved locally."""
+    from tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gptneox"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    from tiny import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "tiny.txt")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub: the tests must never wait on the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

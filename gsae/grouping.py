@@ -1,0 +1,393 @@
+"""Which layers share an SAE: angular distances, complete-linkage groups, AMAD and savings.
+
+1. :class:`AngularDistances` streams hidden states ``[L, N, d]`` and keeps float64 sums of
+   ``arccos(cos(x_i, x_j)) / pi`` and a token count (paper Eq. 11), so any number of tokens,
+   batches or processes can be merged.
+2. :func:`complete_linkage` merges, bottom-up, the two groups whose *largest* member distance is
+   smallest (paper section 3.1, footnote 1), recording the partition for every G.
+3. :func:`amad` is the mean over groups of the largest distance inside each group (Eq. 4), and
+   ``G_hat`` the smallest G with AMAD(G) below the threshold (0.2 in the paper).
+4. :func:`compute_savings` gives Delta(G) = (A + G T) / (A + L T) - 1 (Eq. 5).
+
+:func:`group_layers` runs 2-4 on a distance matrix and returns a :class:`Grouping`, which reads
+and writes ``groups.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .angular import angular_distance_sums
+from .io import write_json
+
+DEFAULT_THRESHOLD = 0.2
+
+# --------------------------------------------------------------------------------------------
+# Streaming distances
+# --------------------------------------------------------------------------------------------
+
+
+class AngularDistances:
+    """Running mean angular distance between ``num_layers`` layers.
+
+    ``update(hidden [L, N, d])`` per batch (any device: the C++ extension on a CPU, the torch
+    path on a GPU), ``matrix()`` at the end. ``center=True`` first subtracts a running mean of
+    each layer's activations (the authors' published code does this; the paper's Eq. 11 does
+    not, hence off by default). Accumulators from several processes combine with ``merge``.
+    """
+
+    def __init__(self, num_layers: int, center: bool = False):
+        self.num_layers = num_layers
+        self.center = center
+        self.sums = torch.zeros(num_layers, num_layers, dtype=torch.float64)
+        self.count = 0
+        self.mean: torch.Tensor | None = None  # [L, d] float64, when centring
+
+    def update(self, hidden: torch.Tensor) -> None:
+        if hidden.dim() != 3 or hidden.shape[0] != self.num_layers:
+            raise ValueError(
+                f"expected hidden states [{self.num_layers}, N, d], got {tuple(hidden.shape)}"
+            )
+        if self.center:
+            hidden = self._centred(hidden)
+        sums, count = angular_distance_sums(hidden)
+        self.sums += sums.cpu()
+        self.count += int(count)
+
+    def _centred(self, hidden: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[1]
+        batch_mean = hidden.double().mean(1).cpu()  # [L, d]
+        if self.mean is None:
+            self.mean = batch_mean
+        else:  # running mean over every token seen, this batch included
+            self.mean += (batch_mean - self.mean) * (n / (self.count + n))
+        mean = self.mean.to(device=hidden.device, dtype=torch.float32)
+        return (hidden.float() - mean[:, None, :]).to(hidden.dtype)
+
+    def merge(self, other: AngularDistances) -> AngularDistances:
+        if other.num_layers != self.num_layers or other.center != self.center:
+            raise ValueError("can only merge accumulators over the same layers and centring")
+        self.sums += other.sums
+        self.count += other.count
+        return self
+
+    def matrix(self) -> np.ndarray:
+        """The ``[L, L]`` mean distance matrix (float64)."""
+        if self.count == 0:
+            raise ValueError("no tokens seen: call update() with hidden states first")
+        matrix = (self.sums / self.count).numpy()
+        if not np.isfinite(matrix).all():
+            raise FloatingPointError("the distance matrix has non-finite entries (NaN inputs?)")
+        return matrix
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums.clone(), "count": self.count, "center": self.center,
+                "mean": self.mean}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].clone()
+        self.count = int(state["count"])
+        self.center = bool(state["center"])
+        self.mean = state.get("mean")
+
+
+def measure_distances(batches, num_layers: int, tokens: int, center: bool = False,
+                      progress=None) -> AngularDistances:  # fmt: skip
+    """Accumulate distances over hidden-state batches ``[L, N, d]`` until ``tokens`` are seen
+    (the last batch is trimmed to the budget). ``progress(n)`` is told of every batch."""
+    acc = AngularDistances(num_layers, center=center)
+    for hidden in batches:
+        hidden = hidden[:, : tokens - acc.count]
+        acc.update(hidden)
+        if progress is not None:
+            progress(hidden.shape[1])
+        if acc.count >= tokens:
+            break
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Clustering
+# --------------------------------------------------------------------------------------------
+
+
+def check_distance_matrix(matrix) -> np.ndarray:
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 1:
+        raise ValueError(f"a distance matrix must be square [L, L], got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError("the distance matrix has non-finite entries")
+    if not np.allclose(m, m.T, atol=1e-9):
+        raise ValueError("the distance matrix is not symmetric")
+    return m
+
+
+def canonical_labels(labels: Sequence[int]) -> list[int]:
+    """Renumber groups 0..G-1 in order of their first member."""
+    first: dict[int, int] = {}
+    return [first.setdefault(label, len(first)) for label in labels]
+
+
+def complete_linkage(matrix) -> dict[int, list[int]]:
+    """Agglomerative clustering with complete linkage on a precomputed distance matrix.
+
+    Returns ``{G: labels}`` for every G from L down to 1. Ties between equally close pairs of
+    groups go to the pair with the lowest (first-member) indices, so the result is deterministic.
+    """
+    dist = check_distance_matrix(matrix)
+    n = dist.shape[0]
+    clusters = [[i] for i in range(n)]
+    linkage = dist.copy()  # linkage[a, b]: largest distance between members of clusters a, b
+    np.fill_diagonal(linkage, np.inf)
+    partitions = {n: list(range(n))}
+    while len(clusters) > 1:
+        a, b = np.unravel_index(np.argmin(linkage), linkage.shape)
+        a, b = min(a, b), max(a, b)
+        clusters[a] = sorted(clusters[a] + clusters[b])
+        merged = np.maximum(linkage[a], linkage[b])  # complete linkage: the farther member
+        linkage[a], linkage[:, a] = merged, merged
+        linkage[a, a] = np.inf
+        linkage = np.delete(np.delete(linkage, b, axis=0), b, axis=1)
+        del clusters[b]
+        labels = [0] * n
+        for label, members in enumerate(clusters):
+            for i in members:
+                labels[i] = label
+        partitions[len(clusters)] = canonical_labels(labels)
+    return partitions
+
+
+def euclidean_rows(matrix) -> np.ndarray:
+    """Pairwise Euclidean distances between the rows of a matrix: clustering these reproduces
+    the authors' published code, which gave the distance matrix to sklearn as features."""
+    m = np.asarray(matrix, dtype=np.float64)
+    return np.sqrt(((m[:, None, :] - m[None, :, :]) ** 2).sum(-1))
+
+
+def amad(matrix, labels: Sequence[int]) -> float:
+    """Average over groups of the largest distance between two members (0 for a singleton)."""
+    dist = np.asarray(matrix, dtype=np.float64)
+    labels = np.asarray(labels)
+    worst = []
+    for g in np.unique(labels):
+        members = np.flatnonzero(labels == g)
+        worst.append(dist[np.ix_(members, members)].max() if len(members) > 1 else 0.0)
+    return float(np.mean(worst))
+
+
+def even_groups(num_layers: int, num_groups: int) -> list[int]:
+    """Contiguous groups of near-equal size (the paper's evenly spaced baseline)."""
+    if not 1 <= num_groups <= num_layers:
+        raise ValueError(f"need 1 <= groups <= {num_layers} layers, got {num_groups}")
+    return [i * num_groups // num_layers for i in range(num_layers)]
+
+
+# --------------------------------------------------------------------------------------------
+# Compute savings
+# --------------------------------------------------------------------------------------------
+
+
+def forward_flops_per_token(layer_params: int, num_layers: int, d_model: int, ctx_len: int) -> int:
+    """FLOPs of one forward pass through ``num_layers`` layers, per token (Kaplan et al. 2020):
+    ``2 * layer_params * num_layers`` for the matmuls plus ``2 * num_layers * ctx_len * d_model``
+    for attention scores and values (the causal average of the quadratic term)."""
+    return 2 * layer_params * num_layers + 2 * num_layers * ctx_len * d_model
+
+
+def sae_flops_per_token(d: int, m: int, k: int, kernels: str = "sparse") -> int:
+    """FLOPs of one SAE training step, per token.
+
+    ``dense``: the usual implementation, ``10 d m``: encoder forward 2dm, dense decode 2dm, and
+    their backward 6dm (this is what the paper's Table 2 numbers imply).
+    ``sparse``: gsae's kernels, ``2 d m + 8 k d``: the encoder matmul stays dense, the decode,
+    the value gradients and both weight gradients touch only the k selected latents.
+    """
+    if kernels == "dense":
+        return 10 * d * m
+    if kernels == "sparse":
+        return 2 * d * m + 8 * k * d
+    raise ValueError(f"kernels must be 'sparse' or 'dense', got {kernels!r}")
+
+
+def compute_savings(num_groups: int, num_layers: int, forward_cost: float, sae_cost: float,
+                    extra_saes: int = 0) -> float:  # fmt: skip
+    """Delta(G) = (A + G T) / (A + L T) - 1 (paper Eq. 5).
+
+    ``forward_cost`` is A, ``sae_cost`` is T (any unit: FLOPs or measured seconds). Unlike the
+    paper's Table 2, ``extra_saes`` counts the SAEs trained in both settings (the last layer's
+    own SAE), so the ratio is between the totals actually paid.
+    """
+    trained = forward_cost + (num_groups + extra_saes) * sae_cost
+    baseline = forward_cost + (num_layers + extra_saes) * sae_cost
+    return trained / baseline - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+class Partition(NamedTuple):
+    """One grouping: a label per grouped layer (0..G-1 in order of first layer) and its AMAD."""
+
+    labels: list[int]
+    amad: float
+
+
+@dataclass
+class Grouping:
+    """Distances, every partition from G = 1 to L - 1 and the chosen G_hat, as in groups.json."""
+
+    model: str
+    layers: list[int]  # the model layers that were grouped, in order
+    distances: list[list[float]]
+    tokens: int
+    partitions: dict[int, Partition]
+    g_hat: int
+    threshold: float
+    savings: dict[int, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. {"last_layer": 11, "cluster_space": ...}
+
+    def groups(self, num_groups: int | None = None) -> list[list[int]]:
+        """Model layers of each group, for G (default G_hat)."""
+        g = self.g_hat if num_groups is None else num_groups
+        if g not in self.partitions:
+            raise ValueError(f"no partition with G={g}; have {sorted(self.partitions)}")
+        out: list[list[int]] = [[] for _ in range(g)]
+        for layer, label in zip(self.layers, self.partitions[g].labels, strict=True):
+            out[label].append(layer)
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "layers": self.layers,
+            "distances": self.distances,
+            "tokens": self.tokens,
+            "partitions": {
+                str(g): {"labels": p.labels, "amad": p.amad}
+                for g, p in sorted(self.partitions.items())
+            },  # fmt: skip
+            "g_hat": self.g_hat,
+            "threshold": self.threshold,
+            "savings": {str(g): s for g, s in sorted(self.savings.items())},
+            **self.extra,
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Grouping:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no groups file at {path}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        missing = [k for k in ("model", "layers", "partitions", "g_hat") if k not in data]
+        if missing:
+            raise ValueError(f"{path} is not a groups.json (missing {missing})")
+        known = {"model", "layers", "distances", "tokens", "partitions", "g_hat", "threshold",
+                 "savings"}  # fmt: skip
+        partitions = {int(g): Partition(list(p["labels"]), float(p["amad"]))
+                      for g, p in data["partitions"].items()}  # fmt: skip
+        for g, p in partitions.items():
+            if len(p.labels) != len(data["layers"]):
+                raise ValueError(f"{path}: partition G={g} has {len(p.labels)} labels for "
+                                 f"{len(data['layers'])} layers")  # fmt: skip
+        return cls(
+            model=data["model"],
+            layers=[int(x) for x in data["layers"]],
+            distances=data.get("distances", []),
+            tokens=int(data.get("tokens", 0)),
+            partitions=partitions,
+            g_hat=int(data["g_hat"]),
+            threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
+            savings={int(g): float(s) for g, s in data.get("savings", {}).items()},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def choose_g_hat(amads: dict[int, float], threshold: float) -> int:
+    """Smallest G with AMAD(G) < threshold; if none, the largest G tried, with a warning."""
+    below = [g for g, a in sorted(amads.items()) if a < threshold]
+    if below:
+        return below[0]
+    fallback = max(amads)
+    warnings.warn(
+        f"no G has AMAD below {threshold}; using G = {fallback} (one layer per group but one)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return fallback
+
+
+def group_layers(
+    matrix,
+    layers: Sequence[int] | None = None,
+    model: str = "",
+    tokens: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    cluster_space: str = "precomputed",
+    costs: tuple[float, float, int] | None = None,
+    extra: dict | None = None,
+) -> Grouping:
+    """Partitions for G = 1 .. L-1 of the layers of ``matrix`` (L x L), their AMAD and G_hat.
+
+    ``cluster_space``: ``precomputed`` (the paper: complete linkage on the distances) or
+    ``rows`` (Euclidean complete linkage on the matrix rows, as the authors' code). AMAD is
+    always measured on the angular distances. ``costs = (A, T, extra_saes)`` adds Delta(G).
+    """
+    dist = check_distance_matrix(matrix)
+    n = dist.shape[0]
+    layers = list(range(n)) if layers is None else [int(x) for x in layers]
+    if len(layers) != n:
+        raise ValueError(f"{len(layers)} layer ids for a {n} x {n} distance matrix")
+    if cluster_space not in ("precomputed", "rows"):
+        raise ValueError(f"cluster_space must be 'precomputed' or 'rows', got {cluster_space!r}")
+    space = dist if cluster_space == "precomputed" else euclidean_rows(dist)
+    all_partitions = complete_linkage(space)
+    g_values = range(1, n) if n > 1 else range(1, 2)  # G < L: grouping only pays with a merge
+    partitions = {g: Partition(all_partitions[g], amad(dist, all_partitions[g])) for g in g_values}
+    g_hat = choose_g_hat({g: p.amad for g, p in partitions.items()}, threshold)
+    savings = {}
+    if costs is not None:
+        a_cost, t_cost, extra_saes = costs
+        savings = {g: compute_savings(g, n, a_cost, t_cost, extra_saes) for g in partitions}
+    return Grouping(
+        model=model,
+        layers=layers,
+        distances=[[float(v) for v in row] for row in dist],
+        tokens=int(tokens),
+        partitions=partitions,
+        g_hat=g_hat,
+        threshold=threshold,
+        savings=savings,
+        extra={"cluster_space": cluster_space, **(extra or {})},
+    )
+
+
+def parse_count(text: str | int) -> int:
+    """``"10M"`` -> 10_000_000; also k/K, M, B/G, T suffixes and plain or scientific numbers."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().replace("_", "").replace(",", "")
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}.get(s[-1:].lower())
+    try:
+        value = float(s[:-1]) * scale if scale else float(s)
+    except ValueError:
+        raise ValueError(f"not a count: {text!r} (try 10M, 500k, 1B or 1e6)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"not a count: {text!r}")
+    return int(round(value))

@@ -1,0 +1,191 @@
+"""Activations from real (tiny, offline) transformers models, and the token stream."""
+
+import gzip
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from gsae.activations import (
+    ActivationReader,
+    DatasetLoadError,
+    ModelLoadError,
+    StreamPosition,
+    TokenStream,
+    find_layers,
+    hub_id,
+    iter_texts,
+    load_model,
+)
+
+
+def test_short_names_map_to_pythia():
+    assert hub_id("pythia-160m") == "EleutherAI/pythia-160m"
+    assert hub_id("pythia-1b") == "EleutherAI/pythia-1b"
+    assert hub_id("pythia-410m-deduped") == "EleutherAI/pythia-410m-deduped"
+    assert hub_id("gpt2") == "gpt2"
+
+
+def test_offline_model_fails_fast_naming_what_was_tried(offline):
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as err:
+        load_model("pythia-1b")
+    message = str(err.value)
+    assert "EleutherAI/pythia-1b" in message and "not in the Hugging Face cache" in message
+    assert "unreachable" in message and "--model" in message and "local directory" in message
+    assert time.perf_counter() - start < 30
+
+
+def test_offline_dataset_fails_naming_what_was_tried(offline, tmp_path):
+    with pytest.raises(DatasetLoadError, match=r"no local file .*unreachable.*--dataset"):
+        iter_texts("monology/pile-uncopyrighted")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DatasetLoadError, match="expected .txt, .jsonl or .parquet"):
+        iter_texts(str(tmp_path / "x.csv"))
+
+
+def test_local_text_formats(tmp_path):
+    docs = ["first document\nwith two lines", "second one", "third"]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs) + "\n")
+    with gzip.open(tmp_path / "a.txt.gz", "wt") as f:
+        f.write("\n\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    import datasets
+
+    data = datasets.Dataset.from_dict({"text": docs})
+    data.to_parquet(str(tmp_path / "a.parquet"))
+    data.save_to_disk(str(tmp_path / "saved"))
+    for name in ("a.txt", "a.txt.gz", "a.jsonl", "a.parquet", "saved"):
+        assert list(iter_texts(str(tmp_path / name))) == docs, name
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DatasetLoadError, match="has no 'text' field"):
+        list(iter_texts(str(tmp_path / "b.jsonl")))
+
+
+class FakeTokenizer:
+    """One token per character: makes packing easy to check by eye."""
+
+    eos_token_id, pad_token_id, sep_token_id = 0, None, None
+
+    def __call__(self, texts, add_special_tokens=False):
+        assert add_special_tokens is False
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def collect(stream, limit=None):
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if limit and len(out) == limit:
+            break
+    stream.close()
+    return out
+
+
+def test_token_stream_packs_documents_with_eos_and_no_bos():
+    docs = ["abc", "defgh", "ij"]
+    stream = TokenStream(lambda: iter(docs), FakeTokenizer(), ctx_len=4, batch_size=2)
+    batches = collect(stream)
+    rows = torch.cat([b.input_ids for b in batches]).tolist()
+    flat = [t for row in rows for t in row]
+    want = (
+        [ord(c) for c in "abc"]
+        + [0]
+        + [ord(c) for c in "defgh"]
+        + [0]
+        + [ord(c) for c in "ij"]
+        + [0]
+    )  # noqa: E501
+    assert flat[: len(want)] == want  # documents joined by EOS (0), nothing before the first
+    masks = torch.cat([b.attention_mask for b in batches])
+    assert int(masks.sum()) == len(want)  # the padded tail is masked out
+    assert all(b.input_ids.shape[1] == 4 for b in batches)
+
+
+def test_token_stream_resumes_exactly_from_a_saved_position():
+    docs = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
+    texts = lambda: iter(docs)  # noqa: E731
+    full = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3))
+    head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=4)
+    saved = StreamPosition.from_dict(json.loads(json.dumps(head[-1].position.to_dict())))
+    rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3, position=saved))
+    resumed = torch.cat([b.input_ids for b in head + rest])
+    assert torch.equal(resumed, torch.cat([b.input_ids for b in full]))
+
+
+def test_token_stream_repeat_cycles_a_small_corpus():
+    stream = TokenStream(lambda: iter(["abcdefg"]), FakeTokenizer(), ctx_len=4, batch_size=1,
+                         repeat=True)  # fmt: skip
+    batches = collect(stream, limit=5)
+    assert len(batches) == 5 and batches[-1].position.epoch >= 2
+
+
+def test_reader_matches_hidden_states_and_stops_early(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="fp32")
+    assert loaded.num_layers == 4 and loaded.d_model == 32
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = loaded.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    reader = ActivationReader(loaded, [0, 1, 2])
+    ran = []
+    handle = loaded.layers[3].register_forward_hook(lambda *_: ran.append(1))
+    acts = reader(ids, mask)
+    handle.remove()
+    assert acts.shape == (3, 24, 32)
+    assert not ran, "layer 3 ran although only layers 0-2 were asked for"
+    for pos, layer in enumerate([0, 1, 2]):
+        torch.testing.assert_close(acts[pos], full.hidden_states[layer + 1].flatten(0, 1))
+    # the last layer: the residual stream itself, not transformers' final-layer-normed copy
+    last = ActivationReader(loaded, [3])(ids, mask)[0]
+    assert not torch.allclose(last, full.hidden_states[4].flatten(0, 1))
+
+
+def test_reader_drops_padding(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="fp32")
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    acts = ActivationReader(loaded, [1])(ids, mask)
+    assert acts.shape == (1, 16, 32)
+    alone = ActivationReader(loaded, [1])(ids[1:, :6], mask[1:, :6])
+    torch.testing.assert_close(acts[0, 10:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reader_rejects_layers_out_of_range(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="fp32")
+    with pytest.raises(ValueError, match=r"layers \[4\] out of range: the model has 4 layers"):
+        ActivationReader(loaded, [2, 4])
+
+
+def _save_family(kind, directory, tokenizer_dir):
+    import transformers as tf
+
+    configs = {
+        "gpt2": (tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+                 tf.GPT2LMHeadModel),
+        "llama": (tf.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, intermediate_size=64,
+                                 max_position_embeddings=64), tf.LlamaForCausalLM),
+        "bert": (tf.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3,
+                               num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=64), tf.BertModel),
+    }  # fmt: skip
+    config, cls = configs[kind]
+    cls(config).save_pretrained(directory)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, directory / f.name)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_other_model_families(kind, tiny_model_dir, tmp_path):
+    path = _save_family(kind, tmp_path / kind, tiny_model_dir)
+    loaded = load_model(str(path), dtype="fp32")
+    assert len(find_layers(loaded.model)) == 3
+    ids = torch.randint(0, 300, (2, 8))
+    acts = ActivationReader(loaded, [0, 2])(ids, torch.ones_like(ids))
+    assert acts.shape == (2, 16, 32) and torch.isfinite(acts).all()

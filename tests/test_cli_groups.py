@@ -1,0 +1,61 @@
+"""gsae-groups end to end, offline, on a tiny model and a local text file."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gsae.cli import groups_main
+
+
+def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_corpus, tmp_path,
+                                                         offline, capsys):  # fmt: skip
+    out = tmp_path / "groups"
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens", "3k",
+            "--ctx-len", "64", "--batch-size", "4", "--repeat", "--device", "cpu",
+            "--model-dtype", "fp32", "--out", str(out)]  # fmt: skip
+    assert groups_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AMAD" in printed and "*" in printed and "G_hat" in printed
+    data = json.loads((out / "groups.json").read_text())
+    assert data["layers"] == [0, 1, 2]  # the last of 4 layers is left out: it gets its own SAE
+    assert data["tokens"] == 3000
+    assert set(data["partitions"]) == {"1", "2"}
+    assert data["g_hat"] in (1, 2)
+    assert set(data["savings"]) == {"1", "2"} and all(v < 0 for v in data["savings"].values())
+    d = np.array(data["distances"])
+    assert d.shape == (3, 3) and np.allclose(d, d.T) and (d[~np.eye(3, dtype=bool)] > 0).all()
+    for png in ("distances.png", "amad.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_include_last(tiny_model_dir, tiny_corpus, tmp_path, offline):
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens", "500",
+            "--ctx-len", "32", "--include-last", "--repeat", "--device", "cpu",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert groups_main(argv) == 0
+    assert json.loads((tmp_path / "groups.json").read_text())["layers"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "json"])
+def test_from_matrix_groups_every_row(tmp_path, fmt, capsys):
+    rng = np.random.default_rng(0)
+    pts = np.cumsum(rng.normal(size=(5, 2)), 0)
+    m = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    m = m / m.max() * 0.5
+    path = tmp_path / f"m.{fmt}"
+    np.save(path, m) if fmt == "npy" else path.write_text(json.dumps(m.tolist()))
+    assert groups_main(["--from-matrix", str(path), "--out", str(tmp_path / "o")]) == 0
+    data = json.loads((tmp_path / "o" / "groups.json").read_text())
+    assert data["layers"] == [0, 1, 2, 3, 4]  # none excluded
+    assert set(data["partitions"]) == {"1", "2", "3", "4"}
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path, offline, capsys):
+    assert groups_main(["--model", "pythia-70m", "--out", str(tmp_path)]) == 2
+    assert "EleutherAI/pythia-70m" in capsys.readouterr().err
+    (tmp_path / "m.json").write_text("[[0, 1], [2, 0]]")
+    assert groups_main(["--from-matrix", str(tmp_path / "m.json")]) == 2
+    assert "not symmetric" in capsys.readouterr().err
+    assert groups_main(["--from-matrix", str(tmp_path / "missing.npy")]) == 2
+    assert groups_main(["--model", "x", "--tokens", "many"]) == 2
