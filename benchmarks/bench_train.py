@@ -1,0 +1,62 @@
+"""Issue 4: gsae-train on the bundled demo model (CPU).
+
+Reports end-to-end tokens/s with the loop time split into data, model forward and SAE steps,
+and checks the compute saving that grouping predicts against the one measured: the wall-clock
+of --groups auto against --groups per-layer on the same tokens, compared with Delta(G) computed
+(gsae.grouping.compute_savings) from the forward and SAE-step costs measured in the per-layer run.
+Target: they agree within 10%.
+"""
+
+import json
+
+import pytest
+
+from gsae import grouping as gp
+from gsae.activations import bundled_dir
+from gsae.trainer import train_main
+
+DEMO = bundled_dir() / "model"
+
+
+def run(tmp_path, name, extra):
+    out = tmp_path / name
+    argv = ["--model", "demo", "--dataset", "demo", "--out", str(out), "--tokens", "60k",
+            "--grouping-tokens", "20k", "--scale-tokens", "8k", "--log-every", "1000",
+            "--device", "cpu", *extra]  # fmt: skip
+    assert train_main(argv) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_demo_throughput_and_predicted_savings(benchmark, report, tmp_path):
+    benchmark.group = "train-demo"
+    results = {}
+
+    def both():
+        results["auto"] = run(tmp_path, "auto", ["--groups", "auto"])
+        results["per-layer"] = run(tmp_path, "per-layer", ["--groups", "per-layer"])
+
+    benchmark.pedantic(both, rounds=1, warmup_rounds=0)
+    auto, per = results["auto"], results["per-layer"]
+    for name, s in results.items():
+        split = s["seconds_split"]
+        loop = sum(split.values())
+        parts = ", ".join(f"{k} {100 * v / loop:.0f}%" for k, v in split.items())
+        report(
+            f"demo --groups {name}",
+            "tokens/s (SAEs)",
+            f"{s['tokens'] / loop:,.0f} ({len(s['groups'])})",
+        )  # noqa: E501
+        report(f"demo --groups {name}", "loop time split", parts)
+    # measured unit costs from the per-layer run: A per token, T per token per SAE
+    tokens, n_layers = per["tokens"], len(per["groups"])
+    a_cost = (per["seconds_split"]["forward"] + per["seconds_split"]["data"]) / tokens
+    t_cost = per["seconds_split"]["sae"] / tokens / n_layers
+    n_auto = len(auto["groups"])
+    predicted = gp.compute_savings(n_auto, n_layers, a_cost, t_cost)
+    measured = sum(auto["seconds_split"].values()) / sum(per["seconds_split"].values()) - 1
+    case = f"demo: {n_auto} SAEs vs {n_layers}"
+    report(case, "Delta(G) predicted from measured costs", f"{100 * predicted:.1f}%")
+    report(case, "Delta(G) measured (wall-clock of the loop)", f"{100 * measured:.1f}%")
+    rel = abs((1 + measured) - (1 + predicted)) / (1 + predicted)
+    report(case, "|measured - predicted| / (1 + predicted) (target <= 10%)", f"{100 * rel:.1f}%")
