@@ -29,7 +29,7 @@ STEP_HOOK = None  # called with the Run after every step (tests use it to interr
 RUN_FILE = "run.json"
 CHECKPOINT = "checkpoint"
 # the bundled demo model is tiny: these replace the paper-scale defaults unless set by flag
-DEMO_DEFAULTS = {"tokens": "300k", "grouping_tokens": "50k", "scale_tokens": "20k",
+DEMO_DEFAULTS = {"tokens": "1M", "grouping_tokens": "50k", "scale_tokens": "20k",
                  "batch_tokens": 2048, "ctx_len": 128, "k": 32, "dead_threshold": "100k",
                  "save_every": "100k", "repeat": True}  # fmt: skip
 DEFAULTS = {"tokens": "1B", "grouping_tokens": "10M", "scale_tokens": "5M", "batch_tokens": 32768,
@@ -191,6 +191,7 @@ class GroupState:
     name: str
     layers: list[int]
     positions: torch.Tensor  # rows of the [L, N, d] activations that belong to the group
+    layer_ids: torch.Tensor  # the model layer of each of those rows (on the device)
     trainer: SaeTrainer
 
 
@@ -217,7 +218,8 @@ class Run:
         self.loaded = loaded
         self.out = Path(args.out)
         self.device = next(loaded.model.parameters()).device
-        self.generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        # layer sampling runs on the device: no host-device copy in the loop
+        self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.tokens_seen = 0
         self.steps = 0
         self.position = None  # data position after the last trained batch
@@ -242,20 +244,22 @@ class Run:
             for layer in layers:
                 sae.set_scale(layer, scales[layer])
             positions = torch.tensor([index[layer] for layer in layers], device=self.device)
-            self.groups.append(GroupState(group_name(layers), layers, positions, SaeTrainer(sae)))
+            layer_ids = torch.tensor(layers, device=self.device)
+            self.groups.append(
+                GroupState(group_name(layers), layers, positions, layer_ids, SaeTrainer(sae))
+            )
 
     # ---- one step
 
     def batch_for(self, group: GroupState, hidden: torch.Tensor):
         """(x [N', d], layer ids [N']) for one group from the [L, N, d] activations."""
         n = hidden.shape[1]
-        layers = torch.tensor(group.layers, device=self.device)
         if self.args.layers_per_token == "all":
             x = hidden[group.positions].flatten(0, 1)  # every layer of the group, every token
-            return x, layers.repeat_interleave(n)
-        pick = torch.randint(len(group.layers), (n,), generator=self.generator).to(self.device)
+            return x, group.layer_ids.repeat_interleave(n)
+        pick = torch.randint(len(group.layers), (n,), generator=self.generator, device=self.device)
         x = hidden[group.positions[pick], torch.arange(n, device=self.device)]  # [N, d]
-        return x, layers[pick]
+        return x, group.layer_ids[pick]
 
     def step(self, hidden: torch.Tensor) -> list:
         outs = []
