@@ -5,14 +5,9 @@ batched matmul, arccos, sum; chunk size tuned in the same run), and peak extra m
 not grow with N.
 """
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import interleaved
+from conftest import interleaved, peak_extra_bytes
 
 from gsae.angular import angular_distance_sums, angular_distance_sums_torch, load_extension
 
@@ -51,28 +46,13 @@ def test_angular_distances(benchmark, report, rounds, layers, d, n):
     report(case, "best torch / ext (target >= 4)", f"{best_torch[0] / t['ext']['median']:.1f}x")
 
 
-_PEAK = textwrap.dedent(
-    """
-    import json, torch
-    from gsae.angular import angular_distance_sums, load_extension
-    assert load_extension()
-    layers, n, d = {args}
-    hidden = torch.randn(layers, n, d)
-    angular_distance_sums(hidden[:, :16])  # library and thread pool warm
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    def reset_peak():  # VmHWM would otherwise include peaks from the set-up
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    reset_peak()
-    base = rss()
-    angular_distance_sums(hidden)
-    with open("/proc/self/status") as f:
-        hwm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    print(json.dumps({{"extra": hwm - base}}))
-    """
-)
+_SETUP = """
+import torch
+from gsae.angular import angular_distance_sums, load_extension
+assert load_extension()
+hidden = torch.randn({layers}, {n}, {d})
+angular_distance_sums(hidden[:, :16])  # library and thread pool warm
+"""
 
 
 def test_angular_peak_memory_does_not_grow_with_n(benchmark, report):
@@ -82,10 +62,8 @@ def test_angular_peak_memory_does_not_grow_with_n(benchmark, report):
 
     def measure():
         for n in (8192, 65536):
-            code = _PEAK.format(args=(16, 1024, n))
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True)  # fmt: skip
-            extra[n] = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+            setup = _SETUP.format(layers=16, n=n, d=1024)
+            extra[n] = peak_extra_bytes(setup, "angular_distance_sums(hidden)")
 
     benchmark.group = "angular-memory"
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0)

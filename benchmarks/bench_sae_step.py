@@ -5,14 +5,9 @@ TopK SAE step, the encoder matmul + top-k alone (target <= 1.5x), and peak memor
 above the reference's). GPU (skipped without one): Triton against the torch path.
 """
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import gpu_available, interleaved
+from conftest import gpu_available, interleaved, peak_extra_bytes
 
 from gsae.sae import Sae, SaeConfig, SaeTrainer
 
@@ -58,37 +53,20 @@ def test_cpu_train_step(benchmark, report, rounds, n, d, m, k):
         report(case, f"torch / floor [{stat}] (target <= 1.5)", f"{over_floor:.2f}x")
 
 
-_PEAK = textwrap.dedent(
-    """
-    import json, torch
-    from gsae.sae import Sae, SaeConfig, SaeTrainer
-    n, d, m, k, backend = {args}
-    torch.manual_seed(0)
-    sae = Sae(SaeConfig(d=d, num_latents=m, k=k)); sae.backend = backend
-    trainer = SaeTrainer(sae); x = torch.randn(n, d)
-    trainer.optimizer.zero_grad()
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-    def reset_peak():  # VmHWM would otherwise include peaks from the set-up
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    reset_peak()
-    base = rss()  # weights, Adam state not yet allocated, data
-    for _ in range(2):
-        trainer.step(x)
-    # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec
-    with open("/proc/self/status") as f:
-        hwm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    print(json.dumps({{"extra": hwm - base}}))
-    """
-)
+_SETUP = """
+import torch
+from gsae.sae import Sae, SaeConfig, SaeTrainer
+torch.manual_seed(0)
+sae = Sae(SaeConfig(d={d}, num_latents={m}, k={k}))
+sae.backend = "{backend}"
+trainer = SaeTrainer(sae)
+x = torch.randn({n}, {d})
+"""
 
 
-def peak_extra_bytes(n, d, m, k, backend) -> int:
-    code = _PEAK.format(args=(n, d, m, k, backend))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+def step_peak_bytes(n, d, m, k, backend) -> int:
+    setup = _SETUP.format(n=n, d=d, m=m, k=k, backend=backend)
+    return peak_extra_bytes(setup, "for _ in range(2):\n    trainer.step(x)")
 
 
 @pytest.mark.parametrize("n,d,m,k", CPU_CASES)
@@ -98,8 +76,8 @@ def test_cpu_train_step_peak_memory(benchmark, report, n, d, m, k):
     result = {}
 
     def measure():
-        result["torch"] = peak_extra_bytes(n, d, m, k, "torch")
-        result["reference"] = peak_extra_bytes(n, d, m, k, "reference")
+        result["torch"] = step_peak_bytes(n, d, m, k, "torch")
+        result["reference"] = step_peak_bytes(n, d, m, k, "reference")
 
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
     case = f"cpu N={n} d={d} m={m} k={k}"

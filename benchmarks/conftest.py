@@ -48,3 +48,30 @@ def pytest_terminal_summary(terminalreporter):
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+_MEASURE = """
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: set-up peaks must not count
+    f.write("5")
+_base = _rss()
+{work}
+# VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec
+with open("/proc/self/status") as f:
+    _hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(_hwm - _base)
+"""
+
+
+def peak_extra_bytes(setup: str, work: str) -> int:
+    """Peak resident memory that ``work`` adds on top of ``setup``, in a fresh process (so
+    nothing this process allocated counts)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(setup) + _MEASURE.format(work=textwrap.dedent(work))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])

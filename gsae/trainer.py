@@ -174,6 +174,10 @@ def check_groups_file(grouping: gp.Grouping, args, num_layers: int) -> None:
     if bad:
         raise ValueError(f"{args.groups_file}: layers {bad} out of range for {args.model} "
                          f"({num_layers} layers)")  # fmt: skip
+    recorded = grouping.extra.get("num_model_layers")
+    if recorded is not None and int(recorded) != num_layers:
+        raise ValueError(f"{args.groups_file} was made for a model with {recorded} layers; "
+                         f"{args.model} has {num_layers}")  # fmt: skip
     if grouping.model and Path(grouping.model).name != Path(args.model).name:
         raise ValueError(f"{args.groups_file} was made for model {grouping.model!r}, "
                          f"not {args.model!r}")  # fmt: skip

@@ -133,6 +133,11 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
         )
     )
     fails(good + ["--groups-file", str(wide)], "layers [9] out of range")
+    deeper = tmp_path / "deeper.json"
+    partitions = {"1": {"labels": [0, 0], "amad": 0.1}}
+    deeper.write_text(json.dumps({"model": "", "layers": [0, 1], "g_hat": 1,
+                                  "num_model_layers": 12, "partitions": partitions}))  # fmt: skip
+    fails(good + ["--groups-file", str(deeper)], "made for a model with 12 layers")
     assert not (tmp_path / "a").exists()  # nothing was written by any of these
     done = base(tiny_model_dir, tiny_corpus, tmp_path / "b") + ["--tokens", "1k"]
     assert train_main(done) == 0
