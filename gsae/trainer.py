@@ -23,7 +23,7 @@ import torch
 
 from . import grouping as gp
 from .io import atomic_dir, recover_dir, write_json
-from .sae import Sae, SaeConfig, SaeTrainer, activation_scale
+from .sae import Sae, SaeConfig, SaeTrainer
 
 STEP_HOOK = None  # called with the Run after every step (tests use it to interrupt a run)
 RUN_FILE = "run.json"
@@ -200,18 +200,24 @@ class GroupState:
 
 
 def estimate_scales(batches, layers: list[int], tokens: int, mode: str) -> dict[int, float]:
-    """Per-layer scale from the first ``tokens`` tokens of ``batches`` ([L, N, d] each)."""
-    collected: list[torch.Tensor] = []
+    """Per-layer scale from the first ``tokens`` tokens of ``batches`` ([L, N, d] each),
+    streamed: only float64 sums are kept, never the activations."""
+    if mode == "none":
+        return dict.fromkeys(layers, 1.0)
+    total = torch.zeros(len(layers), dtype=torch.float64)
     seen = 0
     for hidden in batches:
-        collected.append(hidden[:, : tokens - seen].float().cpu())
-        seen += collected[-1].shape[1]
+        h = hidden[:, : tokens - seen].double()  # [L, n, d]
+        norms = h.pow(2).sum(2) if mode == "mean_sq" else h.norm(dim=2)  # [L, n]
+        total += norms.sum(1).cpu()
+        seen += h.shape[1]
         if seen >= tokens:
             break
-    if seen == 0:
-        raise ValueError("no tokens to estimate activation scales from")
-    acts = torch.cat(collected, 1)  # [L, n, d]
-    return {layer: activation_scale([acts[i]], seen, mode) for i, layer in enumerate(layers)}
+    mean = total / max(seen, 1)
+    if seen == 0 or not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
+        raise ValueError(f"cannot estimate activation scales from {seen} tokens (means {mean})")
+    scale = mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()
+    return {layer: float(s) for layer, s in zip(layers, scale, strict=True)}
 
 
 class Run:

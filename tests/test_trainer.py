@@ -157,3 +157,16 @@ def test_demo_pipeline_runs_offline(tmp_path, offline):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     names = list(summary["groups"])
     assert all(log[-1]["groups"][n]["fvu"] < log[0]["groups"][n]["fvu"] for n in names)
+
+
+def test_scale_estimate_streams_and_matches_the_sae_helper():
+    from gsae.sae import activation_scale
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 50, 8, generator=g) * torch.tensor([1.0, 2.0, 5.0])[:, None, None]
+               for _ in range(4)]  # fmt: skip
+    for mode in ("mean_sq", "mean_norm"):
+        got = trainer.estimate_scales(iter(batches), [4, 7, 9], 120, mode)
+        for i, layer in enumerate([4, 7, 9]):
+            want = activation_scale([b[i] for b in batches], 120, mode)
+            assert got[layer] == pytest.approx(want, rel=1e-9)
