@@ -37,6 +37,7 @@ from .io import atomic_dir, atomic_path, recover_dir
 
 SCALE_MODES = ("mean_sq", "mean_norm", "none")
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+STATE_FILE = "state.pt"  # optimiser and counters, beside the SAE files
 
 
 @dataclasses.dataclass
@@ -103,25 +104,37 @@ class SaeConfig:
         return cls(**kwargs).validate()
 
 
-def activation_scale(batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq") -> float:
-    """The factor s that gives ``E||s x||^2 = 1`` (``mean_sq``) or ``E||s x|| = 1``
-    (``mean_norm``), from the first ``tokens`` rows of ``batches`` (each ``[N, d]``)."""
-    if mode == "none":
-        return 1.0
+def activation_scales(
+    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq"
+) -> list[float]:
+    """Per-source scales s with ``E||s x||^2 = 1`` (``mean_sq``) or ``E||s x|| = 1``
+    (``mean_norm``), from the first ``tokens`` tokens of ``batches`` (each ``[L, N, d]``: L
+    sources side by side). Streamed: only float64 sums are kept."""
     if mode not in SCALE_MODES:
         raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
-    total, seen = 0.0, 0
+    total, seen = None, 0
     for batch in batches:
-        batch = batch[: tokens - seen].double()
-        norms = batch.pow(2).sum(1) if mode == "mean_sq" else batch.norm(dim=1)
-        total += float(norms.sum())
-        seen += batch.shape[0]
+        h = batch[:, : tokens - seen].double()  # [L, n, d]
+        norms = h.pow(2).sum(2) if mode == "mean_sq" else h.norm(dim=2)  # [L, n]
+        total = norms.sum(1).cpu() + (0 if total is None else total)
+        seen += h.shape[1]
         if seen >= tokens:
             break
-    if seen == 0 or not math.isfinite(total) or total <= 0:
-        raise ValueError(f"cannot estimate an activation scale from {seen} tokens (sum {total})")
+    if total is None or seen == 0:
+        raise ValueError(f"cannot estimate an activation scale from {seen} tokens")
+    if mode == "none":
+        return [1.0] * len(total)
     mean = total / seen
-    return 1 / math.sqrt(mean) if mode == "mean_sq" else 1 / mean
+    if not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
+        raise ValueError(f"cannot estimate an activation scale from {seen} tokens (means {mean})")
+    return (mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()).tolist()
+
+
+def activation_scale(batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq") -> float:
+    """:func:`activation_scales` for a single source: ``batches`` are ``[N, d]``."""
+    if mode == "none":
+        return 1.0
+    return activation_scales((b.unsqueeze(0) for b in batches), tokens, mode)[0]
 
 
 class Sae(TopKSAE):
@@ -337,8 +350,20 @@ class SaeTrainer:
         """The SAE and this trainer's state, in ``path`` as a whole (``state.pt`` beside the
         SAE files), so a resumed run continues exactly."""
         with atomic_dir(path) as tmp:
-            self.sae.save_files(tmp)
-            torch.save(self.state_dict(), tmp / "state.pt")
+            self.save_files(tmp)
+
+    def save_files(self, directory: Path) -> None:
+        """The SAE's files and ``state.pt`` into an existing directory (the caller makes the
+        write atomic, e.g. one directory swap for a whole multi-SAE checkpoint)."""
+        self.sae.save_files(directory)
+        torch.save(self.state_dict(), directory / STATE_FILE)
+
+    def load_files(self, directory: Path) -> None:
+        """Weights, scales and state written by :meth:`save_files`, into this trainer."""
+        device = self.sae.W_dec.device
+        self.sae.load_state_dict(Sae.load(directory, device=device).state_dict())
+        state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+        self.load_state_dict(state)
 
     def save_state(self, path: str | Path) -> None:
         """Only the optimiser and counters, to one file, atomically."""
@@ -348,6 +373,6 @@ class SaeTrainer:
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> SaeTrainer:
         trainer = cls(Sae.load(path, device=device))
-        state = torch.load(Path(path) / "state.pt", map_location=device, weights_only=True)
+        state = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
         trainer.load_state_dict(state)
         return trainer

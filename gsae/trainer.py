@@ -23,7 +23,7 @@ import torch
 
 from . import grouping as gp
 from .io import atomic_dir, recover_dir, write_json
-from .sae import Sae, SaeConfig, SaeTrainer
+from .sae import Sae, SaeConfig, SaeTrainer, activation_scales
 
 STEP_HOOK = None  # called with the Run after every step (tests use it to interrupt a run)
 RUN_FILE = "run.json"
@@ -200,24 +200,10 @@ class GroupState:
 
 
 def estimate_scales(batches, layers: list[int], tokens: int, mode: str) -> dict[int, float]:
-    """Per-layer scale from the first ``tokens`` tokens of ``batches`` ([L, N, d] each),
-    streamed: only float64 sums are kept, never the activations."""
-    if mode == "none":
+    """Per-layer scale from the first ``tokens`` tokens of ``batches`` ([L, N, d] each)."""
+    if mode == "none":  # nothing to measure: skip the pass over the data
         return dict.fromkeys(layers, 1.0)
-    total = torch.zeros(len(layers), dtype=torch.float64)
-    seen = 0
-    for hidden in batches:
-        h = hidden[:, : tokens - seen].double()  # [L, n, d]
-        norms = h.pow(2).sum(2) if mode == "mean_sq" else h.norm(dim=2)  # [L, n]
-        total += norms.sum(1).cpu()
-        seen += h.shape[1]
-        if seen >= tokens:
-            break
-    mean = total / max(seen, 1)
-    if seen == 0 or not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
-        raise ValueError(f"cannot estimate activation scales from {seen} tokens (means {mean})")
-    scale = mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()
-    return {layer: float(s) for layer, s in zip(layers, scale, strict=True)}
+    return dict(zip(layers, activation_scales(batches, tokens, mode), strict=True))
 
 
 class Run:
@@ -293,8 +279,7 @@ class Run:
         with atomic_dir(self.out / CHECKPOINT) as tmp:
             for group in self.groups:
                 (tmp / group.name).mkdir()
-                group.trainer.sae.save_files(tmp / group.name)
-                torch.save(group.trainer.state_dict(), tmp / group.name / "state.pt")
+                group.trainer.save_files(tmp / group.name)
             state = {
                 "tokens_seen": self.tokens_seen,
                 "steps": self.steps,
@@ -309,11 +294,7 @@ class Run:
         recover_dir(path)
         state = torch.load(path / "run_state.pt", weights_only=False)
         for group in self.groups:
-            saved = Sae.load(path / group.name, device=self.device)
-            group.trainer.sae.load_state_dict(saved.state_dict())
-            trainer_state = torch.load(path / group.name / "state.pt", map_location=self.device,
-                                       weights_only=True)  # fmt: skip
-            group.trainer.load_state_dict(trainer_state)
+            group.trainer.load_files(path / group.name)
         self.tokens_seen, self.steps = state["tokens_seen"], state["steps"]
         self.generator.set_state(state["generator"])
         return state
