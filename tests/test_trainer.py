@@ -109,35 +109,21 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
     fails(good[:3] + ["nope/nothing"] + good[4:], "could not load dataset 'nope/nothing'")
     fails(good + ["--k", "100000"], "k must be in [1, m=512]")
     fails(good + ["--groups", "sideways"], "--groups must be auto, N, per-layer or even:N")
-    other = tmp_path / "other.json"
-    other.write_text(
-        json.dumps(
-            {
-                "model": "pythia-1b",
-                "layers": [0, 1],
-                "g_hat": 1,
-                "partitions": {"1": {"labels": [0, 0], "amad": 0.1}},
-            }
-        )
-    )
-    fails(good + ["--groups-file", str(other)], "was made for model 'pythia-1b'")
-    wide = tmp_path / "wide.json"
-    wide.write_text(
-        json.dumps(
-            {
-                "model": "",
-                "layers": [0, 9],
-                "g_hat": 1,
-                "partitions": {"1": {"labels": [0, 0], "amad": 0.1}},
-            }
-        )
-    )
-    fails(good + ["--groups-file", str(wide)], "layers [9] out of range")
-    deeper = tmp_path / "deeper.json"
-    partitions = {"1": {"labels": [0, 0], "amad": 0.1}}
-    deeper.write_text(json.dumps({"model": "", "layers": [0, 1], "g_hat": 1,
-                                  "num_model_layers": 12, "partitions": partitions}))  # fmt: skip
-    fails(good + ["--groups-file", str(deeper)], "made for a model with 12 layers")
+
+    def groups_file(name, **fields):
+        """A two-layer, one-group groups.json with ``fields`` overriding the defaults."""
+        data = {"model": "", "layers": [0, 1], "g_hat": 1,
+                "partitions": {"1": {"labels": [0, 0], "amad": 0.1}}, **fields}  # fmt: skip
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    other = groups_file("other.json", model="pythia-1b")
+    fails(good + ["--groups-file", other], "was made for model 'pythia-1b'")
+    wide = groups_file("wide.json", layers=[0, 9])
+    fails(good + ["--groups-file", wide], "layers [9] out of range")
+    deeper = groups_file("deeper.json", num_model_layers=12)
+    fails(good + ["--groups-file", deeper], "made for a model with 12 layers")
     assert not (tmp_path / "a").exists()  # nothing was written by any of these
     done = base(tiny_model_dir, tiny_corpus, tmp_path / "b") + ["--tokens", "1k"]
     assert train_main(done) == 0
