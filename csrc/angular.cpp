@@ -8,6 +8,9 @@
 // Per token, the Gram matrix of the L raw vectors is computed in register-blocked 4 x 4 tiles
 // straight from the input (fp16 and bf16 rows are first widened into a small fp32 buffer), so
 // the input is read once and each element costs one FMA per pair; the norms are the diagonal.
+// The tiles use AVX-512 intrinsics when the build targets it, a portable omp-simd loop
+// otherwise. The arccos of each Gram row is a vectorised polynomial: a libm call per pair
+// used to cost more than all the dot products of the token.
 // Nearly parallel pairs (cos > 0.995, i.e. under ~0.1 rad), where arccos of an fp32 dot product
 // loses its digits, are recomputed from the chord between the unit vectors,
 // theta = 2 asin(|u_i - u_j| / 2), which keeps full relative precision.
@@ -17,6 +20,9 @@
 // deterministic, and the extra memory, O(chunks * L^2 + threads * L * d), does not grow with N.
 
 #include <ATen/ATen.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -34,8 +40,25 @@ constexpr double kPi = 3.14159265358979323846;
 constexpr double kRefineCos = 0.995;  // above this, the angle comes from the chord instead
 
 // Dot products of a 4 x 4 block of rows, (a[p], b[q]): 8 row loads feed 16 independent FMA
-// chains (16 accumulators and 8 operands fit the 32 vector registers of AVX-512; the compiler
-// vectorises the simd loop along d).
+// chains (16 accumulators and 8 operands fit the 32 vector registers of AVX-512).
+#if defined(__AVX512F__)
+inline void dots_4x4(const float* const a[4], const float* const b[4], int64_t d,
+                     float* out /* [16], row-major p, q */) {
+  __m512 s[16];
+  for (auto& v : s) v = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; k += 16) {
+    // the tail of d (d = 63, ...) is a masked load: zeros add nothing to a dot product
+    const __mmask16 m = d - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (d - k)) - 1);
+    __m512 x[4], y[4];
+    for (int p = 0; p < 4; ++p) x[p] = _mm512_maskz_loadu_ps(m, a[p] + k);
+    for (int q = 0; q < 4; ++q) y[q] = _mm512_maskz_loadu_ps(m, b[q] + k);
+    for (int p = 0; p < 4; ++p) {
+      for (int q = 0; q < 4; ++q) s[4 * p + q] = _mm512_fmadd_ps(x[p], y[q], s[4 * p + q]);
+    }
+  }
+  for (int i = 0; i < 16; ++i) out[i] = _mm512_reduce_add_ps(s[i]);
+}
+#else
 inline void dots_4x4(const float* const a[4], const float* const b[4], int64_t d,
                      float* out /* [16], row-major p, q */) {
   const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
@@ -56,6 +79,7 @@ inline void dots_4x4(const float* const a[4], const float* const b[4], int64_t d
                        s20, s21, s22, s23, s30, s31, s32, s33};
   std::copy(s, s + 16, out);
 }
+#endif
 
 // |a / |a| - b / |b||^2, summed in double: the accurate route for nearly parallel vectors.
 inline double squared_chord(const float* a, const float* b, int64_t d, double inv_a,
@@ -68,19 +92,44 @@ inline double squared_chord(const float* a, const float* b, int64_t d, double in
   return s;
 }
 
-// Angle between rows i and j from their Gram entries (g_ij, and the squared norms on the
-// diagonal). A zero vector has no direction: cos is taken as 0, as torch's cosine_similarity
-// gives, i.e. an angle of pi / 2.
-inline double pair_angle(const float* xi, const float* xj, int64_t d, double gij, double gii,
-                         double gjj) {
-  if (!(gii > 0.0) || !(gjj > 0.0)) return kPi / 2;
-  const double inv_i = 1.0 / std::sqrt(gii), inv_j = 1.0 / std::sqrt(gjj);
-  const double cos = gij * inv_i * inv_j;
-  // single-precision acos: at angles above ~0.1 rad its ~1e-7 error is far below what the
-  // mean over tokens needs, and it costs half of the double one (a visible share of the op)
-  if (cos <= kRefineCos) return std::acos(static_cast<float>(std::max(-1.0, cos)));
-  const double half_chord = std::sqrt(squared_chord(xi, xj, d, inv_i, inv_j)) / 2;
-  return 2.0 * std::asin(std::min(1.0, half_chord));
+// arccos for |x| <= 1 in single precision, written branch-free so that a loop over a Gram row
+// vectorises (a scalar libm call per pair cost more than all the dot products of the token).
+// Cephes' asinf polynomial (relative error ~2.5e-7 on [0, 0.5]) with the half-angle identity
+// acos(|x|) = 2 asin(sqrt((1 - |x|) / 2)) for |x| > 0.5. NaN in, NaN out.
+inline float acos_poly(float x) {
+  const float a = std::fabs(x);
+  const bool big = a > 0.5f;
+  const float z = big ? 0.5f * (1.0f - a) : a * a;
+  const float s = big ? std::sqrt(z) : a;
+  const float p = (((4.2163199048e-2f * z + 2.4181311049e-2f) * z + 4.5470025998e-2f) * z +
+                   7.4953002686e-2f) * z + 1.6666752422e-1f;
+  const float asin_s = s + s * z * p;
+  const float acos_a = big ? 2.0f * asin_s : static_cast<float>(kPi / 2) - asin_s;
+  return x < 0.0f ? static_cast<float>(kPi) - acos_a : acos_a;
+}
+
+// Adds the angles between row i and rows i+1..L-1 of one token to acc[i+1..L-1]. inv holds
+// 1 / |x_l|, or 0 for a zero vector, which has no direction: its cos is taken as 0 (an angle of
+// pi / 2), as torch's cosine_similarity gives.
+inline void add_row_angles(const float* const* row, const float* gram_i, const float* inv,
+                           int64_t i, int64_t L, int64_t d, float* angle, double* acc) {
+  float cmax = -2.0f;
+#pragma omp simd reduction(max : cmax)
+  for (int64_t j = i + 1; j < L; ++j) {
+    float c = gram_i[j] * inv[i] * inv[j];
+    c = c > 1.0f ? 1.0f : (c < -1.0f ? -1.0f : c);  // keeps NaN, which std::clamp need not
+    cmax = c > cmax ? c : cmax;
+    angle[j] = acos_poly(c);
+  }
+  if (cmax > kRefineCos) {  // rare: nearly parallel pairs, recomputed from the chord
+    for (int64_t j = i + 1; j < L; ++j) {
+      if (gram_i[j] * inv[i] * inv[j] <= kRefineCos) continue;
+      const double half_chord = std::sqrt(squared_chord(row[i], row[j], d, inv[i], inv[j])) / 2;
+      angle[j] = 2.0 * std::asin(std::min(1.0, half_chord));
+    }
+  }
+#pragma omp simd
+  for (int64_t j = i + 1; j < L; ++j) acc[j] += angle[j];
 }
 
 template <typename scalar_t>
@@ -94,7 +143,7 @@ void accumulate(const at::Tensor& hidden, double* chunk_sums) {
     std::vector<float> wide(kWiden ? L * d : 0);  // fp16/bf16 rows of one token, as fp32
     std::vector<float> zeros(d, 0.f);  // stands in for the padding rows
     std::vector<const float*> row(Lp);
-    std::vector<float> gram(Lp * Lp);
+    std::vector<float> gram(Lp * Lp), inv(L), angle(L);
     for (int64_t c = c0; c < c1; ++c) {
       double* acc = chunk_sums + c * L * L;
       const int64_t end = std::min(N, (c + 1) * chunk);
@@ -120,12 +169,13 @@ void accumulate(const at::Tensor& hidden, double* chunk_sums) {
             }
           }
         }
-        for (int64_t i = 0; i < L; ++i) {
-          const double gii = gram[i * Lp + i];
-          for (int64_t j = i + 1; j < L; ++j) {
-            acc[i * L + j] += pair_angle(row[i], row[j], d, gram[i * Lp + j], gii,
-                                         gram[j * Lp + j]);
-          }
+        for (int64_t l = 0; l < L; ++l) {
+          const float g = gram[l * Lp + l];
+          inv[l] = g == 0.0f ? 0.0f : 1.0f / std::sqrt(g);
+        }
+        for (int64_t i = 0; i + 1 < L; ++i) {
+          add_row_angles(row.data(), &gram[i * Lp], inv.data(), i, L, d, angle.data(),
+                         acc + i * L);
         }
       }
     }

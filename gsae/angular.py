@@ -40,31 +40,35 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
+NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
+
+
+def build_extension(name: str, arch_flags: tuple[str, ...] = NATIVE_FLAGS) -> None:
+    """Compile (or load the cached build of) ``csrc/angular.cpp`` under ``name``, which registers
+    ``torch.ops.gsae.angular_distance_sums``. Without AVX-512 in ``arch_flags`` the portable
+    ``omp simd`` kernel is compiled instead of the intrinsics one (the tests build both)."""
+    from torch.utils import cpp_extension
+
+    source = importlib.resources.files("gsae_csrc") / "angular.cpp"
+    with importlib.resources.as_file(source) as path:
+        cpp_extension.load(
+            name=name,
+            sources=[str(path)],
+            # -fopenmp: at::parallel_for is OpenMP inlined from the headers (serial without it)
+            extra_cflags=["-O3", *arch_flags, "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+
+
 @functools.cache
 def load_extension() -> bool:
     """Build (or load the cached build of) the extension; True when its op is registered."""
     if os.environ.get(ENV_DISABLE, "0") not in ("", "0"):
         return False
     try:
-        from torch.utils import cpp_extension
-
-        source = importlib.resources.files("gsae_csrc") / "angular.cpp"
-        with importlib.resources.as_file(source) as path:
-            cpp_extension.load(
-                name=f"gsae_ext_{_cpu_tag()}",
-                sources=[str(path)],
-                # -fopenmp: at::parallel_for is OpenMP inlined from the headers (serial without it)
-                extra_cflags=[
-                    "-O3",
-                    "-march=native",
-                    "-mprefer-vector-width=512",
-                    "-fopenmp",
-                    "-fno-math-errno",
-                ],
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
+        build_extension(f"gsae_ext_{_cpu_tag()}")
         return hasattr(torch.ops.gsae, "angular_distance_sums")
     except Exception as err:  # a missing compiler, headers or ninja all land here
         if os.environ.get(ENV_REQUIRE, "0") not in ("", "0"):

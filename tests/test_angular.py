@@ -126,6 +126,40 @@ def test_opcheck(ext):
     torch.library.opcheck(ext.default, (hidden,))
 
 
+def test_nan_inputs_give_nan_distances(ext):
+    """A NaN must reach the distance matrix (where grouping refuses it), not pass for a zero
+    vector's pi / 2."""
+    hidden = related_layers(4, 30, 63, torch.float32)
+    hidden[1, 7, 5] = float("nan")
+    for sums in (ext(hidden)[0], angular_distance_sums_torch(hidden)[0]):
+        nan = sums.isnan()
+        assert nan[1].sum() == 3 and nan[:, 1].sum() == 3  # every pair with layer 1
+        assert not nan[[0, 2, 3]][:, [0, 2, 3]].any()
+
+
+_PORTABLE = """
+import sys, torch
+from gsae.angular import build_extension
+build_extension("gsae_ext_portable_test", ())
+hidden = torch.load(sys.argv[1])
+torch.save(torch.ops.gsae.angular_distance_sums(hidden)[0], sys.argv[2])
+"""
+
+
+def test_portable_build_without_avx512_matches(ext, tmp_path):
+    """Built without -march (x86-64 baseline, or any other CPU), the extension takes its
+    portable omp-simd kernel instead of the AVX-512 one; it must agree with the definition."""
+    import subprocess
+    import sys
+
+    hidden = related_layers(6, 50, 63, torch.float32)
+    torch.save(hidden, tmp_path / "in.pt")
+    cmd = [sys.executable, "-c", _PORTABLE, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")]
+    subprocess.run(cmd, check=True, timeout=600)
+    sums = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(sums / 50, brute_force(hidden) / 50, rtol=0, atol=2e-6)
+
+
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     from torch.utils import cpp_extension
 
