@@ -147,6 +147,11 @@ def test_accumulator_merges_and_streams():
         whole.update(hidden[:3])
     with pytest.raises(ValueError, match="no tokens seen"):
         gp.AngularDistances(2).matrix()
+    poisoned = hidden.clone()
+    poisoned[2, 17, 3] = float("nan")
+    whole.update(poisoned)
+    with pytest.raises(FloatingPointError, match="NaN inputs"):
+        whole.matrix()
 
 
 def test_centering_subtracts_the_running_mean():
