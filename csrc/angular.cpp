@@ -110,20 +110,22 @@ inline float acos_poly(float x) {
 
 // Adds the angles between row i and rows i+1..L-1 of one token to acc[i+1..L-1]. inv holds
 // 1 / |x_l|, or 0 for a zero vector, which has no direction: its cos is taken as 0 (an angle of
-// pi / 2), as torch's cosine_similarity gives.
+// pi / 2), as torch's cosine_similarity gives. cosine and angle are [L] scratch rows.
 inline void add_row_angles(const float* const* row, const float* gram_i, const float* inv,
-                           int64_t i, int64_t L, int64_t d, float* angle, double* acc) {
+                           int64_t i, int64_t L, int64_t d, float* cosine, float* angle,
+                           double* acc) {
   float cmax = -2.0f;
 #pragma omp simd reduction(max : cmax)
   for (int64_t j = i + 1; j < L; ++j) {
     float c = gram_i[j] * inv[i] * inv[j];
     c = c > 1.0f ? 1.0f : (c < -1.0f ? -1.0f : c);  // keeps NaN, which std::clamp need not
     cmax = c > cmax ? c : cmax;
+    cosine[j] = c;
     angle[j] = acos_poly(c);
   }
   if (cmax > kRefineCos) {  // rare: nearly parallel pairs, recomputed from the chord
     for (int64_t j = i + 1; j < L; ++j) {
-      if (gram_i[j] * inv[i] * inv[j] <= kRefineCos) continue;
+      if (!(cosine[j] > kRefineCos)) continue;
       const double half_chord = std::sqrt(squared_chord(row[i], row[j], d, inv[i], inv[j])) / 2;
       angle[j] = 2.0 * std::asin(std::min(1.0, half_chord));
     }
@@ -143,7 +145,7 @@ void accumulate(const at::Tensor& hidden, double* chunk_sums) {
     std::vector<float> wide(kWiden ? L * d : 0);  // fp16/bf16 rows of one token, as fp32
     std::vector<float> zeros(d, 0.f);  // stands in for the padding rows
     std::vector<const float*> row(Lp);
-    std::vector<float> gram(Lp * Lp), inv(L), angle(L);
+    std::vector<float> gram(Lp * Lp), inv(L), cosine(L), angle(L);
     for (int64_t c = c0; c < c1; ++c) {
       double* acc = chunk_sums + c * L * L;
       const int64_t end = std::min(N, (c + 1) * chunk);
@@ -174,8 +176,8 @@ void accumulate(const at::Tensor& hidden, double* chunk_sums) {
           inv[l] = g == 0.0f ? 0.0f : 1.0f / std::sqrt(g);
         }
         for (int64_t i = 0; i + 1 < L; ++i) {
-          add_row_angles(row.data(), &gram[i * Lp], inv.data(), i, L, d, angle.data(),
-                         acc + i * L);
+          add_row_angles(row.data(), &gram[i * Lp], inv.data(), i, L, d, cosine.data(),
+                         angle.data(), acc + i * L);
         }
       }
     }

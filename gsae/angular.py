@@ -8,9 +8,10 @@ built, a warning is given once and the torch path is used; ``GSAE_REQUIRE_EXT=1`
 build an error instead (CI sets it, so the extension is what CI tests). GPU tensors always take
 the torch path, on their device.
 
-Both paths take the angle from the chord between unit vectors, ``2 asin(|u_i - u_j| / 2)``,
-which stays accurate for nearly parallel vectors, where ``arccos`` of an fp32 dot product loses
-most of its digits.
+For nearly parallel vectors, where ``arccos`` of an fp32 dot product loses most of its digits,
+both paths take the angle from the chord between unit vectors, ``2 asin(|u_i - u_j| / 2)``: the
+torch path for every pair, the extension for pairs with cos > 0.995 (an arccos of the Gram
+entries elsewhere, cheaper and as accurate there).
 """
 
 from __future__ import annotations
