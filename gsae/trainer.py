@@ -23,7 +23,15 @@ import torch
 
 from . import grouping as gp
 from .io import atomic_dir, recover_dir, write_json
-from .sae import Sae, SaeConfig, SaeTrainer, activation_scales
+from .sae import (
+    B_DEC_INITS,
+    ENCODER_INITS,
+    OPTIMIZERS,
+    Sae,
+    SaeConfig,
+    SaeTrainer,
+    activation_scales,
+)
 
 STEP_HOOK = None  # called with the Run after every step (tests use it to interrupt a run)
 RUN_FILE = "run.json"
@@ -76,7 +84,34 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--k-aux", type=int, default=None, help="AuxK latents (default: d/2)")
     p.add_argument("--auxk-alpha", type=float, default=1 / 32)
     p.add_argument("--dead-threshold", default=None, help="tokens before a latent is dead (10M)")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(m / 2^14)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default 2e-4 / sqrt(m / 2^14) for adam, 5e-3 / sqrt(m / 2^14) for signum",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="adam (the paper's, default) or signum: schedule-free sign-SGD, "
+        "sparsify's default, faster at short budgets",
+    )
+    p.add_argument(
+        "--init",
+        dest="init_encoder",
+        choices=ENCODER_INITS,
+        default="fit",
+        help="encoder scale at init: fit (to the first batch, default), geometry "
+        "(predicted from k, m, d) or paper (W_enc = W_dec^T)",
+    )
+    p.add_argument(
+        "--init-b-dec",
+        choices=B_DEC_INITS,
+        default="mean",
+        help="b_dec at init: mean (of the first batch, default), median "
+        "(geometric) or zeros (the paper)",
+    )
     p.add_argument("--scale-mode", choices=["mean_sq", "mean_norm", "none"], default="mean_sq")
     p.add_argument("--save-every", default=None, help="checkpoint interval in tokens (100M)")
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines")
@@ -235,6 +270,7 @@ class Run:
                 d=self.loaded.d_model, expansion_factor=a.expansion_factor, k=a.k, k_aux=a.k_aux,
                 auxk_alpha=a.auxk_alpha, dead_threshold=a.dead_threshold, lr=a.lr,
                 scale_mode=a.scale_mode, scale_tokens=a.scale_tokens, seed=a.seed,
+                optimizer=a.optimizer, init_encoder=a.init_encoder, init_b_dec=a.init_b_dec,
             )  # fmt: skip
             sae = Sae(cfg, layers, device=self.device)
             for layer in layers:
@@ -272,7 +308,7 @@ class Run:
         keys = ("model", "dataset", "split", "column", "ctx_len", "batch_tokens", "groups",
                 "groups_file", "include_last", "layers_per_token", "expansion_factor", "k",
                 "k_aux", "auxk_alpha", "dead_threshold", "lr", "scale_mode", "seed",
-                "threshold")  # fmt: skip
+                "threshold", "optimizer", "init_encoder", "init_b_dec")  # fmt: skip
         return {k: getattr(self.args, k) for k in keys}
 
     def save_checkpoint(self) -> None:
@@ -301,7 +337,8 @@ class Run:
 
     def save_outputs(self, seconds: float, final: dict) -> None:
         for group in self.groups:
-            group.trainer.sae.save(self.out / group.name)
+            with group.trainer.averaged():  # signum: the averaged weights are the model
+                group.trainer.sae.save(self.out / group.name)
         if self.grouping is not None:
             self.grouping.save(self.out / "groups.json")
         summary = {
@@ -394,9 +431,10 @@ class Run:
         result = {}
         for group in self.groups:
             per_layer = {}
-            for pos, layer in zip(group.positions.tolist(), group.layers, strict=True):
-                out = group.trainer.sae(hidden[pos].float(), layer=layer)
-                per_layer[str(layer)] = round(float(out.loss.fvu), 5)
+            with group.trainer.averaged():
+                for pos, layer in zip(group.positions.tolist(), group.layers, strict=True):
+                    out = group.trainer.sae(hidden[pos].float(), layer=layer)
+                    per_layer[str(layer)] = round(float(out.loss.fvu), 5)
             mean = sum(per_layer.values()) / len(per_layer)
             result[group.name] = {"fvu": round(mean, 5), "fvu_per_layer": per_layer}
         return result
@@ -473,6 +511,9 @@ def prepare(argv=None) -> tuple[argparse.Namespace, object]:
         k=args.k,
         k_aux=args.k_aux,
         lr=args.lr,
+        optimizer=args.optimizer,
+        init_encoder=args.init_encoder,
+        init_b_dec=args.init_b_dec,
     ).validate()  # k > m and friends, before any work
     iter_texts(args.dataset, args.split, args.column)  # fails now if the data cannot be opened
     return args, loaded
@@ -545,7 +586,8 @@ def print_plan(args, loaded, groups, grouping) -> None:
                                         args.expansion_factor, args.k, "sparse")  # fmt: skip
     saving = gp.compute_savings(n_saes - extra, n_grouped, a_cost, t_cost, extra)
     print(f"{args.model}: {loaded.num_layers} layers, d = {loaded.d_model}; {n_saes} SAEs "
-          f"(m = {args.expansion_factor * loaded.d_model}, k = {args.k}):")  # fmt: skip
+          f"(m = {args.expansion_factor * loaded.d_model}, k = {args.k}; {args.optimizer}, "
+          f"init {args.init_encoder}, b_dec {args.init_b_dec}):")  # fmt: skip
     for g in groups:
         print(f"  {group_name(g):<16} layers {g}")
     print(
