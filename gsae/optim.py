@@ -10,9 +10,9 @@ parameter and evaluates the gradient at a third point between them:
 x is the plain mean of the z's, which replaces a learning-rate schedule (the package's weights
 lr_max^2 are all equal at the constant learning rate used here). As in the `schedulefree`
 package's memory-saving wrapper (the one sparsify uses), the parameters hold y while training
-and only z is stored; x is derived, ``x = (y - (1 - beta) z) / beta``. **The model to evaluate and save is x**, the average:
-:meth:`ScheduleFreeSignSGD.averaged` swaps it in and restores y bit-exactly afterwards (so an
-evaluation in the middle of a run does not change how the run continues).
+and only z is stored; x is derived, ``x = (y - (1 - beta) z) / beta``. **The model to evaluate
+and save is x**, the average: :meth:`ScheduleFreeSignSGD.averaged` swaps it in and restores y
+bit-exactly afterwards (so an evaluation in the middle of a run does not change how it goes on).
 
 Unlike the wrapper, a step can be skipped on the device without a host sync: set
 ``found_inf`` (a 0/1 tensor) before :meth:`step`, as with torch's fused Adam, and a non-finite
