@@ -15,7 +15,6 @@ everything that can be checked before any work.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -213,7 +212,8 @@ class _Evaluator:
         if not first and not needed:
             return self.seen
         seen = 0
-        with contextlib.closing(iter(batches())) as stream:
+        stream = iter(batches())
+        try:
             for batch in stream:
                 if seen >= self.tokens:
                     break
@@ -225,6 +225,8 @@ class _Evaluator:
                 seen += n
                 if self.progress is not None:
                     self.progress(n)
+        finally:  # a generator over a TokenStream closes the stream's thread
+            getattr(stream, "close", lambda: None)()
         return seen
 
     def _batch(self, input_ids, mask, needed, first: bool, counts: dict) -> None:
