@@ -59,10 +59,17 @@ class RunSummary:
 
 
 def g_hat_of(runs: list[RunInfo]) -> int | None:
-    """Ĝ of the model, from the first run whose groups.json measured the distances."""
+    """Ĝ of the model (the smallest G with AMAD(G) below the threshold), from the first run
+    whose groups.json measured the distances (its ``g_hat`` is the G trained for ``--groups
+    N``, so Ĝ is chosen again from the partitions, as gsae-groups does)."""
+    import warnings
+
     for run in runs:
-        if run.grouping is not None and run.grouping.distances:
-            return run.grouping.g_hat
+        g = run.grouping
+        if g is not None and g.distances:
+            with warnings.catch_warnings():  # none below the threshold: the largest G, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return gp.choose_g_hat({n: p.amad for n, p in g.partitions.items()}, g.threshold)
     return None
 
 
@@ -279,10 +286,10 @@ def table2(plan: EvalPlan, summaries: list[RunSummary]) -> str:
     c = int(round(max(s.expansion for s in summaries if s.run.per_layer) if any(
         s.run.per_layer for s in summaries) else reference.expansion_factor))  # fmt: skip
     k = reference.k
-    gs = sorted({s.num_groups for s in summaries if not s.run.per_layer})
-    shown = [g_hat] if g_hat is not None else gs
+    shown = sorted({s.num_groups for s in summaries if not s.run.per_layer} | (
+        {g_hat} if g_hat is not None else set()))  # fmt: skip
     name = plan.model_name
-    lines = ["| Model | G | SAE step | A+LT | A+GT | Δ%(G) |", "|---|---:|---|---:|---:|---:|"]
+    lines = ["| Model | G | SAE step | A+LT | A+GT | Δ%(G) |", "|---|---|---|---:|---:|---:|"]
     for g in shown:
         for kernels in ("dense", "sparse"):
             a_cost, t_cost, extra = gp.model_costs(plan.loaded, grouped, ctx, c, k, kernels)
@@ -299,7 +306,7 @@ def table2(plan: EvalPlan, summaries: list[RunSummary]) -> str:
             f"SAE counted on both sides, c = {c}, k = {k}, context {ctx}. Δ(G) = (A+GT)/(A+LT) - 1"
             " (Eq. 5), as gsae-groups prints it.")  # fmt: skip
     if g_hat is None:
-        note += " No run measured the layer distances, so Ĝ is unknown: every G trained is shown."
+        note += " No run measured the layer distances, so Ĝ is unknown."
     return "\n".join(lines) + "\n" + note + "\n"
 
 
