@@ -168,3 +168,20 @@ def test_bad_arguments(tiny_model_dir, tiny_corpus):
         evaluate(loaded, runs, batches, 10, baseline="a", pairs="some")
     with pytest.raises(ValueError, match="holds no tokens"):
         evaluate(loaded, runs, lambda: [], 10)
+
+
+def test_mmco_pairs_per_mode():
+    from gsae.eval.evaluate import mmco_pairs
+
+    base = RunSaes("base", {f"l{i}": _trained_like(i, [i]) for i in range(3)})
+    group = RunSaes("group", {"g01": _trained_like(5, [0, 1]), "l2": _trained_like(6, [2])})
+    small = RunSaes("small", {f"l{i}": _trained_like(i, [i]) for i in range(3)})
+    runs = [base, group, small]
+    everything = mmco_pairs(runs, base, "all")
+    assert [p for p in everything if p[0] == "group"] == [
+        ("group", a, b) for a in range(3) for b in range(3)]  # fmt: skip
+    # another per-layer run (smaller SAEs): its SAE at a layer only ever saw that layer
+    assert [p for p in everything if p[0] == "small"] == [("small", i, i) for i in range(3)]
+    same = mmco_pairs(runs, base, "same-group")
+    assert [(a, b) for r, a, b in same if r == "group"] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 2)]
+    assert mmco_pairs(runs, base, "none") == [] and mmco_pairs(runs, None, "all") == []

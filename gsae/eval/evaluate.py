@@ -116,7 +116,8 @@ def mmco_pairs(runs: Sequence[RunSaes], baseline: RunSaes | None, mode: str = "a
                ) -> list[tuple[str, int, int]]:  # fmt: skip
     """(run, baseline layer, run layer) for which MMCO is counted. ``all``: every pair of layers
     both cover (the paper's heatmaps); ``same-group``: pairs inside one SAE's group;
-    ``diagonal``: the same layer; ``none``."""
+    ``diagonal``: the same layer; ``none``. A run of per-layer SAEs other than the baseline
+    (e.g. smaller SAEs) gets the diagonal only: its SAE at a layer never saw another layer."""
     if mode not in MMCO_PAIRS:
         raise ValueError(f"mmco pairs must be one of {MMCO_PAIRS}, got {mode!r}")
     if baseline is None or mode == "none":
@@ -126,8 +127,9 @@ def mmco_pairs(runs: Sequence[RunSaes], baseline: RunSaes | None, mode: str = "a
         if run.name == baseline.name:
             continue
         common = sorted(set(run.layers()) & set(baseline.layers()))
+        per_layer = all(len(sae.layers) == 1 for sae in run.saes.values())
         for l1, l2 in itertools.product(common, common):
-            keep = {"all": True, "diagonal": l1 == l2,
+            keep = {"all": not per_layer or l1 == l2, "diagonal": l1 == l2,
                     "same-group": run.group_of(l1) == run.group_of(l2)}[mode]  # fmt: skip
             if keep:
                 pairs.append((run.name, l1, l2))
