@@ -158,6 +158,16 @@ def _trim(mask: torch.Tensor, budget: int) -> torch.Tensor:
     return (flat * keep).view_as(mask)
 
 
+class _Clean(NamedTuple):
+    """One batch's clean forward: residual streams ``{layer: [B, T, d]}``, the attention mask,
+    the scored positions ``[B, T-1]`` and the clean log-probabilities there ``[P, V]``."""
+
+    hidden: dict
+    mask: torch.Tensor
+    valid: torch.Tensor
+    reference: torch.Tensor
+
+
 class _Evaluator:
     def __init__(self, loaded: LoadedModel, runs: Sequence[RunSaes], tokens: int,
                  baseline: str | None, downstream: bool, pairs: str, mmco_memory: int,
@@ -234,18 +244,10 @@ class _Evaluator:
     def _batch(self, input_ids, mask, needed, first: bool, counts: dict) -> None:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         keep = mask.bool().flatten()
+        clean = None
         if first and self.downstream:
-            with record(self.loaded, needed) as hidden:
-                logits = lm_logits(self.loaded, input_ids, mask)
-            xs = {layer: hidden[layer].flatten(0, 1)[keep] for layer in needed}  # [N, d] each
-            valid = scored_positions(mask)
-            reference = reference_logprobs(logits, valid)
-            ce, _ = next_token_losses(logits, input_ids, valid)
-            self.clean.update(ce)
-            del logits
-            for layer in needed:  # the zero-ablation reference of every layer
-                with splice(self.loaded, {layer: torch.zeros_like}):
-                    self.zero[layer].update(*self._losses(input_ids, mask, valid, reference))
+            clean = self._clean(input_ids, mask, needed)
+            xs = {layer: clean.hidden[layer].flatten(0, 1)[keep] for layer in needed}  # [N, d]
         else:
             stacked = ActivationReader(self.loaded, needed)(input_ids, mask)  # [L, N, d]
             xs = dict(zip(needed, stacked, strict=True))
@@ -257,27 +259,39 @@ class _Evaluator:
                 sae = run.saes[run.group_of(layer)]
                 enc = sae.encode(xs[layer], layer=layer)
                 latents[(run.name, layer)] = (enc.indices, enc.values > 0)
-                if not first:
-                    continue
-                x_hat = sae.decode(enc.values, enc.indices, layer=layer)
-                self.recon[(run.name, layer)].update(xs[layer], x_hat, enc.indices, enc.values)
-                if self.downstream:
-                    full = hidden[layer].clone()
+                if first:
+                    x_hat = sae.decode(enc.values, enc.indices, layer=layer)
+                    self.recon[(run.name, layer)].update(xs[layer], x_hat, enc.indices, enc.values)
+                if clean is not None:
+                    full = clean.hidden[layer].clone()  # [B, T, d]: padding keeps its value
                     full.view(-1, full.shape[-1])[keep] = x_hat.to(full.dtype)
                     with splice(self.loaded, {layer: lambda h, full=full: full}):
-                        losses = self._losses(input_ids, mask, valid, reference)
-                    self.spliced[(run.name, layer)].update(*losses)
+                        self.spliced[(run.name, layer)].update(*self._losses(input_ids, clean))
         for (run, l1, l2), acc in counts.items():
             acc.update(*latents[(self.baseline.name, l1)], *latents[(run, l2)])
+
+    def _clean(self, input_ids, mask, needed) -> _Clean:
+        """The clean forward (residual streams and CE) and each layer's zero ablation."""
+        with record(self.loaded, needed) as hidden:
+            logits = lm_logits(self.loaded, input_ids, mask)
+        valid = scored_positions(mask)
+        clean = _Clean(hidden, mask, valid, reference_logprobs(logits, valid))
+        self.clean.update(next_token_losses(logits, input_ids, valid)[0])
+        del logits
+        for layer in needed:
+            with splice(self.loaded, {layer: torch.zeros_like}):
+                self.zero[layer].update(*self._losses(input_ids, clean))
+        return clean
+
+    def _losses(self, input_ids, clean: _Clean):
+        """CE and KL from the clean distribution of a forward under the active hooks."""
+        logits = lm_logits(self.loaded, input_ids, clean.mask)
+        return next_token_losses(logits, input_ids, clean.valid, clean.reference)
 
     def _wanted(self, counts: dict, run: str, layer: int) -> bool:
         base = self.baseline.name if self.baseline else None
         return any((r == run and l2 == layer) or (run == base and l1 == layer)
                    for r, l1, l2 in counts)  # fmt: skip
-
-    def _losses(self, input_ids, mask, valid, reference):
-        logits = lm_logits(self.loaded, input_ids, mask)
-        return next_token_losses(logits, input_ids, valid, reference)
 
     # ---- results
 
@@ -454,6 +468,10 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         raise ValueError(f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, "
                          f"{batch_tokens}")  # fmt: skip
     start, notes = heldout_start(runs, dataset, split, column, allow_overlap)
+    contexts = sorted({int(r.arg("ctx_len", ctx_len)) for r in runs})
+    if contexts != [ctx_len]:
+        notes.append(f"the runs were trained with contexts of {contexts} tokens; all are "
+                     f"evaluated with {ctx_len}")  # fmt: skip
     device = _device(device)
     model_dtype = model_dtype or ("bf16" if device != "cpu" else "fp32")
     loaded = load_model(model or first.model, model_dtype, device, lm_head=downstream)
