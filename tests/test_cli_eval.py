@@ -85,16 +85,26 @@ def test_eval_writes_every_output(runs, tmp_path, capsys, offline):
 
 def test_heldout_text_starts_after_the_training_position(runs):
     from gsae.activations import StreamPosition
-    from gsae.eval.runs import heldout_start
+    from gsae.eval.runs import heldout_start, split_selects
 
     grouped, per_layer = load_run(runs["grouped"]), load_run(runs["per-layer"])
     assert grouped.position.epoch == 0 and grouped.position.documents > 0
     start, notes = heldout_start([grouped, per_layer], str(runs["corpus"]), "train", "text")
     assert start == StreamPosition(max(grouped.position.documents, per_layer.position.documents))
     assert "held-out text" in notes[0]
-    # another split, column or dataset: from the start
-    assert heldout_start([grouped], str(runs["corpus"]), "test", "text")[0].documents == 0
+    # another dataset or column: from the start; another split of a local file is the same text
     assert heldout_start([grouped], "other.txt", "train", "text")[0].documents == 0
+    assert heldout_start([grouped], str(runs["corpus"]), "train", "body")[0].documents == 0
+    start, _ = heldout_start([grouped], str(runs["corpus"]), "test", "text")
+    assert start.documents == grouped.position.documents
+    # a saved DatasetDict: its splits are different text
+    import datasets
+
+    saved = runs["corpus"].parent / "dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
+        str(saved))  # fmt: skip
+    assert split_selects(str(saved)) and split_selects("monology/pile-uncopyrighted")
+    assert not split_selects(str(runs["corpus"])) and not split_selects("demo")
 
 
 def test_a_run_that_went_round_its_corpus_needs_allow_overlap(runs, tmp_path, capsys, offline):

@@ -281,6 +281,18 @@ def check_model(runs: list[RunInfo], num_layers: int, d_model: int, model: str) 
                            f"d={d_model}")  # fmt: skip
 
 
+def split_selects(dataset: str) -> bool:
+    """Whether ``--split`` picks different text of ``dataset``: it does for a hub dataset and
+    a saved ``DatasetDict``; a local text, JSONL or parquet file (and ``demo``) has one text
+    whatever the split (:func:`gsae.activations.iter_texts` ignores it)."""
+    if dataset == "demo":
+        return False
+    path = Path(dataset)
+    if path.is_dir():
+        return (path / "dataset_dict.json").exists()
+    return not path.exists()
+
+
 class HeldOut(ValueError):
     """Held-out text cannot be guaranteed; the message says why and what to pass."""
 
@@ -289,16 +301,18 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
                   allow_overlap: bool = False) -> tuple[StreamPosition, list[str]]:  # fmt: skip
     """Where evaluation text starts so that no run trained on it, and notes saying so.
 
-    A run trained on the same dataset, split and column was fed the text up to its final data
-    position: evaluation starts at the first document after the furthest such position (the
-    tokens carried over inside the last document are skipped too). Other text starts at the
-    beginning. Raises :class:`HeldOut` when a run's position is unknown or it went round its
-    corpus (``--repeat``), unless ``allow_overlap``.
+    A run trained on the same dataset, split (where the split selects text: see
+    :func:`split_selects`) and column was fed the text up to its final data position:
+    evaluation starts at the first document after the furthest such position (the tokens
+    carried over inside the last document are skipped too). Other text starts at the beginning.
+    Raises :class:`HeldOut` when a run's position is unknown or it went round its corpus
+    (``--repeat``), unless ``allow_overlap``.
     """
     notes: list[str] = []
     documents = 0
     for run in runs:
-        same = (same_name(run.arg("dataset", ""), dataset) and run.arg("split", "train") == split
+        same_split = run.arg("split", "train") == split or not split_selects(dataset)
+        same = (same_name(run.arg("dataset", ""), dataset) and same_split
                 and run.arg("column", "text") == column)  # fmt: skip
         if not same:
             continue
