@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     from .grouping import parse_count
 
     try:
+        if (Path(args.out) / "run.json").exists():
+            raise ValueError(f"--out {args.out} holds a gsae-train run: its files would be "
+                             "replaced; pick another --out")  # fmt: skip
         tokens = parse_count(args.tokens)
         plan = prepare(
             args.runs, baseline=args.baseline, tokens=tokens, dataset=args.dataset,

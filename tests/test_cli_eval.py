@@ -170,6 +170,8 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     shutil.rmtree(lost / "checkpoint")
     fails([str(lost)], "has no checkpoint", "--allow-overlap")
     fails([grouped, "--mmco-memory", "lots"], "not a memory size")
+    assert main([grouped, "--out", per_layer]) == 2  # would replace the run's summary.json
+    assert "holds a gsae-train run" in capsys.readouterr().err
     fails([grouped, "--dataset", "nope/nothing"], "could not load dataset 'nope/nothing'")
     fails([grouped, "--ctx-len", "100000"], "longer than")
     fails([grouped, per_layer, str(runs["shallow"])], "different models")
