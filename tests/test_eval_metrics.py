@@ -274,3 +274,22 @@ def test_feature_distribution_sums_to_the_firing_counts():
     assert torch.isnan(dist.mean_layer[~fired]).all()
     with pytest.raises(ValueError, match=r"\[3 layers, m\]"):
         feature_distribution(torch.stack(stats)[:2], layers)
+
+
+@pytest.mark.gpu
+def test_mmco_methods_agree_on_a_gpu():
+    g = torch.Generator().manual_seed(5)
+    idx_a, on_a = _fuzz_latents(g, 3000, 257, 16)
+    idx_b, on_b = _fuzz_latents(g, 3000, 129, 8)
+    counts = {}
+    for method in ("scatter", "dense"):
+        co = CoOccurrence(257, 129, device="cuda", method=method)
+        co.update(idx_a.cuda(), on_a.cuda(), idx_b.cuda(), on_b.cuda())
+        counts[method] = co.and_counts.cpu()
+    cpu = CoOccurrence(257, 129)
+    cpu.update(idx_a, on_a, idx_b, on_b)
+    assert torch.equal(counts["scatter"], cpu.and_counts)
+    assert torch.equal(counts["dense"], cpu.and_counts)
+    assert CoOccurrence(3, 3, device="cuda").method == "dense"
+    w = torch.randn(300, 64, generator=g)
+    assert mmcs(w.cuda(), w.cuda()).mean == pytest.approx(1.0, abs=1e-5)

@@ -185,3 +185,14 @@ def test_mmco_pairs_per_mode():
     same = mmco_pairs(runs, base, "same-group")
     assert [(a, b) for r, a, b in same if r == "group"] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 2)]
     assert mmco_pairs(runs, base, "none") == [] and mmco_pairs(runs, None, "all") == []
+
+
+@pytest.mark.gpu
+def test_identity_costs_nothing_on_a_gpu_in_bf16(tiny_model_dir, tiny_corpus):
+    loaded = load_model(str(tiny_model_dir), "bf16", device="cuda", lm_head=True)
+    sae = identity_sae(32, [0, 1, 2, 3]).cuda()
+    runs = [RunSaes("identity", {"all": sae})]
+    result = evaluate(loaded, runs, token_batches(loaded, tiny_corpus), tokens=300)
+    for row in result.layers:  # bf16 -> fp32 SAE -> bf16 is exact for the identity
+        assert row.downstream.delta_ce_pct == 0.0 and row.downstream.kl == 0.0
+        assert row.reconstruction.fvu == 0.0

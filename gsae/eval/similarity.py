@@ -27,7 +27,8 @@ class BestMatch(NamedTuple):
     index: torch.Tensor  # [m_a] the latent of the second SAE that gives it
 
 
-def _block_rows(m_b: int, budget: int = 1 << 24) -> int:
+def _block_rows(m_b: int, budget: int = 1 << 22) -> int:
+    """Rows per block so that one ``[rows, m_b]`` temporary has at most ``budget`` entries."""
     return max(1, budget // max(m_b, 1))
 
 
