@@ -167,14 +167,20 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
 def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> bool:
     """For each multi-layer SAE of a run, the share of each latent's firings at each layer of
     its group, latents sorted by their mean layer (only latents that fired)."""
-    dists = [d for d in result.features.get(summary.run.name, {}).values() if len(d.layers) > 1]
-    if not dists:
+    named = [(g, d) for g, d in result.features.get(summary.run.name, {}).items()
+             if len(d.layers) > 1]  # fmt: skip
+    if not named:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(len(dists), 1, figsize=(8, 0.9 + 0.45 * sum(
-        len(d.layers) for d in dists) + 0.6 * len(dists)), squeeze=False)  # fmt: skip
-    for ax, (group, dist) in zip(axes[:, 0], _named(result, summary), strict=True):
+    height = 0.9 + sum(0.45 * len(d.layers) + 0.6 for _, d in named)
+    fig, axes = plt.subplots(len(named), 1, figsize=(8, height), squeeze=False)
+    image = None
+    for ax, (group, dist) in zip(axes[:, 0], named, strict=True):
         share = dist.share[:, dist.order].numpy()
+        if share.shape[1] == 0:
+            ax.set_title(f"{group}: no latent fired on the evaluation tokens", fontsize=9)
+            ax.axis("off")
+            continue
         image = ax.imshow(share, aspect="auto", cmap="Greys", vmin=0, vmax=1,
                           interpolation="nearest")  # fmt: skip
         ax.set_yticks(range(len(dist.layers)), [str(x) for x in dist.layers])
@@ -182,15 +188,12 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
         ax.set_title(f"{group}: {len(dist.order)} latents that fired, sorted by mean layer",
                      fontsize=9)  # fmt: skip
     axes[-1, 0].set_xlabel("latent (sorted)")
-    fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, label="share of firings")
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, label="share of firings")
     fig.suptitle(f"Feature distribution: {summary.run.name}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def _named(result: EvalResult, summary: RunSummary):
-    return [(g, d) for g, d in result.features[summary.run.name].items() if len(d.layers) > 1]
 
 
 def _by_groups(summaries: list[RunSummary]) -> list[RunSummary]:

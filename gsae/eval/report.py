@@ -181,7 +181,7 @@ def records(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary]) -> 
         record.update({
             "approach": s.approach, "run_path": str(run.path), "group_layers": sae.layers,
             "d": sae.d, "m": sae.m, "k": sae.k, "tokens_trained": run.tokens_trained,
-            "training": run.args and {k: run.args.get(k) for k in TRAINING_KEYS},
+            "training": {k: run.args.get(k) for k in TRAINING_KEYS},
             "eval": config,
         })  # fmt: skip
         out.append(record)
