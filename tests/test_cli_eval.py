@@ -95,8 +95,9 @@ def test_heldout_text_starts_after_the_training_position(runs):
     # another dataset or column: from the start; another split of a local file is the same text
     assert heldout_start([grouped], "other.txt", "train", "text")[0].documents == 0
     assert heldout_start([grouped], str(runs["corpus"]), "train", "body")[0].documents == 0
-    start, _ = heldout_start([grouped], str(runs["corpus"]), "test", "text")
+    start, notes = heldout_start([grouped], str(runs["corpus"]), "test", "text")
     assert start.documents == grouped.position.documents
+    assert "a local file with one text whatever the split" in notes[0]
     # a saved DatasetDict: its splits are different text
     import datasets
 

@@ -309,6 +309,13 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
     (``--repeat``), unless ``allow_overlap``.
     """
     notes: list[str] = []
+    trained = {
+        run.arg("split", "train") for run in runs if same_name(run.arg("dataset", ""), dataset)
+    }
+    if trained - {split} and not split_selects(dataset):
+        splits = ", ".join(sorted(trained))
+        notes.append(f"--split {split}: {dataset!r} is a local file with one text whatever the "
+                     f"split, the one the runs trained on ({splits})")  # fmt: skip
     documents = 0
     for run in runs:
         same_split = run.arg("split", "train") == split or not split_selects(dataset)
