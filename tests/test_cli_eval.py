@@ -81,6 +81,13 @@ def test_eval_writes_every_output(runs, tmp_path, capsys, offline):
     assert page.count("data:image/png;base64,") == 5 and "<table>" in page
     assert not re.search(r"""src=['"](?!data:)""", page)  # nothing outside the page
     assert not (out / "features_per-layer.png").exists()  # one layer per SAE: nothing to show
+    features = list(csv.DictReader((out / "features_grouped.csv").open()))
+    assert len(features) == 128 * sum(
+        1 for s in load_run(runs["grouped"]).saes if len(s.layers) > 1
+    )
+    for row in features:
+        per_layer = [int(v) for k, v in row.items() if k.startswith("layer_") and v != ""]
+        assert sum(per_layer) == int(row["fired"])
 
 
 def test_heldout_text_starts_after_the_training_position(runs):

@@ -357,13 +357,42 @@ def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Pa
                  for run, d in result.mmco.items()},
         "mmcs": {run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()},
     }))  # fmt: skip
+    feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
     page = html_report(result, plan, t1_md, t2_md, images)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     written = ["metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
                "table2.md", "report.html"]  # fmt: skip
-    return [out / name for name in written] + [path for path, _ in images]
+    return [out / name for name in written] + feature_files + [path for path, _ in images]
+
+
+def write_features(result: EvalResult, out: Path) -> list[Path]:
+    """``features_<run>.csv`` for each run with a multi-layer SAE: per latent, how many
+    evaluation tokens of each layer of its group it fired on, its total and its mean layer
+    (Appendix F; the figures draw the shares)."""
+    written = []
+    for run, groups in result.features.items():
+        multi = {g: d for g, d in groups.items() if len(d.layers) > 1}
+        if not multi:
+            continue
+        layers = sorted({x for d in multi.values() for x in d.layers})
+        columns = ["group", "latent", "fired", "mean_layer"] + [f"layer_{x}" for x in layers]
+        rows = []
+        for group, dist in multi.items():
+            counts = dist.counts.tolist()  # [L_g][m]
+            totals = dist.counts.sum(0).tolist()
+            means = dist.mean_layer.tolist()
+            for latent in range(dist.counts.shape[1]):
+                row = {"group": group, "latent": latent, "fired": totals[latent],
+                       "mean_layer": _fmt(means[latent])}  # fmt: skip
+                for i, x in enumerate(dist.layers):
+                    row[f"layer_{x}"] = counts[i][latent]
+                rows.append(row)
+        path = out / f"features_{run.replace('/', '_')}.csv"
+        _write_csv(path, columns, rows)
+        written.append(path)
+    return written
 
 
 def _md_table_html(markdown: str) -> str:
