@@ -133,12 +133,15 @@ def test_mmco_on_gpu(benchmark, report):
 
 
 @pytest.fixture(scope="module")
-def demo_runs(tmp_path_factory):
+def demo_runs(tmp_path_factory, request):
     from gsae.trainer import train_main
 
     root = tmp_path_factory.mktemp("bench-eval")
-    common = ["--model", "demo", "--dataset", "demo", "--tokens", "30k", "--grouping-tokens",
-              "20k", "--scale-tokens", "8k", "--log-every", "1000", "--device", "cpu"]  # fmt: skip
+    small = request.config.getoption("benchmark_disable")  # CI: it only has to run
+    tokens = ("4k", "4k", "2k") if small else ("30k", "20k", "8k")
+    common = ["--model", "demo", "--dataset", "demo", "--tokens", tokens[0], "--grouping-tokens",
+              tokens[1], "--scale-tokens", tokens[2], "--log-every", "1000",
+              "--device", "cpu"]  # fmt: skip
     for groups in ("auto", "per-layer"):
         assert train_main([*common, "--groups", groups, "--out", str(root / groups)]) == 0
     return root
