@@ -111,6 +111,11 @@ def test_mmco_in_several_passes_equals_one_pass(tiny_model_dir, tiny_corpus):
     # layer 3: the same SAE in both runs, so every latent that fires matches itself exactly
     assert one.mmco["group"][(3, 3)].mmco_fired == pytest.approx(1.0, abs=1e-6)
     assert one.mmcs["group"][(3, "l3")] == pytest.approx(1.0, abs=1e-6)
+    # MMCS at initialisation: the same seed and shape start from the same decoder
+    assert one.mmcs_init["group"][(3, "l3")] == pytest.approx(1.0, abs=1e-6)
+    assert one.mmcs_init["group"][(0, "g012")] < 0.9  # seeds 0 and 9
+    row3 = next(r for r in one.layers if r.run == "group" and r.layer == 3)
+    assert row3.mmcs_init == one.mmcs_init["group"][(3, "l3")]
     assert "downstream metrics not asked for" in one.notes[0]
     assert all(r.downstream is None for r in one.layers)
     diag = evaluate(loaded, [base, group], batches, 200, baseline="base", downstream=False,

@@ -70,7 +70,10 @@ class RunSaes:
 
 class LayerResult(NamedTuple):
     """Everything measured for one SAE at one layer. ``downstream`` is None for a model without
-    an LM head; ``mmcs``/``mmco`` are None without a baseline (or for the baseline itself)."""
+    an LM head; ``mmcs``/``mmco`` are None without a baseline (or for the baseline itself).
+    ``mmcs_init`` is the MMCS of the two SAEs' decoders as initialised (from their configs'
+    seeds): SAEs trained with the same seed start from the same random decoder, and the
+    similarity they keep from it is not learned."""
 
     run: str
     group: str
@@ -79,6 +82,7 @@ class LayerResult(NamedTuple):
     downstream: Downstream | None
     mmcs: float | None
     mmco: Mmco | None
+    mmcs_init: float | None = None
 
     def flat(self) -> dict:
         """One flat record: run, group, layer and every metric by name."""
@@ -87,6 +91,7 @@ class LayerResult(NamedTuple):
         if self.downstream is not None:
             out.update(self.downstream._asdict())
         out["mmcs"] = self.mmcs
+        out["mmcs_init"] = self.mmcs_init
         out.update(self.mmco._asdict() if self.mmco else {"mmco": None})
         return out
 
@@ -104,6 +109,7 @@ class EvalResult:
     features: dict[str, dict[str, FeatureDistribution]]
     mmco: dict[str, dict[tuple[int, int], Mmco]]
     mmcs: dict[str, dict[tuple[int, str], float]]
+    mmcs_init: dict[str, dict[tuple[int, str], float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     passes: int = 1
     seconds: float = 0.0
@@ -191,6 +197,7 @@ class _Evaluator:
         pair_list = mmco_pairs(self.runs, self.baseline, pairs)
         self.passes = _plan_passes(pair_list, self._pair_bytes, mmco_memory)
         self.mmco: dict[str, dict[tuple[int, int], Mmco]] = {}
+        self._init_cache: dict[tuple, float] = {}
         self.seen = 0
 
     def _sae(self, run: str, layer: int) -> Sae:
@@ -296,14 +303,15 @@ class _Evaluator:
     # ---- results
 
     def result(self) -> EvalResult:
-        rows, features, similarity = [], {}, {}
+        rows, features, similarity, at_init = [], {}, {}, {}
         base = self.baseline
         for run in self.runs:
             if base is not None and run.name != base.name:
-                similarity[run.name] = {
-                    (l1, group): mmcs(base.saes[base.group_of(l1)].W_dec, sae.W_dec).mean
-                    for l1 in base.layers() for group, sae in run.saes.items()
-                }  # fmt: skip
+                pairs = [(l1, base.saes[base.group_of(l1)], group, sae)
+                         for l1 in base.layers() for group, sae in run.saes.items()]  # fmt: skip
+                similarity[run.name] = {(l1, g): mmcs(a.W_dec, b.W_dec).mean
+                                        for l1, a, g, b in pairs}  # fmt: skip
+                at_init[run.name] = {(l1, g): self._mmcs_init(a, b) for l1, a, g, b in pairs}
             features[run.name] = {
                 group: feature_distribution(
                     torch.stack([self.recon[(run.name, x)].fired for x in sae.layers]), sae.layers)
@@ -316,9 +324,10 @@ class _Evaluator:
                 if self.downstream:
                     down = downstream(self.spliced[key], self.clean, self.zero[layer])
                 same = similarity.get(run.name, {}).get((layer, group))
+                init = at_init.get(run.name, {}).get((layer, group))
                 co = self.mmco.get(run.name, {}).get((layer, layer))
                 rows.append(LayerResult(run.name, group, layer, self.recon[key].result(), down,
-                                        same, co))  # fmt: skip
+                                        same, co, init))  # fmt: skip
         notes = []
         if not self.asked_downstream:
             notes.append("downstream metrics not asked for (downstream=False)")
@@ -326,7 +335,17 @@ class _Evaluator:
             reason = self.loaded.no_head_reason or "the model was loaded without its LM head"
             notes.append(f"downstream metrics (ΔCE, CE recovered, KL) skipped: {reason}")
         return EvalResult(self.seen, self.clean.count, rows, features, self.mmco, similarity,
-                          notes, len(self.passes))  # fmt: skip
+                          at_init, notes, len(self.passes))  # fmt: skip
+
+    def _mmcs_init(self, a: Sae, b: Sae) -> float:
+        """MMCS of the decoders ``a`` and ``b`` started from (an SAE's initial decoder depends
+        only on its seed and shape, so few distinct pairs are ever computed)."""
+        key = (a.cfg.seed, a.m, a.d, b.cfg.seed, b.m)
+        if key not in self._init_cache:
+            first = Sae(a.cfg, a.layers).W_dec.to(self.device)
+            second = Sae(b.cfg, b.layers).W_dec.to(self.device)
+            self._init_cache[key] = mmcs(first, second).mean
+        return self._init_cache[key]
 
 
 def evaluate(loaded: LoadedModel, runs: Sequence[RunSaes],

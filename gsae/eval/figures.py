@@ -150,6 +150,9 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
             ys = [v for _, v in pairs]
             color = f"C{number % 10}"
             ax.plot(xs, ys, color=color, linewidth=1, label=sae.name)
+            init = result.mmcs_init.get(s.run.name, {})
+            ax.plot(xs, [init.get((x, sae.name), np.nan) for x in xs], color=color,
+                    linewidth=1, linestyle=":")  # fmt: skip
             inside = [(x, y) for x, y in pairs if x in sae.layers]
             ax.plot([x for x, _ in inside], [y for _, y in inside], "o", color=color)
         ax.set_xlabel("baseline SAE layer")
@@ -173,7 +176,8 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
         return False
     plt = _pyplot()
     height = 0.9 + sum(0.45 * len(d.layers) + 0.6 for _, d in named)
-    fig, axes = plt.subplots(len(named), 1, figsize=(8, height), squeeze=False)
+    fig, axes = plt.subplots(len(named), 1, figsize=(8, height), squeeze=False,
+                             layout="constrained")  # fmt: skip
     image = None
     for ax, (group, dist) in zip(axes[:, 0], named, strict=True):
         share = dist.share[:, dist.order].numpy()
@@ -231,9 +235,16 @@ def write_all(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary],
                         "the squares: the group SAE fires like the per-layer ones."))  # fmt: skip
     mmcs = out / "mmcs.png"
     if mmcs_lines(result, summaries, mmcs):
-        written.append((mmcs, "Figures 12-14: MMCS (Eq. 18) of each baseline layer's decoder "
-                        "with each group SAE's decoder; filled markers on the group's own "
-                        "layers, where the paper finds the similarity peaks."))  # fmt: skip
+        written.append(
+            (
+                mmcs,
+                "Figures 12-14: MMCS (Eq. 18) of each baseline layer's decoder "
+                "with each group SAE's decoder; filled markers on the group's own "
+                "layers, where the paper finds the similarity peaks. Dotted: the same "
+                "pair of decoders as initialised: SAEs trained with one seed start from "
+                "one random decoder, and what they keep of it is not learned.",
+            )
+        )
     for s in _by_groups(summaries):
         safe = s.run.name.replace("/", "_")
         path = out / f"features_{safe}.png"

@@ -31,7 +31,8 @@ from .runs import RunInfo
 CSV_COLUMNS = [
     "run", "approach", "group", "group_layers", "layer", "tokens", "fvu", "explained_variance",
     "cosine", "l0", "never_fired", "positions", "ce_clean", "ce_sae", "ce_zero", "delta_ce_pct",
-    "ce_recovered", "kl", "kl_zero", "kl_score", "mmcs", "mmco", "mmco_fired", "d", "m", "k",
+    "ce_recovered", "kl", "kl_zero", "kl_score", "mmcs", "mmcs_init", "mmco", "mmco_fired", "d",
+    "m", "k",
     "tokens_trained", "model", "dataset", "split", "start_document",
 ]  # fmt: skip
 POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "never_fired",
@@ -356,6 +357,8 @@ def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Pa
         "mmco": {run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
                  for run, d in result.mmco.items()},
         "mmcs": {run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()},
+        "mmcs_init": {run: {f"{a},{g}": v for (a, g), v in d.items()}
+                      for run, d in result.mmcs_init.items()},
     }))  # fmt: skip
     feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
@@ -443,7 +446,7 @@ def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
 
 def _layer_table(result: EvalResult) -> str:
     keys = ["run", "group", "layer", "fvu", "cosine", "l0", "never_fired", "delta_ce_pct",
-            "ce_recovered", "kl_score", "mmcs", "mmco"]  # fmt: skip
+            "ce_recovered", "kl_score", "mmcs", "mmcs_init", "mmco"]  # fmt: skip
     head = "<tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
     rows = []
     for r in result.layers:
