@@ -165,7 +165,7 @@ def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
     from gsae.eval.report import write_report
 
     benchmark.group = "eval-demo"
-    tokens = 4096 if benchmark.disabled else 32768
+    tokens = 1024 if benchmark.disabled else 32768
     seconds = {}
 
     def evaluate(**kwargs):

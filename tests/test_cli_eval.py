@@ -27,7 +27,7 @@ def train(model, corpus, out, groups, tokens="2k", *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir):
+def runs(tmp_path_factory, tiny_model_dir, one_thread):
     """Per-layer and G=2 runs on a corpus larger than their budget (text is left over), a run
     that went round a small corpus, and a per-layer run of a 2-layer model."""
     root = tmp_path_factory.mktemp("eval-runs")
@@ -198,7 +198,7 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
-def test_demo_end_to_end(tmp_path, capsys, offline):
+def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
     """The paper's comparison on the bundled demo, on a tiny budget: --groups auto (Ĝ), 1,
     per-layer and even:2, evaluated together against the per-layer baseline."""
     common = ["--model", "demo", "--dataset", "demo", "--tokens", "8k", "--grouping-tokens",

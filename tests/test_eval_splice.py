@@ -12,6 +12,11 @@ from gsae.eval import RunSaes, evaluate
 from gsae.sae import Sae, SaeConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_models_on_one_thread(one_thread):
+    yield
+
+
 def _causal(kind, tiny_model_dir, tmp_path):
     if kind == "gpt_neox":
         return load_model(str(tiny_model_dir), "fp32", lm_head=True)
