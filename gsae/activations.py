@@ -12,6 +12,9 @@ The only module of gsae that imports transformers and datasets.
   exactly (for resuming a run).
 - :class:`ActivationReader`: forward hooks on the chosen layers return the residual stream after
   each layer's MLP, ``[L, N, d]``; the forward stops after the deepest layer asked for.
+- :func:`splice` / :func:`record`: context managers whose forward hooks replace (splice) or keep
+  (record) the residual stream of chosen layers during full forwards; :func:`lm_logits` runs one.
+  ``load_model(..., lm_head=True)`` keeps a causal LM's head for them.
 
 A layer's output equals ``hidden_states[l + 1]`` of transformers for every layer but the last,
 where transformers applies the final layer norm first; the hooks give the residual stream itself
@@ -20,13 +23,14 @@ for every layer, the last one included (as the paper's sparsify-based code does)
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import queue
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +94,8 @@ class LoadedModel:
     name: str  # as asked for
     source: str  # the local path or hub id it was loaded from
     layers: nn.ModuleList = field(repr=False)
+    lm_head: bool = False  # the model is a causal LM with its head (load_model(lm_head=True))
+    no_head_reason: str = ""  # why lm_head=True found no usable head
 
     @property
     def num_layers(self) -> int:
@@ -100,29 +106,52 @@ class LoadedModel:
         return int(self.model.config.hidden_size)
 
 
-def _from_pretrained(source: str, dtype: torch.dtype, **kwargs):
+def _from_pretrained(source: str, dtype: torch.dtype, lm_head: bool = False, **kwargs):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the base model of a *ForCausalLM checkpoint: its
     try:  # unused LM head would be reported as an unexpected weight
-        model = AutoModel.from_pretrained(source, dtype=dtype, **kwargs)
+        model = _causal_lm(source, dtype, **kwargs) if lm_head else None
+        if model is None:
+            model = AutoModel.from_pretrained(source, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     finally:
         hf_logging.set_verbosity(level)
     return model, tokenizer
 
 
-def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu") -> LoadedModel:
-    """Load the base model (no LM head) and tokenizer of ``name``, for inference."""
+def _causal_lm(source: str, dtype: torch.dtype, **kwargs):
+    """The model with its causal-LM head, or None when its config names no causal-LM class or
+    the checkpoint lacks head weights (a head initialised at random would give meaningless
+    losses; an encoder's masked-LM head does not predict the next token)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    names = getattr(config, "architectures", None) or []
+    if not any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return None
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    return None if info.get("missing_keys") else model
+
+
+def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu",
+               lm_head: bool = False) -> LoadedModel:  # fmt: skip
+    """Load the base model (no LM head) and tokenizer of ``name``, for inference.
+
+    ``lm_head=True``: load the causal LM with its head instead, where the checkpoint has one
+    (``LoadedModel.lm_head`` says whether it did, ``no_head_reason`` why not); the layers and
+    hooks are the same either way."""
     dtype = parse_dtype(dtype)
     tried = []
     if name == "demo":
         name = str(bundled_dir() / "model")
     if Path(name).exists():
         try:
-            model, tokenizer = _from_pretrained(name, dtype)
+            model, tokenizer = _from_pretrained(name, dtype, lm_head)
         except Exception as err:
             raise ModelLoadError(f"could not load model from local path {name}: {err}") from err
         source = name
@@ -130,19 +159,23 @@ def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu"
         tried.append(f"no local directory {name!r}")
         source = hub_id(name)
         try:  # the local Hugging Face cache first: works offline, costs nothing
-            model, tokenizer = _from_pretrained(source, dtype, local_files_only=True)
+            model, tokenizer = _from_pretrained(source, dtype, lm_head, local_files_only=True)
         except Exception:
             tried.append(f"{source!r} is not in the Hugging Face cache")
             if not hub_reachable():
                 tried.append("the Hugging Face hub is unreachable (offline?)")
                 raise ModelLoadError(_load_message("model", name, tried, "--model")) from None
             try:
-                model, tokenizer = _from_pretrained(source, dtype)
+                model, tokenizer = _from_pretrained(source, dtype, lm_head)
             except Exception as err:
                 tried.append(f"the hub refused {source!r}: {err}")
                 raise ModelLoadError(_load_message("model", name, tried, "--model")) from None
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, name, source, find_layers(model))
+    has_head = lm_head and hasattr(model, "get_output_embeddings") and (
+        model.get_output_embeddings() is not None)  # fmt: skip
+    reason = "" if has_head or not lm_head else (
+        f"{type(model).__name__} has no causal-LM head in {source}")  # fmt: skip
+    return LoadedModel(model, tokenizer, name, source, find_layers(model), has_head, reason)
 
 
 def _load_message(what: str, name: str, tried: list[str], flag: str) -> str:
@@ -463,3 +496,88 @@ class ActivationReader:
         if padded:
             hidden = hidden[:, mask.flatten().bool()]
         return hidden
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks for full forwards: splice and record
+# --------------------------------------------------------------------------------------------
+
+
+def _layer_index(loaded: LoadedModel, layer: int) -> int:
+    n = loaded.num_layers
+    if not 0 <= int(layer) < n:
+        raise ValueError(f"layer {layer} out of range: the model has {n} layers (0..{n - 1})")
+    return int(layer)
+
+
+@contextlib.contextmanager
+def splice(loaded: LoadedModel, replacements: dict[int, Callable[[torch.Tensor], torch.Tensor]]):
+    """Replace the residual stream after chosen layers in every forward inside the block.
+
+    ``replacements`` maps a model layer to ``fn(hidden [B, T, d]) -> [B, T, d]``, called on the
+    layer's output; what it returns (cast to the model's dtype) is what the rest of the forward
+    sees. Layers before it run as normal, and the hooks are removed on exit, even on an error.
+    An SAE reconstruction spliced in: ``splice(loaded, {l: lambda h: sae(h...)})``; a zero
+    ablation: ``{l: torch.zeros_like}``.
+    """
+
+    def hook_for(fn):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = fn(hidden)
+            if new.shape != hidden.shape:
+                raise ValueError(f"a spliced activation must keep the shape {tuple(hidden.shape)},"
+                                 f" got {tuple(new.shape)}")  # fmt: skip
+            new = new.to(hidden.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    targets = {_layer_index(loaded, layer): fn for layer, fn in replacements.items()}
+    handles = [loaded.layers[i].register_forward_hook(hook_for(fn)) for i, fn in targets.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def record(loaded: LoadedModel, layers: Sequence[int], fn=None):
+    """Keep the residual stream after ``layers`` during forwards inside the block.
+
+    Yields a dict filled by every forward: ``{layer: hidden [B, T, d]}``, or ``fn(layer,
+    hidden)`` when ``fn`` is given (e.g. an SAE's latents). Unlike :class:`ActivationReader`
+    the forward runs to the end (the logits are wanted too). Layers hooked by :func:`splice` are
+    recorded as spliced when ``record`` is entered inside the ``splice`` block.
+    """
+    store: dict[int, object] = {}
+
+    def hook_for(layer: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            store[layer] = hidden if fn is None else fn(layer, hidden)
+
+        return hook
+
+    targets = sorted({_layer_index(loaded, layer) for layer in layers})
+    handles = [loaded.layers[i].register_forward_hook(hook_for(i)) for i in targets]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def lm_logits(loaded: LoadedModel, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Next-token logits ``[B, T, V]`` of a model loaded with ``lm_head=True`` (one full
+    forward: hooks of :func:`splice` and :func:`record` apply)."""
+    if not loaded.lm_head:
+        raise ValueError(f"{loaded.name} was loaded without a causal-LM head "
+                         f"({loaded.no_head_reason or 'load_model(lm_head=True)'})")  # fmt: skip
+    device = next(loaded.model.parameters()).device
+    mask = attention_mask.to(device) if attention_mask is not None else None
+    out = loaded.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
+    return out.logits

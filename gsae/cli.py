@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import grouping as gp
+from .grouping import model_costs  # the FLOP model lives in the library (gsae-eval uses it)
 
 
 def _device(name: str) -> str:
@@ -106,20 +107,6 @@ def load_matrix(path: str) -> np.ndarray:
     if isinstance(data, dict) and "distances" in data:  # a groups.json works too
         data = data["distances"]
     return gp.check_distance_matrix(data)
-
-
-def model_costs(loaded, grouped: list[int], ctx_len: int, expansion: int, k: int,
-                kernels: str) -> tuple[float, float, int]:  # fmt: skip
-    """(A, T, extra SAEs) per token: A is the forward through every layer that gets an SAE,
-    T one SAE step, and the last layer's own SAE is counted when it is not grouped."""
-    n = loaded.num_layers
-    extra = 0 if (n - 1) in grouped else 1
-    deepest = n - 1
-    layer_params = sum(p.numel() for p in loaded.layers[0].parameters())
-    a_cost = gp.forward_flops_per_token(layer_params, deepest + 1, loaded.d_model, ctx_len)
-    d = loaded.d_model
-    t_cost = gp.sae_flops_per_token(d, expansion * d, k, kernels)
-    return float(a_cost), float(t_cost), extra
 
 
 def stream_hidden(loaded, layers, args, tokens: int, position=None):

@@ -231,6 +231,22 @@ def compute_savings(num_groups: int, num_layers: int, forward_cost: float, sae_c
     return trained / baseline - 1
 
 
+def model_costs(loaded, grouped: list[int], ctx_len: int, expansion: int, k: int,
+                kernels: str) -> tuple[float, float, int]:  # fmt: skip
+    """(A, T, extra SAEs) per token for ``loaded`` (a :class:`gsae.activations.LoadedModel`):
+    A is the forward through every layer that gets an SAE, T one SAE step at ``expansion`` x d
+    latents, and the last layer's own SAE is counted when it is not ``grouped``. The one FLOP
+    model of gsae-groups, gsae-train and gsae-eval (Delta(G) = :func:`compute_savings`)."""
+    n = loaded.num_layers
+    extra = 0 if (n - 1) in grouped else 1
+    deepest = n - 1
+    layer_params = sum(p.numel() for p in loaded.layers[0].parameters())
+    a_cost = forward_flops_per_token(layer_params, deepest + 1, loaded.d_model, ctx_len)
+    d = loaded.d_model
+    t_cost = sae_flops_per_token(d, expansion * d, k, kernels)
+    return float(a_cost), float(t_cost), extra
+
+
 # --------------------------------------------------------------------------------------------
 # Result
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""``gsae-eval``: the paper's metrics, tables and figures for gsae-train runs, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gsae-eval",
+        description="Evaluate gsae-train runs on held-out tokens: FVU, explained variance, "
+        "cosine, L0 and never-fired latents per layer; ΔCE, CE loss recovered and KL with each "
+        "reconstruction spliced into the forward; against --baseline (a per-layer run) MMCS and "
+        "MMCO; feature distributions. Writes metrics.jsonl/.csv, the paper's Tables 1-2, "
+        "figures and a self-contained report.html into --out.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="gsae-train output folders")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--baseline", default=None, metavar="RUN",
+                   help="a gsae-train --groups per-layer run of the same model: MMCS, MMCO and "
+                   "the star of the figures")  # fmt: skip
+    p.add_argument("--tokens", default="1M", help="held-out tokens (default: %(default)s)")
+    p.add_argument("--dataset", default=None, help="default: the runs' own")
+    p.add_argument("--split", default=None, help="default: the runs' own")
+    p.add_argument("--column", default=None, help="text column (default: the runs' own)")
+    p.add_argument("--ctx-len", type=int, default=None, help="default: the runs' own")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per forward (default: %(default)s)")  # fmt: skip
+    p.add_argument("--model", default=None, help="evaluate with this model instead of the runs' "
+                   "(e.g. a local copy of it)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even when held-out text cannot be guaranteed (e.g. a --repeat "
+                   "run that went round its corpus)")  # fmt: skip
+    p.add_argument(
+        "--no-downstream",
+        action="store_true",
+        help="skip the spliced forwards (ΔCE, CE recovered, KL): much faster",
+    )
+    p.add_argument("--mmco-pairs", default="all", choices=["all", "same-group", "diagonal", "none"],
+                   help="layer pairs for MMCO: all (the paper's heatmaps), same-group, diagonal "
+                   "or none (default: %(default)s)")  # fmt: skip
+    p.add_argument("--mmco-memory", default="4G",
+                   help="memory for MMCO counts per pass over the tokens; more pairs take more "
+                   "passes (default: %(default)s)")  # fmt: skip
+    return p
+
+
+def parse_bytes(text: str) -> int:
+    """``4G`` -> 4 GiB; also K, M, T and plain byte counts."""
+    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if scale > 1 else s) * scale
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (try 4G or 512M)") from None
+    if value <= 0:
+        raise ValueError(f"--mmco-memory must be > 0, got {text!r}")
+    return int(value)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .activations import DatasetLoadError, ModelLoadError
+    from .cli import progress_bar
+    from .eval import prepare, run_plan
+    from .eval.report import write_report
+    from .grouping import parse_count
+
+    try:
+        if (Path(args.out) / "run.json").exists():
+            raise ValueError(f"--out {args.out} holds a gsae-train run: its files would be "
+                             "replaced; pick another --out")  # fmt: skip
+        tokens = parse_count(args.tokens)
+        plan = prepare(
+            args.runs, baseline=args.baseline, tokens=tokens, dataset=args.dataset,
+            split=args.split, column=args.column, ctx_len=args.ctx_len,
+            batch_tokens=args.batch_tokens, model=args.model, device=args.device,
+            model_dtype=args.model_dtype, allow_overlap=args.allow_overlap,
+            downstream=not args.no_downstream, pairs=args.mmco_pairs,
+            mmco_memory=parse_bytes(args.mmco_memory),
+        )  # fmt: skip
+    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+        print(f"gsae-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
+          f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}")  # fmt: skip
+    for note in plan.notes:
+        print(f"  {note}")
+    start = time.perf_counter()
+    with progress_bar(tokens, "eval") as bar:
+        result = run_plan(plan, progress=bar.update)
+    written = write_report(result, plan, Path(args.out))
+    seconds = time.perf_counter() - start
+    print((Path(args.out) / "table1.md").read_text())
+    for note in result.notes[len(plan.notes) :]:
+        print(f"note: {note}")
+    passes = f" in {result.passes} passes" if result.passes > 1 else ""
+    print(f"{result.tokens:,} tokens{passes}, {seconds:.1f} s ({result.tokens / seconds:,.0f} "
+          f"tokens/s); wrote {len(written)} files to {args.out} (open report.html)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

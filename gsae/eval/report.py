@@ -1,0 +1,456 @@
+"""What gsae-eval writes: metrics per layer, the paper's tables, figures and one HTML page.
+
+- ``metrics.jsonl`` / ``metrics.csv``: one record per run x layer, with the run, its group, the
+  token counts and the config that reproduces the numbers;
+- ``summary.json``: per run and per group, the paper's aggregation (:func:`~.metrics.pooled`);
+- ``table1.md`` / ``table1.csv``: FVU and ΔCE% per approach (the paper's Table 1, with every run);
+- ``table2.md``: A+LT, A+ĜT and Δ(Ĝ) from the FLOP model gsae-groups prints
+  (:func:`gsae.grouping.model_costs`, :func:`gsae.grouping.compute_savings`);
+- PNGs (:mod:`gsae.eval.figures`) and ``report.html``, self-contained (images embedded).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import grouping as gp
+from ..io import atomic_path, write_json
+from .evaluate import EvalPlan, EvalResult
+from .metrics import Pooled, pooled
+from .runs import RunInfo
+
+CSV_COLUMNS = [
+    "run", "approach", "group", "group_layers", "layer", "tokens", "fvu", "explained_variance",
+    "cosine", "l0", "never_fired", "positions", "ce_clean", "ce_sae", "ce_zero", "delta_ce_pct",
+    "ce_recovered", "kl", "kl_zero", "kl_score", "mmcs", "mmcs_init", "mmco", "mmco_fired", "d",
+    "m", "k",
+    "tokens_trained", "model", "dataset", "split", "start_document",
+]  # fmt: skip
+POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "never_fired",
+          "mmcs", "mmco")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Runs as the paper's approaches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """One run as a point of the paper's comparisons."""
+
+    run: RunInfo
+    approach: str
+    num_groups: int
+    expansion: float
+    amad: float  # AMAD(G) of its partition (NaN: no distances known)
+    flops_fraction: float  # training FLOPs relative to the reference per-layer SAEs
+    metrics: dict[str, Pooled]  # over the table's layers
+    is_baseline: bool
+    is_g_hat: bool
+
+
+def g_hat_of(runs: list[RunInfo]) -> int | None:
+    """Ĝ of the model (the smallest G with AMAD(G) below the threshold), from the first run
+    whose groups.json measured the distances (its ``g_hat`` is the G trained for ``--groups
+    N``, so Ĝ is chosen again from the partitions, as gsae-groups does)."""
+    import warnings
+
+    for run in runs:
+        g = run.grouping
+        if g is not None and g.distances:
+            with warnings.catch_warnings():  # none below the threshold: the largest G, quietly
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return gp.choose_g_hat({n: p.amad for n, p in g.partitions.items()}, g.threshold)
+    return None
+
+
+def distances_of(runs: list[RunInfo]) -> tuple[np.ndarray, list[int]] | None:
+    for run in runs:
+        if run.grouping is not None and run.grouping.distances:
+            return np.asarray(run.grouping.distances), list(run.grouping.layers)
+    return None
+
+
+def approach(run: RunInfo, reference_c: float, g_hat: int | None) -> str:
+    """The run's row name in Table 1 (from its ``--groups`` setting and size)."""
+    spec = run.groups_spec
+    c = run.expansion_factor
+    if run.per_layer:
+        if c < reference_c:
+            return f"Smaller SAEs (all layers, c'={c:g})"
+        return f"Per-layer SAEs (baseline, c={c:g})"
+    g = run.num_groups
+    mark = "Ĝ" if g == g_hat else "G"
+    if spec.startswith("even:"):
+        return f"Group SAEs (evenly spaced, {mark}={g})"
+    if spec == "file":
+        return f"Group SAEs (groups file, {mark}={g})"
+    return f"Group SAEs (AMAD, {mark}={g})"
+
+
+def table_layers(runs: list[RunInfo]) -> list[int]:
+    """The layers Table 1 averages over: those every run grouped (all but the last, usually:
+    the last layer has an SAE of its own in every approach)."""
+    common = set(runs[0].grouped_layers)
+    for run in runs[1:]:
+        common &= set(run.grouped_layers)
+    return sorted(common) or sorted(set.intersection(*(set(r.layers) for r in runs)))
+
+
+def training_flops(run: RunInfo, loaded, kernels: str = "dense") -> float:
+    """Per-token training FLOPs of a run: one forward A plus one step T of each of its SAEs
+    (:func:`gsae.grouping.model_costs`, at the run's context, expansion and k)."""
+    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
+                                  run.k, kernels)  # fmt: skip
+    steps = sum(gp.sae_flops_per_token(loaded.d_model, sae.m, sae.k, kernels) for sae in run.saes)
+    return float(a_cost + steps)  # T at each SAE's own width
+
+
+def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
+    runs = plan.runs
+    layers = table_layers(runs)
+    g_hat = g_hat_of(runs)
+    reference = plan.baseline or max(
+        (r for r in runs if r.per_layer), key=lambda r: r.expansion_factor, default=None
+    )
+    reference_c = max(r.expansion_factor for r in runs) if reference is None else (
+        reference.expansion_factor)  # fmt: skip
+    known = distances_of(runs)
+    out = []
+    for run in runs:
+        rows = {r.layer: r.flat() for r in result.for_run(run.name)}
+        by_group = {}
+        for layer in layers:
+            by_group.setdefault(rows[layer]["group"], []).append(rows[layer])
+        metrics = {key: pooled([[row.get(key) for row in group] for group in by_group.values()])
+                   for key in POOLED}  # fmt: skip
+        amad = float("nan")
+        if known is not None:
+            dist, dist_layers = known
+            if set(run.grouped_layers) == set(dist_layers):
+                amad = gp.amad(dist, run_labels(run, dist_layers))
+        cost = training_flops(run, plan.loaded)
+        if reference is not None:
+            ref_cost = training_flops(reference, plan.loaded)
+        else:  # one SAE per layer at the largest expansion among the runs
+            ref_cost = _per_layer_cost(run, plan.loaded, reference_c)
+        out.append(RunSummary(
+            run, approach(run, reference_c, g_hat), run.num_groups, run.expansion_factor, amad,
+            cost / ref_cost, metrics, reference is not None and run is reference,
+            run.num_groups == g_hat and not run.per_layer,
+        ))  # fmt: skip
+    return out
+
+
+def run_labels(run: RunInfo, layers: list[int]) -> list[int]:
+    first: dict[str, int] = {}
+    return [first.setdefault(run.sae_for(x).name, len(first)) for x in layers]
+
+
+def _per_layer_cost(run: RunInfo, loaded, c: float) -> float:
+    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
+                                  run.k, "dense")  # fmt: skip
+    d = loaded.d_model
+    return a_cost + loaded.num_layers * gp.sae_flops_per_token(d, int(c * d), run.k, "dense")
+
+
+# --------------------------------------------------------------------------------------------
+# Records and tables
+# --------------------------------------------------------------------------------------------
+
+
+def records(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary]) -> list[dict]:
+    """One record per run x layer: every metric, and what reproduces it."""
+    by_name = {s.run.name: s for s in summaries}
+    config = plan.config()
+    out = []
+    for row in result.layers:
+        s = by_name[row.run]
+        run = s.run
+        sae = run.sae_for(row.layer)
+        record = row.flat()
+        record.update({
+            "approach": s.approach, "run_path": str(run.path), "group_layers": sae.layers,
+            "d": sae.d, "m": sae.m, "k": sae.k, "tokens_trained": run.tokens_trained,
+            "training": {k: run.args.get(k) for k in TRAINING_KEYS},
+            "eval": config,
+        })  # fmt: skip
+        out.append(record)
+    return out
+
+
+TRAINING_KEYS = ("model", "dataset", "split", "column", "ctx_len", "batch_tokens", "groups",
+                 "groups_file", "include_last", "layers_per_token", "expansion_factor", "k",
+                 "k_aux", "auxk_alpha", "dead_threshold", "lr", "scale_mode", "seed", "tokens",
+                 "model_dtype")  # fmt: skip
+
+
+def _csv_row(record: dict) -> dict:
+    row = {}
+    for key in CSV_COLUMNS:
+        value = record.get(key, record.get("eval", {}).get(key))
+        if key == "group_layers":
+            value = " ".join(map(str, value))
+        elif key == "model":
+            value = record["eval"]["model"]
+        row[key] = _fmt(value)
+    return row
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_metrics(rows: list[dict], out: Path) -> None:
+    with atomic_path(out / "metrics.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+    _write_csv(out / "metrics.csv", CSV_COLUMNS, [_csv_row(r) for r in rows])
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def _pm(p: Pooled, scale: float = 1.0, digits: int = 3) -> str:
+    if math.isnan(p.mean):
+        return "–"
+    return f"{p.mean * scale:.{digits}f} ± {p.std * scale:.{digits}f}"
+
+
+def table1(summaries: list[RunSummary], layers: list[int]) -> tuple[str, list[dict]]:
+    """Markdown and CSV rows: FVU and ΔCE% per approach over ``layers`` (mean ± std over the
+    layers, the paper's group-weighted aggregation), with the compute each one took."""
+    order = sorted(summaries, key=lambda s: (not s.is_baseline, not s.is_g_hat,
+                                             -s.num_groups, s.approach))  # fmt: skip
+    head = ("| Approach | run | G | c | FLOPs vs per-layer | FVU | ΔCE% | CE recovered "
+            "| KL score |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    lines, rows = [head], []
+    for s in order:
+        m = s.metrics
+        lines.append(
+            f"| {s.approach} | {s.run.name} | {s.num_groups} | {s.expansion:g} "
+            f"| {s.flops_fraction:.3f} | {_pm(m['fvu'])} | {_pm(m['delta_ce_pct'], digits=2)} "
+            f"| {_pm(m['ce_recovered'])} | {_pm(m['kl_score'])} |"
+        )
+        rows.append({
+            "approach": s.approach, "run": s.run.name, "groups": s.num_groups,
+            "expansion_factor": _fmt(s.expansion), "flops_fraction": _fmt(s.flops_fraction),
+            "amad": _fmt(s.amad), **{f"{k}_{w}": _fmt(getattr(m[k], w))
+                                     for k in ("fvu", "delta_ce_pct", "ce_recovered", "kl_score")
+                                     for w in ("mean", "std")},
+        })  # fmt: skip
+    caption = (
+        f"\nMean ± std over layers {layers} (each group's mean and std over its layers, "
+        "weighted by its number of layers: the paper's aggregation). FLOPs: training "
+        "compute per token relative to the per-layer SAEs (dense SAE step, as the paper)."
+    )
+    return "\n".join(lines) + "\n" + caption + "\n", rows
+
+
+def table2(plan: EvalPlan, summaries: list[RunSummary]) -> str:
+    """A+LT, A+ĜT and Δ(Ĝ) per model, with :func:`gsae.grouping.model_costs` and
+    :func:`gsae.grouping.compute_savings` exactly as gsae-groups computes them."""
+    runs = plan.runs
+    g_hat = g_hat_of(runs)
+    reference = plan.baseline or runs[0]
+    grouped = reference.grouped_layers if not reference.per_layer else table_layers(runs)
+    ctx = int(reference.arg("ctx_len"))
+    c = int(round(max(s.expansion for s in summaries if s.run.per_layer) if any(
+        s.run.per_layer for s in summaries) else reference.expansion_factor))  # fmt: skip
+    k = reference.k
+    shown = sorted({s.num_groups for s in summaries if not s.run.per_layer} | (
+        {g_hat} if g_hat is not None else set()))  # fmt: skip
+    name = plan.model_name
+    lines = ["| Model | G | SAE step | A+LT | A+GT | Δ%(G) |", "|---|---|---|---:|---:|---:|"]
+    for g in shown:
+        for kernels in ("dense", "sparse"):
+            a_cost, t_cost, extra = gp.model_costs(plan.loaded, grouped, ctx, c, k, kernels)
+            n = len(grouped)
+            full = a_cost + (n + extra) * t_cost
+            part = a_cost + (g + extra) * t_cost
+            delta = gp.compute_savings(g, n, a_cost, t_cost, extra)
+            label = f"{g} (Ĝ)" if g == g_hat else str(g)
+            step = "dense (paper)" if kernels == "dense" else "gsae sparse kernels"
+            lines.append(f"| {name} | {label} | {step} | {full / 1e6:.3f} | {part / 1e6:.3f} "
+                         f"| {100 * delta:.1f}% |")  # fmt: skip
+    note = (f"\nFLOPs in units of 10^15 per 10^9 training tokens (= MFLOP per token; the paper's "
+            f"Table 2 uses 10^18), L = {len(grouped)} grouped layers plus the last layer's own "
+            f"SAE counted on both sides, c = {c}, k = {k}, context {ctx}. Δ(G) = (A+GT)/(A+LT) - 1"
+            " (Eq. 5), as gsae-groups prints it.")  # fmt: skip
+    if g_hat is None:
+        note += " No run measured the layer distances, so Ĝ is unknown."
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def group_summary(result: EvalResult) -> dict:
+    """Per run, per group: mean and std of each metric over the group's layers."""
+    out: dict = {}
+    for row in result.layers:
+        out.setdefault(row.run, {}).setdefault(row.group, []).append(row.flat())
+    return {
+        run: {group: {"layers": [r["layer"] for r in rs],
+                      **{k: pooled([[r.get(k) for r in rs]])._asdict() for k in POOLED}}
+              for group, rs in groups.items()}
+        for run, groups in out.items()
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Everything
+# --------------------------------------------------------------------------------------------
+
+
+def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Path]:
+    """Write every output of gsae-eval into ``out``; returns the files written."""
+    from . import figures
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(result, plan)
+    layers = table_layers(plan.runs)
+    rows = records(result, plan, summaries)
+    write_metrics(rows, out)
+    t1_md, t1_rows = table1(summaries, layers)
+    t2_md = table2(plan, summaries)
+    for name, text in (("table1.md", t1_md), ("table2.md", t2_md)):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
+    _write_csv(out / "table1.csv", list(t1_rows[0]), t1_rows)
+    write_json(out / "summary.json", _jsonable({
+        "eval": plan.config(), "tokens": result.tokens, "positions": result.positions,
+        "seconds": round(result.seconds, 2), "passes": result.passes, "notes": result.notes,
+        "runs": {s.run.name: {"path": str(s.run.path), "approach": s.approach,
+                              "groups": s.num_groups, "amad": s.amad,
+                              "flops_fraction": s.flops_fraction,
+                              **{k: v._asdict() for k, v in s.metrics.items()}}
+                 for s in summaries},
+        "per_group": group_summary(result),
+        "mmco": {run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
+                 for run, d in result.mmco.items()},
+        "mmcs": {run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()},
+        "mmcs_init": {run: {f"{a},{g}": v for (a, g), v in d.items()}
+                      for run, d in result.mmcs_init.items()},
+    }))  # fmt: skip
+    feature_files = write_features(result, out)
+    images = figures.write_all(result, plan, summaries, out)
+    page = html_report(result, plan, t1_md, t2_md, images)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page)
+    written = ["metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
+               "table2.md", "report.html"]  # fmt: skip
+    return [out / name for name in written] + feature_files + [path for path, _ in images]
+
+
+def write_features(result: EvalResult, out: Path) -> list[Path]:
+    """``features_<run>.csv`` for each run with a multi-layer SAE: per latent, how many
+    evaluation tokens of each layer of its group it fired on, its total and its mean layer
+    (Appendix F; the figures draw the shares)."""
+    written = []
+    for run, groups in result.features.items():
+        multi = {g: d for g, d in groups.items() if len(d.layers) > 1}
+        if not multi:
+            continue
+        layers = sorted({x for d in multi.values() for x in d.layers})
+        columns = ["group", "latent", "fired", "mean_layer"] + [f"layer_{x}" for x in layers]
+        rows = []
+        for group, dist in multi.items():
+            counts = dist.counts.tolist()  # [L_g][m]
+            totals = dist.counts.sum(0).tolist()
+            means = dist.mean_layer.tolist()
+            for latent in range(dist.counts.shape[1]):
+                row = {"group": group, "latent": latent, "fired": totals[latent],
+                       "mean_layer": _fmt(means[latent])}  # fmt: skip
+                for i, x in enumerate(dist.layers):
+                    row[f"layer_{x}"] = counts[i][latent]
+                rows.append(row)
+        path = out / f"features_{run.replace('/', '_')}.csv"
+        _write_csv(path, columns, rows)
+        written.append(path)
+    return written
+
+
+def _md_table_html(markdown: str) -> str:
+    """The tables written here as HTML (pipes only, first row header, second the rule)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    body = []
+    for number, line in enumerate(lines):
+        if number == 1:
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        tag = "th" if number == 0 else "td"
+        body.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
+    rest = "\n".join(line for line in markdown.splitlines() if line and not line.startswith("|"))
+    return f"<table>{''.join(body)}</table>\n<p class='note'>{html.escape(rest)}</p>"
+
+
+def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
+                images: list[tuple[Path, str]]) -> str:  # fmt: skip
+    """One self-contained page: tables, figures (embedded PNGs) and a line under each."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>gsae-eval: {html.escape(plan.model_name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:90%}</style>"
+        "</head><body>",
+        f"<h1>Group-SAE evaluation: {html.escape(plan.model_name)}</h1>",
+        f"<p>{result.tokens:,} held-out tokens of {html.escape(plan.dataset)!s} (split "
+        f"{html.escape(plan.split)}, from document {plan.start.documents + 1}), context "
+        f"{plan.ctx_len}; {result.positions:,} next-token predictions scored; "
+        f"{len(plan.runs)} runs; {result.seconds:.0f} s.</p>",
+    ]
+    if result.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>")
+    parts += ["<h2>Table 1: reconstruction and downstream quality per approach</h2>",
+              _md_table_html(t1),
+              "<h2>Table 2: training compute</h2>", _md_table_html(t2)]  # fmt: skip
+    for path, caption in images:
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure><img alt='{html.escape(path.name)}' "
+                     f"src='data:image/png;base64,{data}'><figcaption class='note'>"
+                     f"{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+    parts.append("<h2>Per layer</h2>" + _layer_table(result))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _layer_table(result: EvalResult) -> str:
+    keys = ["run", "group", "layer", "fvu", "cosine", "l0", "never_fired", "delta_ce_pct",
+            "ce_recovered", "kl_score", "mmcs", "mmcs_init", "mmco"]  # fmt: skip
+    head = "<tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
+    rows = []
+    for r in result.layers:
+        flat = r.flat()
+        cells = "".join(f"<td>{html.escape(_fmt(flat.get(k)))}</td>" for k in keys)
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"

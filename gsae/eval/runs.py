@@ -1,0 +1,344 @@
+"""What gsae-eval reads of a ``gsae-train`` output folder, in one place.
+
+A run folder holds ``run.json`` (the resolved flags), ``groups.json``, one folder per group SAE
+(``<group>/sae.safetensors`` + ``cfg.json``), ``summary.json`` and ``checkpoint/`` (whose run
+state records the data position after the last trained batch). :func:`load_run` reads all of it
+into a :class:`RunInfo` and refuses anything else with a :class:`RunError` naming the problem;
+:func:`heldout_start` turns the runs' data positions into where held-out text begins.
+
+Everything that depends on the trainer's file layout lives here, so that a change of layout (the
+checkpoint's run state as JSON instead of a pickle, say) is one edit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..activations import StreamPosition, bundled_dir
+from ..grouping import Grouping
+from ..sae import Sae
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+CHECKPOINT = "checkpoint"
+RUN_STATE_FILES = ("run_state.json", "run_state.pt")  # newest layout first
+
+
+class RunError(ValueError):
+    """A folder that gsae-eval cannot evaluate; the message says why."""
+
+
+@dataclass
+class SaeEntry:
+    """One SAE of a run: its folder, the model layers it covers and its size."""
+
+    name: str
+    path: Path
+    layers: list[int]
+    d: int
+    m: int
+    k: int
+
+    def load(self, device="cpu") -> Sae:
+        return Sae.load(self.path, device=device)
+
+
+@dataclass
+class RunInfo:
+    """A finished gsae-train run, as gsae-eval needs it."""
+
+    path: Path
+    name: str
+    args: dict  # run.json "args": every flag as the run resolved it
+    saes: list[SaeEntry]
+    grouping: Grouping | None
+    summary: dict
+    position: StreamPosition | None  # data position after the last trained batch (None: unknown)
+    extra: dict = field(default_factory=dict)
+
+    # ---- the run's settings
+
+    def arg(self, key: str, default=None):
+        return self.args.get(key, default)
+
+    @property
+    def model(self) -> str:
+        return str(self.args["model"])
+
+    @property
+    def groups_spec(self) -> str:
+        return "file" if self.arg("groups_file") else str(self.arg("groups", "auto"))
+
+    @property
+    def expansion_factor(self) -> float:
+        return self.saes[0].m / self.saes[0].d
+
+    @property
+    def k(self) -> int:
+        return self.saes[0].k
+
+    @property
+    def tokens_trained(self) -> int:
+        return int(self.summary.get("tokens", 0))
+
+    # ---- layers
+
+    @property
+    def layers(self) -> list[int]:
+        """Every model layer an SAE of this run covers, in order."""
+        return sorted(layer for sae in self.saes for layer in sae.layers)
+
+    @property
+    def num_model_layers(self) -> int:
+        """The depth of the model it was trained on: gsae-train covers every layer, the last
+        one included, so the deepest covered layer is the model's last."""
+        recorded = self.grouping.extra.get("num_model_layers") if self.grouping else None
+        return int(recorded) if recorded is not None else max(self.layers) + 1
+
+    @property
+    def grouped_layers(self) -> list[int]:
+        """The layers that were grouped (all but the last unless ``--include-last``)."""
+        if self.grouping is not None:
+            return list(self.grouping.layers)
+        return [layer for layer in self.layers if layer != self.num_model_layers - 1]
+
+    @property
+    def num_groups(self) -> int:
+        """G: SAEs over the grouped layers (the last layer's own SAE is not counted)."""
+        grouped = set(self.grouped_layers)
+        return sum(1 for sae in self.saes if set(sae.layers) <= grouped)
+
+    @property
+    def per_layer(self) -> bool:
+        return all(len(sae.layers) == 1 for sae in self.saes)
+
+    def sae_for(self, layer: int) -> SaeEntry:
+        for sae in self.saes:
+            if layer in sae.layers:
+                return sae
+        raise KeyError(f"run {self.name} has no SAE for layer {layer}")
+
+    def labels(self) -> list[int]:
+        """Group label of each grouped layer (0..G-1 in order of first layer), for AMAD."""
+        first: dict[str, int] = {}
+        return [first.setdefault(self.sae_for(x).name, len(first)) for x in self.grouped_layers]
+
+    # ---- training data
+
+    @property
+    def cycled(self) -> bool:
+        """Whether training went round its (finite) corpus more than once."""
+        return self.position is not None and self.position.epoch > 0
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path} is not valid JSON ({err}): not a gsae-train output") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{path} does not hold a {what} (expected a JSON object)")
+    return data
+
+
+def read_position(run_dir: Path) -> StreamPosition | None:
+    """The data position saved with the run's final checkpoint, or None when there is none.
+
+    Reads ``checkpoint/run_state.json`` (key ``position``) or the older pickled
+    ``run_state.pt``, from ``checkpoint.old`` when a swap was cut off (nothing is renamed: an
+    evaluation never changes a run folder)."""
+    for folder in (run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")):
+        for name in RUN_STATE_FILES:
+            path = folder / name
+            if not path.exists():
+                continue
+            if path.suffix == ".json":
+                state = _read_json(path, "run state")
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            position = state.get("position")
+            return StreamPosition.from_dict(position) if position else None
+    return None
+
+
+def load_run(run_dir: str | Path) -> RunInfo:
+    """Read a finished gsae-train output folder (no weights are loaded: see ``SaeEntry.load``).
+
+    Raises :class:`RunError` for a folder that is not one (no ``run.json``), an unfinished run
+    (no ``summary.json``) or a missing or inconsistent SAE folder."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such directory (expected a gsae-train output folder)")
+    if not (path / RUN_FILE).exists():
+        raise RunError(f"{path} is not a gsae-train output folder (no {RUN_FILE})")
+    run = _read_json(path / RUN_FILE, "gsae-train run")
+    if not isinstance(run.get("args"), dict) or "model" not in run["args"]:
+        raise RunError(f"{path / RUN_FILE} is not a gsae-train run file (no args.model)")
+    if not (path / SUMMARY_FILE).exists():
+        raise RunError(f"{path} holds an unfinished gsae-train run (no {SUMMARY_FILE}): finish it "
+                       f"with gsae-train --resume {path}")  # fmt: skip
+    summary = _read_json(path / SUMMARY_FILE, "gsae-train summary")
+    groups = summary.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        raise RunError(f"{path / SUMMARY_FILE} lists no SAEs (no 'groups')")
+    saes = [_sae_entry(path, name, info) for name, info in groups.items()]
+    covered = [layer for sae in saes for layer in sae.layers]
+    if len(set(covered)) != len(covered):
+        raise RunError(f"{path}: two SAEs cover the same layer ({sorted(covered)})")
+    widths = {sae.d for sae in saes}
+    if len(widths) != 1:
+        raise RunError(f"{path}: SAEs of different widths d {sorted(widths)}")
+    grouping = None
+    if (path / "groups.json").exists():
+        try:
+            grouping = Grouping.load(path / "groups.json")
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunError(f"{path / 'groups.json'}: {err}") from None
+    return RunInfo(path, path.resolve().name, run["args"], saes, grouping, summary,
+                   read_position(path))  # fmt: skip
+
+
+def _sae_entry(run_dir: Path, name: str, info) -> SaeEntry:
+    folder = run_dir / name
+    if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
+        raise RunError(f"{run_dir}: the SAE {name!r} listed in {SUMMARY_FILE} is missing "
+                       f"(expected {folder}/cfg.json and sae.safetensors)")  # fmt: skip
+    cfg = _read_json(folder / "cfg.json", "SAE config")
+    layers = [int(x) for x in cfg.get("layers", [])]
+    listed = [int(x) for x in (info or {}).get("layers", layers)]
+    if not layers or layers != listed:
+        raise RunError(f"{folder}/cfg.json covers layers {layers}, {SUMMARY_FILE} says {listed}")
+    d = int(cfg["d"])
+    m = int(cfg["num_latents"]) if cfg.get("num_latents") else d * int(cfg["expansion_factor"])
+    return SaeEntry(name, folder, layers, d, m, int(cfg["k"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Consistency between runs, and held-out text
+# --------------------------------------------------------------------------------------------
+
+
+def same_name(a: str, b: str) -> bool:
+    """Whether two model or dataset names mean the same thing (``demo`` is the bundled one; a
+    local path is compared resolved, a hub id as written)."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(name: str) -> str:
+    if name == "demo":
+        return "demo"
+    path = Path(name)
+    if path.exists():
+        resolved = path.resolve()
+        demo = bundled_dir().resolve()
+        if resolved in (demo / "model", demo / "corpus.txt.gz"):
+            return "demo"
+        return str(resolved)
+    return name
+
+
+def check_runs(runs: list[RunInfo], baseline: RunInfo | None, model: str | None = None) -> None:
+    """Refuse runs of different models or depths, and a baseline that is not a per-layer run
+    of the same model. ``model``: the model to evaluate with, when it overrides the runs'."""
+    everything = runs + ([baseline] if baseline is not None else [])
+    if model is None:
+        names = {_canonical(r.model) for r in everything}
+        if len(names) > 1:
+            listing = ", ".join(f"{r.name}: {r.model}" for r in everything)
+            role = "the baseline and the runs are" if baseline is not None else "the runs are"
+            raise RunError(f"{role} of different models ({listing}); evaluate one model at a time "
+                           "(or pass --model to evaluate them all with one)")  # fmt: skip
+    depths = {r.num_model_layers for r in everything}
+    if len(depths) > 1:
+        listing = ", ".join(f"{r.name}: {r.num_model_layers}" for r in everything)
+        raise RunError(f"the runs were trained on models of different depths ({listing} layers)")
+    widths = {r.saes[0].d for r in everything}
+    if len(widths) > 1:
+        listing = ", ".join(f"{r.name}: d={r.saes[0].d}" for r in everything)
+        raise RunError(f"the runs' SAEs have different widths ({listing})")
+    if baseline is not None and not baseline.per_layer:
+        raise RunError(f"--baseline {baseline.path} is not a per-layer run (its SAEs cover "
+                       f"{[s.layers for s in baseline.saes]}); train one with gsae-train "
+                       "--groups per-layer")  # fmt: skip
+
+
+def check_model(runs: list[RunInfo], num_layers: int, d_model: int, model: str) -> None:
+    """Refuse runs whose SAEs cover layers ``model`` lacks, or of another width."""
+    for run in runs:
+        bad = [layer for layer in run.layers if layer >= num_layers]
+        if bad:
+            raise RunError(f"run {run.path} has SAEs for layers {bad}, but {model} has "
+                           f"{num_layers} layers (0..{num_layers - 1})")  # fmt: skip
+        if run.num_model_layers != num_layers:
+            raise RunError(f"run {run.path} was trained on a model with {run.num_model_layers} "
+                           f"layers; {model} has {num_layers}")  # fmt: skip
+        if run.saes[0].d != d_model:
+            raise RunError(f"run {run.path} has SAEs of width d={run.saes[0].d}; {model} has "
+                           f"d={d_model}")  # fmt: skip
+
+
+def split_selects(dataset: str) -> bool:
+    """Whether ``--split`` picks different text of ``dataset``: it does for a hub dataset and
+    a saved ``DatasetDict``; a local text, JSONL or parquet file (and ``demo``) has one text
+    whatever the split (:func:`gsae.activations.iter_texts` ignores it)."""
+    if dataset == "demo":
+        return False
+    path = Path(dataset)
+    if path.is_dir():
+        return (path / "dataset_dict.json").exists()
+    return not path.exists()
+
+
+class HeldOut(ValueError):
+    """Held-out text cannot be guaranteed; the message says why and what to pass."""
+
+
+def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
+                  allow_overlap: bool = False) -> tuple[StreamPosition, list[str]]:  # fmt: skip
+    """Where evaluation text starts so that no run trained on it, and notes saying so.
+
+    A run trained on the same dataset, split (where the split selects text: see
+    :func:`split_selects`) and column was fed the text up to its final data position:
+    evaluation starts at the first document after the furthest such position (the tokens
+    carried over inside the last document are skipped too). Other text starts at the beginning.
+    Raises :class:`HeldOut` when a run's position is unknown or it went round its corpus
+    (``--repeat``), unless ``allow_overlap``.
+    """
+    notes: list[str] = []
+    trained = {
+        run.arg("split", "train") for run in runs if same_name(run.arg("dataset", ""), dataset)
+    }
+    if trained - {split} and not split_selects(dataset):
+        splits = ", ".join(sorted(trained))
+        notes.append(f"--split {split}: {dataset!r} is a local file with one text whatever the "
+                     f"split, the one the runs trained on ({splits})")  # fmt: skip
+    documents = 0
+    for run in runs:
+        same_split = run.arg("split", "train") == split or not split_selects(dataset)
+        same = (same_name(run.arg("dataset", ""), dataset) and same_split
+                and run.arg("column", "text") == column)  # fmt: skip
+        if not same:
+            continue
+        problem = None
+        if run.position is None:
+            problem = (f"run {run.name} has no checkpoint with its final data position, so the "
+                       "text it trained on is unknown")  # fmt: skip
+        elif run.cycled:
+            problem = (f"run {run.name} went round its corpus {run.position.epoch + 1} times "
+                       "(--repeat): every document of it was trained on")  # fmt: skip
+        if problem:
+            if not allow_overlap:
+                raise HeldOut(f"cannot guarantee held-out text on {dataset!r}: {problem}. Pass "
+                              "another --dataset or --split, or --allow-overlap to evaluate on "
+                              "text the SAEs may have seen")  # fmt: skip
+            notes.append(f"--allow-overlap: {problem}; the evaluation text may overlap it")
+            continue
+        documents = max(documents, run.position.documents)
+    if documents:
+        notes.append(f"held-out text: {dataset!r} from document {documents + 1} on (the runs "
+                     f"trained on documents 1..{documents})")  # fmt: skip
+    return StreamPosition(documents=documents), notes
