@@ -15,6 +15,9 @@ The only module of gsae that imports transformers and datasets.
 - :func:`splice` / :func:`record`: context managers whose forward hooks replace (splice) or keep
   (record) the residual stream of chosen layers during full forwards; :func:`lm_logits` runs one.
   ``load_model(..., lm_head=True)`` keeps a causal LM's head for them.
+- :func:`load_structure` / :func:`layer_prefix`: a model's modules without weights, and the
+  name of its layer list (sparsify's hookpoints: ``layers.5``, ``h.5``, ...);
+  :func:`load_tokenizer`: its tokenizer alone.
 
 A layer's output equals ``hidden_states[l + 1]`` of transformers for every layer but the last,
 where transformers applies the final layer norm first; the hooks give the residual stream itself
@@ -176,6 +179,62 @@ def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu"
     reason = "" if has_head or not lm_head else (
         f"{type(model).__name__} has no causal-LM head in {source}")  # fmt: skip
     return LoadedModel(model, tokenizer, name, source, find_layers(model), has_head, reason)
+
+
+def _lookup(name: str, load: Callable[..., object]):
+    """``load(source, **kwargs)`` for the first source of ``name`` that works, as
+    :func:`load_model` looks: a local directory (``demo``: the bundled model), the Hugging Face
+    cache, the hub; one :class:`ModelLoadError` naming what was tried otherwise."""
+    source = str(bundled_dir() / "model") if name == "demo" else name
+    if Path(source).exists():
+        try:
+            return load(source)
+        except Exception as err:
+            raise ModelLoadError(f"could not load {source}: {err}") from None
+    tried = [f"no local directory {name!r}"]
+    source = hub_id(name)
+    try:  # the cache first: works offline
+        return load(source, local_files_only=True)
+    except Exception:
+        tried.append(f"{source!r} is not in the Hugging Face cache")
+    if not hub_reachable():
+        tried.append("the Hugging Face hub is unreachable (offline?)")
+    else:
+        try:
+            return load(source)
+        except Exception as err:
+            tried.append(f"the hub refused {source!r}: {err}")
+    raise ModelLoadError(_load_message("model", name, tried, "--model"))
+
+
+def load_structure(name: str) -> LoadedModel:
+    """The modules of ``name`` without its weights (built on the meta device from its config,
+    no tokenizer): layer names and sizes at no cost, e.g. for naming exported SAEs."""
+    from transformers import AutoConfig, AutoModel
+
+    config = _lookup(name, AutoConfig.from_pretrained)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    return LoadedModel(model, None, name, name, find_layers(model))
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of model ``name`` alone (looked up as :func:`load_model` does)."""
+    from transformers import AutoTokenizer
+
+    return _lookup(name, AutoTokenizer.from_pretrained)
+
+
+def layer_prefix(loaded: LoadedModel) -> str:
+    """The dotted name of the model's list of layers inside its base model: ``layers``
+    (GPT-NeoX, Llama, Mistral, Qwen), ``h`` (GPT-2), ``encoder.layer`` (BERT), ... With
+    ``.N`` appended it names layer N's output as sparsify's hookpoints do (sparsify names the
+    modules of ``model.base_model``)."""
+    base = getattr(loaded.model, "base_model", loaded.model)
+    for name, module in base.named_modules():
+        if module is loaded.layers:
+            return name
+    raise ModelLoadError(f"the layers of {loaded.name} are not inside its base model")
 
 
 def _load_message(what: str, name: str, tried: list[str], flag: str) -> str:

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +44,9 @@ B_DEC_INITS = ("zeros", "mean", "median")
 OPTIMIZERS = ("adam", "signum")
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 STATE_FILE = "state.pt"  # optimiser and counters, beside the SAE files
+# EleutherAI sparsify's tensor names for gsae's weights (``SparseCoder``: an nn.Linear encoder)
+SPARSIFY_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec",
+                  "b_dec": "b_dec"}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -356,6 +360,53 @@ class Sae(TopKSAE):
                 getattr(sae, name).copy_(tensors[name])
             for layer, value in meta.get("scales", {}).items():
                 sae.set_scale(int(layer), value)
+        return sae
+
+    @classmethod
+    def from_sparsify(cls, path: str | Path, layer: int | None = None, device="cpu") -> Sae:
+        """An SAE saved by EleutherAI's sparsify (``SparseCoder.save_to_disk``: ``cfg.json`` with
+        ``d_in``, ``num_latents``/``expansion_factor``, ``k``; ``sae.safetensors`` with
+        ``encoder.weight``, ``encoder.bias``, ``W_dec``, ``b_dec``), e.g. one folder of a
+        sparsify training run or of ``gsae-export --format sparsify``.
+
+        It covers one model ``layer``: by default the number that ends the folder's name (its
+        hookpoint, ``layers.5`` -> 5), else 0. Its scale is 1 (sparsify SAEs take the model's
+        own units), so :meth:`encode` selects the latents sparsify selects, with the same values.
+        Weights are read as float32. Transcoders, skip connections and group-max activations
+        are refused: they are not TopK SAEs."""
+        path = Path(path)
+        if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
+            raise FileNotFoundError(f"{path} holds no sparsify SAE (expected cfg.json and "
+                                    "sae.safetensors)")  # fmt: skip
+        meta = json.loads((path / "cfg.json").read_text())
+        if "d_in" not in meta:
+            raise ValueError(f"{path / 'cfg.json'} is not a sparsify config (no d_in)")
+        unsupported = [key for key, bad in (("transcode", True), ("skip_connection", True))
+                       if meta.get(key) == bad]  # fmt: skip
+        if meta.get("activation", "topk") != "topk":
+            unsupported.append(f"activation={meta['activation']}")
+        if unsupported:
+            raise ValueError(f"{path}: a sparsify coder with {', '.join(unsupported)} is not a "
+                             "TopK SAE; gsae cannot load it")  # fmt: skip
+        d = int(meta["d_in"])
+        m = int(meta.get("num_latents") or 0) or d * int(meta.get("expansion_factor", 32))
+        if layer is None:
+            digits = re.search(r"(\d+)$", path.name)
+            layer = int(digits.group(1)) if digits else 0
+        tensors = load_file(str(path / "sae.safetensors"), device=str(device))
+        missing = [n for n in SPARSIFY_NAMES.values() if n not in tensors]
+        if missing:
+            raise ValueError(f"{path / 'sae.safetensors'} lacks {missing} (sparsify's names)")
+        cfg = SaeConfig(d=d, num_latents=m, k=int(meta.get("k", 32)), init_encoder="paper",
+                        init_b_dec="zeros")  # fmt: skip
+        sae = cls(cfg, [layer], device=device)
+        with torch.no_grad():
+            for name, theirs in SPARSIFY_NAMES.items():
+                weight = tensors[theirs]
+                if tuple(weight.shape) != tuple(getattr(sae, name).shape):
+                    raise ValueError(f"{path}: {theirs} has shape {tuple(weight.shape)}, "
+                                     f"expected {tuple(getattr(sae, name).shape)}")  # fmt: skip
+                getattr(sae, name).copy_(weight.float())
         return sae
 
 

@@ -156,7 +156,7 @@ def _plan_passes(pairs, size_of, budget: int) -> list[list]:
     return passes
 
 
-def _trim(mask: torch.Tensor, budget: int) -> torch.Tensor:
+def trim_mask(mask: torch.Tensor, budget: int) -> torch.Tensor:
     """The attention mask with every real token past the first ``budget`` (row-major) masked:
     a trimmed row ends early, like padding, so earlier positions are unchanged."""
     flat = mask.flatten()
@@ -236,7 +236,7 @@ class _Evaluator:
             for batch in stream:
                 if seen >= self.tokens:
                     break
-                mask = _trim(batch.attention_mask, self.tokens - seen)
+                mask = trim_mask(batch.attention_mask, self.tokens - seen)
                 n = int(mask.sum())
                 if n == 0:
                     continue

@@ -363,6 +363,7 @@ def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Pa
     feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
     page = html_report(result, plan, t1_md, t2_md, images)
+    page = _with_autointerp(page, out)  # auto-interp results added earlier stay in the report
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     written = ["metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
@@ -440,6 +441,7 @@ def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
                      f"src='data:image/png;base64,{data}'><figcaption class='note'>"
                      f"{html.escape(caption)}</figcaption></figure>")  # fmt: skip
     parts.append("<h2>Per layer</h2>" + _layer_table(result))
+    parts.append(AUTOINTERP_BEGIN + AUTOINTERP_END)
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -454,3 +456,127 @@ def _layer_table(result: EvalResult) -> str:
         cells = "".join(f"<td>{html.escape(_fmt(flat.get(k)))}</td>" for k in keys)
         rows.append(f"<tr>{cells}</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+# --------------------------------------------------------------------------------------------
+# Auto-interpretability (gsae-autointerp adds its results to a gsae-eval folder)
+# --------------------------------------------------------------------------------------------
+
+AUTOINTERP_FILE = "autointerp.jsonl"
+AUTOINTERP_FIGURE = "fig4_autointerp.png"
+AUTOINTERP_BEGIN, AUTOINTERP_END = "<!-- gsae-autointerp -->", "<!-- /gsae-autointerp -->"
+
+
+def read_autointerp(out: Path) -> list[dict]:
+    """The auto-interp summaries kept in a gsae-eval folder, one per run."""
+    path = Path(out) / AUTOINTERP_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def add_autointerp(out: str | Path, summary: dict) -> list[Path]:
+    """Add a run's auto-interp summary (:func:`gsae.autointerp.score.summarize`) to the
+    gsae-eval folder ``out``: ``autointerp.jsonl`` (one line per run, this run's replaced), the
+    detection and fuzzing scores against AMAD(G) (the paper's Figure 4,
+    ``fig4_autointerp.png``, when gsae-eval measured the runs' AMAD) and the auto-interp
+    section of ``report.html``. Returns the files written."""
+    out = Path(out)
+    if not (out / "report.html").exists():
+        raise FileNotFoundError(f"{out} holds no gsae-eval report (no report.html): run gsae-eval "
+                                f"--out {out} first")  # fmt: skip
+    kept = [s for s in read_autointerp(out) if s.get("run_path") != summary.get("run_path")]
+    entries = kept + [summary]
+    with atomic_path(out / AUTOINTERP_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(_jsonable(e)) + "\n" for e in entries))
+    page = _with_autointerp((out / "report.html").read_text(), out)
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page)
+    written = [out / AUTOINTERP_FILE, out / "report.html"]
+    return written + ([out / AUTOINTERP_FIGURE] if (out / AUTOINTERP_FIGURE).exists() else [])
+
+
+def _with_autointerp(page: str, out: Path) -> str:
+    """``page`` with its auto-interp section rendered from ``out/autointerp.jsonl``."""
+    entries = read_autointerp(out)
+    if not entries or AUTOINTERP_BEGIN not in page:
+        return page
+    section = _autointerp_html(entries, out)
+    head, rest = page.split(AUTOINTERP_BEGIN, 1)
+    tail = rest.split(AUTOINTERP_END, 1)[1] if AUTOINTERP_END in rest else rest
+    return head + AUTOINTERP_BEGIN + section + AUTOINTERP_END + tail
+
+
+def _autointerp_html(entries: list[dict], out: Path) -> str:
+    runs = {}
+    if (out / "summary.json").exists():
+        runs = json.loads((out / "summary.json").read_text()).get("runs", {})
+    rows = []
+    for e in entries:
+        info = runs.get(e["run"], {})
+        det, fuz = e["overall"]["detection"], e["overall"]["fuzzing"]
+        rows.append(f"<tr><td>{html.escape(str(info.get('approach', '')))}</td>"
+                    f"<td>{html.escape(e['run'])}</td><td>{e['latents_scored']}</td>"
+                    f"<td>{_pm(Pooled(_nan(det['mean']), _nan(det['std']), []))}</td>"
+                    f"<td>{_pm(Pooled(_nan(fuz['mean']), _nan(fuz['std']), []))}</td>"
+                    "</tr>")  # fmt: skip
+    layer_rows = []
+    for e in entries:
+        for layer, v in e["per_layer"].items():
+            layer_rows.append(f"<tr><td>{html.escape(e['run'])}</td><td>{html.escape(v['sae'])}"
+                              f"</td><td>{layer}</td><td>{v['latents']}</td>"
+                              f"<td>{_fmt(v['detection'])}</td><td>{_fmt(v['fuzzing'])}</td>"
+                              "</tr>")  # fmt: skip
+    figure = ""
+    if _autointerp_figure(entries, runs, out / AUTOINTERP_FIGURE):
+        data = base64.b64encode((out / AUTOINTERP_FIGURE).read_bytes()).decode()
+        figure = (f"<figure><img alt='{AUTOINTERP_FIGURE}' src='data:image/png;base64,{data}'>"
+                  "<figcaption class='note'>Detection and fuzzing accuracy against AMAD(G), as "
+                  "the paper's Figure 4 (star: per-layer baseline, square: Ĝ; mean ± std over "
+                  "layers).</figcaption></figure>")  # fmt: skip
+    return (
+        "<h2>Auto-interpretability</h2><p class='note'>Latents sampled per SAE, each explained "
+        "by an explainer LLM from its top-activating windows at each layer of its group, then "
+        "scored by a scorer LLM: detection (which windows activate it) and fuzzing (are the "
+        "marked tokens the active ones), accuracy against the truth, chance 0.5; mean ± std "
+        "over layers with the paper's group weighting (gsae-autointerp).</p>"
+        "<table><tr><th>Approach</th><th>run</th><th>latents scored</th><th>detection</th>"
+        f"<th>fuzzing</th></tr>{''.join(rows)}</table>{figure}"
+        "<table><tr><th>run</th><th>SAE</th><th>layer</th><th>latents</th><th>detection</th>"
+        f"<th>fuzzing</th></tr>{''.join(layer_rows)}</table>"
+    )
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _autointerp_figure(entries: list[dict], runs: dict, path: Path) -> bool:
+    """Figure 4: detection and fuzzing against AMAD(G), one point per run whose AMAD is known."""
+    from ..plots import _pyplot
+
+    points = [(runs[e["run"]], e) for e in entries
+              if e["run"] in runs and runs[e["run"]].get("amad") is not None]  # fmt: skip
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    for ax, metric in zip(axes, ("detection", "fuzzing"), strict=True):
+        for info, e in points:
+            approach = str(info.get("approach", ""))
+            style = ({"marker": "*", "markersize": 16, "color": "C3"}
+                     if approach.startswith("Per-layer") else
+                     {"marker": "s", "markersize": 10, "color": "C0"} if "Ĝ" in approach else
+                     {"marker": "o", "markersize": 6, "color": "C0"})  # fmt: skip
+            m = e["overall"][metric]
+            ax.errorbar([info["amad"]], [_nan(m["mean"])], yerr=[_nan(m["std"])], capsize=3,
+                        linestyle="", **style)  # fmt: skip
+            ax.annotate(e["run"], (info["amad"], _nan(m["mean"])), textcoords="offset points",
+                        xytext=(5, 4), fontsize=7)  # fmt: skip
+        ax.set_xlabel("AMAD(G)")
+        ax.set_ylabel(f"{metric} accuracy")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

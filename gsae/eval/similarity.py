@@ -2,7 +2,9 @@
 the layers of its group (Appendix F).
 
 - :func:`mmcs`: Mean Maximum Cosine Similarity of two decoders (Eq. 18), in row blocks: no
-  ``m x m`` matrix beyond one block is held (on a GPU each block is one matmul).
+  ``m x m`` matrix beyond one block is held (on a GPU each block is one matmul);
+  :func:`nearest`: the same blocked search for the n closest latents (the latent browser's
+  neighbours).
 - :class:`CoOccurrence`: the counts behind MMCO (Eqs. 12-15), accumulated from the top-k indices
   of two SAEs on the same tokens, streamed; :meth:`CoOccurrence.jaccard` (Eq. 16),
   :meth:`CoOccurrence.best_match` and :meth:`CoOccurrence.mmco` (Eq. 17) read them in blocks.
@@ -39,11 +41,28 @@ def mmcs(w_a: torch.Tensor, w_b: torch.Tensor, block: int | None = None) -> Best
 
     Direction matters (the paper computes MMCS(baseline, group)): each latent of ``w_a`` looks
     for its closest latent in ``w_b``. Computed ``block`` rows of ``w_a`` at a time."""
+    score, index = nearest(w_a, w_b, 1, block)
+    score, index = score[:, 0], index[:, 0]
+    return BestMatch(float(score.double().mean()), score, index)
+
+
+@torch.no_grad()
+def nearest(w_a: torch.Tensor, w_b: torch.Tensor | None = None, n: int = 1,
+            block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """For each row of ``w_a [m_a, d]``, the ``n`` rows of ``w_b [m_b, d]`` with the largest
+    cosine similarity, best first: ``(cosines [m_a, n], indices [m_a, n])``. Without ``w_b``,
+    the nearest *other* rows of ``w_a`` (a latent's neighbours within its own SAE). Computed
+    ``block`` rows at a time: no ``m_a x m_b`` matrix beyond one block is held."""
+    same = w_b is None
+    w_b = w_a if same else w_b
     if w_a.dim() != 2 or w_b.dim() != 2 or w_a.shape[1] != w_b.shape[1]:
         raise ValueError(f"decoders must be [m, d] with the same d, got {tuple(w_a.shape)} and "
                          f"{tuple(w_b.shape)}")  # fmt: skip
     if w_a.shape[0] == 0 or w_b.shape[0] == 0:
-        raise ValueError("a decoder with no latents has no MMCS")
+        raise ValueError("a decoder with no latents has no nearest latents")
+    n = min(n, w_b.shape[0] - (1 if same else 0))
+    if n < 1:
+        raise ValueError("a single latent has no other latent to be near")
     w_b = w_b.to(device=w_a.device, dtype=torch.float32)
     b = w_b / w_b.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [m_b, d]
     block = block or _block_rows(b.shape[0])
@@ -51,11 +70,17 @@ def mmcs(w_a: torch.Tensor, w_b: torch.Tensor, block: int | None = None) -> Best
     for start in range(0, w_a.shape[0], block):
         a = w_a[start : start + block].float()
         a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)  # [r, d]
-        best = (a @ b.T).max(dim=1)  # [r, m_b] -> [r]
+        cos = a @ b.T  # [r, m_b]
+        if same:  # a latent is not its own neighbour
+            rows = torch.arange(cos.shape[0], device=cos.device)
+            cos[rows, rows + start] = float("-inf")
+        if n == 1:  # max: ties (e.g. a zero row) go to the lowest index, as MMCS always did
+            best = cos.max(dim=1, keepdim=True)  # [r, 1]
+        else:
+            best = cos.topk(n, dim=1)  # [r, n]
         scores.append(best.values)
         index.append(best.indices)
-    score = torch.cat(scores)
-    return BestMatch(float(score.double().mean()), score, torch.cat(index))
+    return torch.cat(scores), torch.cat(index)
 
 
 class CoOccurrence:

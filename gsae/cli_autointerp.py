@@ -1,0 +1,145 @@
+"""``gsae-autointerp``: explain and score sampled latents of a run with an explainer and a
+scorer LLM behind any OpenAI-compatible chat endpoint (Paulo et al.'s pipeline, as the paper)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .cli_browse import add_collect_args, check_out, collect_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gsae-autointerp",
+        description="Sample latents of every SAE of a gsae-train run, explain each (at each layer "
+        "of its group) from its top-activating windows with an explainer LLM, score the "
+        "explanations by detection and fuzzing with a scorer LLM, and write per-latent "
+        "explanations and scores, per-layer and per-group means (the paper's aggregation) to "
+        "--out, and with --report into a gsae-eval report. Answers are cached in --out: run the "
+        "same command again to resume without re-asking.",
+    )
+    p.add_argument("run", metavar="RUN", help="a gsae-train output folder")
+    p.add_argument("--endpoint", required=True,
+                   help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM), "
+                   "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1")  # fmt: skip
+    p.add_argument("--model", required=True, help="the explainer (and scorer) model's name")
+    p.add_argument("--scorer-model", default=None, help="another model for scoring")
+    p.add_argument("--scorer-endpoint", default=None, help="default: --endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: %(default)s; "
+                   "unset: no key is sent)")  # fmt: skip
+    p.add_argument("--out", required=True, help="output folder (also holds the answer cache)")
+    p.add_argument("--latents", type=int, default=64,
+                   help="latents sampled per SAE (default: %(default)s, the paper's)")  # fmt: skip
+    p.add_argument("--explain", type=int, default=10,
+                   help="top windows shown to the explainer (default: %(default)s)")  # fmt: skip
+    p.add_argument("--test", type=int, default=10,
+                   help="activating and as many non-activating windows per scoring prompt "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight at once (default: %(default)s)")  # fmt: skip
+    p.add_argument("--rate", type=float, default=None,
+                   help="at most this many requests per second (default: no limit)")  # fmt: skip
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries of a request on errors and HTTP 429/5xx (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    p.add_argument("--collection", default=None, metavar="DIR",
+                   help="reuse the collection of a gsae-browse --out DIR of this run instead "
+                   "of streaming text again")  # fmt: skip
+    p.add_argument("--report", default=None, metavar="EVAL_DIR",
+                   help="add the scores to this gsae-eval output folder (autointerp.jsonl, "
+                   "Figure 4, report.html)")  # fmt: skip
+    add_collect_args(p, tokens="1M")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .activations import DatasetLoadError, ModelLoadError, load_tokenizer
+    from .autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
+    from .autointerp.score import load_collection, run_autointerp, write_results
+    from .browse.collect import Collection, collect
+    from .cli import progress_bar
+    from .eval.report import add_autointerp
+    from .grouping import parse_count
+
+    out = Path(args.out)
+    key = os.environ.get(args.api_key_env) or None
+    try:
+        check_out(out, "cache.jsonl", "gsae-autointerp", overwrite=True)  # adds files only
+        if args.report and not (Path(args.report) / "report.html").exists():
+            raise ValueError(f"--report {args.report} holds no gsae-eval report.html")
+        cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()
+        settings = collect_config(args)
+        tokens = parse_count(args.tokens)
+        cache = AnswerCache(out / "cache.jsonl")
+        common = {"api_key": key, "concurrency": args.concurrency, "rate": args.rate,
+                  "retries": args.retries, "timeout": args.timeout, "cache": cache}  # fmt: skip
+        explainer = ChatClient(args.endpoint, args.model, **common)
+        scorer = ChatClient(args.scorer_endpoint or args.endpoint,
+                            args.scorer_model or args.model, **common)  # fmt: skip
+        if args.collection:
+            col = load_collection(args.run, args.collection)
+        elif (out / "collection" / "collection.json").exists():
+            col = load_collection(args.run, out / "collection")  # a resumed run: same examples
+            print(f"reusing the collection in {out / 'collection'} ({col.meta['tokens']:,} "
+                  "tokens)")  # fmt: skip
+        else:
+            with progress_bar(tokens, "collect") as bar:
+                col = collect(args.run, tokens=tokens, dataset=args.dataset, split=args.split,
+                              column=args.column, ctx_len=args.ctx_len,
+                              batch_tokens=args.batch_tokens, device=args.device,
+                              model_dtype=args.model_dtype, config=settings,
+                              progress=bar.update)  # fmt: skip
+            col.save(out / "collection")
+        tokenizer = load_tokenizer(col.meta["model"])
+    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+        print(f"gsae-autointerp: error: {err}", file=sys.stderr)
+        return 2
+    assert isinstance(col, Collection)
+    print(f"{len(cache)} answers cached in {out / 'cache.jsonl'}")
+    start = time.perf_counter()
+    bars = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            from tqdm.auto import tqdm
+
+            bars[stage] = tqdm(total=total, desc=stage, unit="req", dynamic_ncols=True)
+        bars[stage].update(done - bars[stage].n)
+
+    try:
+        result = run_autointerp(col, tokenizer, explainer, scorer, cfg, progress)
+    except EndpointError as err:
+        print(f"gsae-autointerp: error: {err}\n(answers so far are cached in "
+              f"{out / 'cache.jsonl'}: run the same command again to resume)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    written = write_results(result, out)
+    if args.report:
+        written += add_autointerp(args.report, result.summary)
+    seconds = time.perf_counter() - start
+    overall = result.summary["overall"]
+    print(f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
+          f"detection {_pm(overall['detection'])}, fuzzing {_pm(overall['fuzzing'])}")  # fmt: skip
+    print(f"{explainer.sent + scorer.sent} requests sent, {seconds:.1f} s; wrote "
+          f"{', '.join(str(p) for p in written)}")  # fmt: skip
+    return 0
+
+
+def _pm(stat: dict) -> str:
+    if stat["mean"] is None or stat["mean"] != stat["mean"]:
+        return "–"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``gsae-browse``: a static latent browser for a gsae-train run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_collect_args(p: argparse.ArgumentParser, tokens: str = "1M") -> None:
+    """The flags of the streamed collection (shared by gsae-browse and gsae-autointerp)."""
+    p.add_argument("--tokens", default=tokens, help="tokens to stream (default: %(default)s)")
+    p.add_argument("--dataset", default=None, help="default: the run's own")
+    p.add_argument("--split", default=None, help="default: the run's own")
+    p.add_argument("--column", default=None, help="text column (default: the run's own)")
+    p.add_argument("--ctx-len", type=int, default=None, help="default: the run's own")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per forward (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
+    p.add_argument("--window", type=int, default=32,
+                   help="tokens per example window (default: %(default)s, the "
+                   "paper's)")  # fmt: skip
+    p.add_argument("--top", type=int, default=20,
+                   help="top-activating windows kept per latent and layer (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--random", type=int, default=10,
+                   help="random activating windows kept per latent and layer (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--pool", type=int, default=128,
+                   help="random windows kept per layer, for non-activating examples (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gsae-browse",
+        description="Stream text through a gsae-train run's model and SAEs and write a static, "
+        "self-contained latent browser into --out (open index.html): per latent its top and "
+        "random activating contexts, firing frequency and activation histogram, how it fires "
+        "over the layers of its group, its nearest latents and, with --baseline, its best match "
+        "among a per-layer run's latents.",
+    )
+    p.add_argument("run", metavar="RUN", help="a gsae-train output folder")
+    p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    p.add_argument("--baseline", default=None, metavar="RUN",
+                   help="a gsae-train --groups per-layer run of the same model")  # fmt: skip
+    add_collect_args(p)
+    p.add_argument("--neighbours", type=int, default=8,
+                   help="nearest latents by decoder cosine shown (default: "
+                   "%(default)s)")  # fmt: skip
+    p.add_argument("--jaccard-memory", default="4G",
+                   help="memory for the co-occurrence counts behind --baseline's Jaccard match "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder that gsae-browse did not write")  # fmt: skip
+    return p
+
+
+def check_out(out: Path, marker: str, command: str, overwrite: bool) -> None:
+    """Refuse an --out that is a gsae-train run, a file, or another program's non-empty
+    folder (it is replaced as a whole)."""
+    if (out / "run.json").exists():
+        raise ValueError(f"--out {out} holds a gsae-train run: it would be replaced; pick "
+                         "another --out")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists() and not overwrite:
+        raise ValueError(f"--out {out} is a non-empty folder that {command} did not write; pick "
+                         "another --out or pass --overwrite to replace it")  # fmt: skip
+
+
+def collect_config(args):
+    from .browse.collect import CollectConfig
+
+    cfg = CollectConfig(window=args.window, top=args.top, random=args.random, pool=args.pool,
+                        neighbours=getattr(args, "neighbours", 8), seed=args.seed)  # fmt: skip
+    return cfg.validate()
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .activations import DatasetLoadError, ModelLoadError, load_tokenizer
+    from .browse.collect import collect
+    from .browse.site import write_site
+    from .cli import progress_bar
+    from .cli_eval import parse_bytes
+    from .grouping import parse_count
+
+    out = Path(args.out)
+    try:
+        check_out(out, "index.html", "gsae-browse", args.overwrite)
+        tokens = parse_count(args.tokens)
+        config = collect_config(args)
+        memory = parse_bytes(args.jaccard_memory)
+        start = time.perf_counter()
+        with progress_bar(tokens, "collect") as bar:
+            col = collect(args.run, tokens=tokens, dataset=args.dataset, split=args.split,
+                          column=args.column, ctx_len=args.ctx_len,
+                          batch_tokens=args.batch_tokens, device=args.device,
+                          model_dtype=args.model_dtype, baseline=args.baseline, config=config,
+                          jaccard_memory=memory, progress=bar.update)  # fmt: skip
+    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+        print(f"gsae-browse: error: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    write_site(col, load_tokenizer(col.meta["model"]), out)
+    col.save(out / "collection")
+    for note in col.meta["notes"]:
+        print(f"note: {note}")
+    latents = sum(v["m"] for v in col.meta["saes"].values())
+    print(f"{col.meta['tokens']:,} tokens in {seconds:.1f} s; {latents:,} latents of "
+          f"{len(col.saes)} SAEs; open {out / 'index.html'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
