@@ -64,9 +64,10 @@ class ChatStub:
                     stub.requests.append(body["messages"])
                     stub.models.append(body["model"])
                 content = stub.answer(body["messages"])
+                message = {"role": "assistant", "content": content}
+                choice = {"index": 0, "finish_reason": "stop", "message": message}
                 payload = {"id": "stub", "object": "chat.completion", "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": content}}]}  # fmt: skip
+                           "choices": [choice]}  # fmt: skip
                 data = json.dumps(payload).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

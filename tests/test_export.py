@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from gsae_kernels import reference
 from safetensors.torch import load_file
 
 from gsae.activations import ActivationReader, layer_prefix, load_model, load_structure
@@ -14,7 +15,6 @@ from gsae.cli_export import main
 from gsae.eval import load_run
 from gsae.export import MANIFEST, export_run, fold_scale
 from gsae.sae import Sae, SaeConfig
-from gsae_kernels import reference
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU
 
