@@ -34,6 +34,7 @@ class ChatStub:
         self.times: list[float] = []
         self.models: list[str] = []
         self.keys: list[str | None] = []
+        self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         stub = self
 
@@ -58,9 +59,13 @@ class ChatStub:
                     self.end_headers()
                     self.wfile.write(b'{"error": {"message": "scripted failure"}}')
                     return
+                with stub._lock:
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 if stub.delay:
                     time.sleep(stub.delay)
                 with stub._lock:
+                    stub.in_flight -= 1
                     stub.requests.append(body["messages"])
                     stub.models.append(body["model"])
                 content = stub.answer(body["messages"])

@@ -109,7 +109,7 @@ class ChatClient:
         self.concurrency, self.retries, self.backoff = concurrency, retries, backoff
         self.timeout, self.max_tokens = timeout, max_tokens
         self.limiter = RateLimiter(rate)
-        self.cache = cache or AnswerCache(None)
+        self.cache = cache if cache is not None else AnswerCache(None)  # (an empty one is falsy)
         self.sent = 0  # requests that reached the wire, retries included
         self._count = threading.Lock()
 
