@@ -249,3 +249,40 @@ def test_export_command_and_its_refusals(trained_runs, tmp_path, capsys, offline
     assert (foreign / "notes.txt").read_text() == "mine"
     assert main([str(trained_runs["grouped"]), "--format", "sparsify", "--out", str(foreign),
                  "--overwrite"]) == 0  # fmt: skip
+
+
+def test_gsae_eval_takes_a_sparsify_trained_baseline(trained_runs, tmp_path, offline):
+    """A folder written by sparsify itself (its SparseCoder.save_to_disk and its trainer's
+    config.json), holding the per-layer run's SAEs, is a --baseline of gsae-eval: its metrics
+    are those of the gsae run it came from, evaluated in the same command."""
+    sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed")
+    from sparsify.__main__ import RunConfig
+
+    from gsae.cli_eval import main as eval_main
+
+    export_run(trained_runs["per-layer"], "sparsify", tmp_path / "exported")
+    folder = tmp_path / "sparsify-run"
+    for layer in range(4):
+        coder = sparsify.SparseCoder.load_from_disk(tmp_path / "exported" / f"layers.{layer}")
+        coder.save_to_disk(folder / f"layers.{layer}")
+    RunConfig(
+        sparsify.SparseCoderConfig(),
+        model=str(trained_runs["model"]),
+        dataset=str(trained_runs["corpus"]),
+        ctx_len=64,
+    ).save_json(folder / "config.json")
+    foreign = load_run(folder)
+    assert foreign.per_layer and foreign.layers == [0, 1, 2, 3] and foreign.foreign
+    argv = [str(trained_runs["grouped"]), str(trained_runs["per-layer"]), "--baseline",
+            str(folder), "--out", str(tmp_path / "eval"), "--tokens", "256", "--batch-tokens",
+            "256", "--mmco-pairs", "diagonal"]  # fmt: skip
+    assert eval_main(argv) == 2  # sparsify's training text is the same corpus, position unknown
+    assert eval_main([*argv, "--allow-overlap"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    by = {(r["run"], r["layer"]): r for r in rows}
+    for layer in range(4):
+        ours, theirs = by[("per-layer", layer)], by[("sparsify-run", layer)]
+        for key in ("fvu", "delta_ce_pct", "l0"):
+            assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), key
+        assert by[("grouped", layer)]["mmco"] is not None  # compared with the sparsify baseline
+    assert "Per-layer SAEs (baseline" in (tmp_path / "eval" / "table1.md").read_text()

@@ -129,12 +129,20 @@ class SaeCollector:
     @torch.no_grad()
     def update(self, layer: int, x: torch.Tensor, batch: _Batch) -> None:
         """Encode ``x [N, d]`` (the batch's real tokens at model ``layer``) and count it."""
+        enc = self.sae.encode(x, layer=layer)
+        self.add(layer, enc.values, enc.indices, batch)
+        if layer in self.cooc:
+            other = self.baseline[layer].encode(x, layer=layer)
+            self.cooc[layer].update(enc.indices, enc.values > 0, other.indices, other.values > 0)
+
+    @torch.no_grad()
+    def add(self, layer: int, values: torch.Tensor, indices: torch.Tensor, batch: _Batch) -> None:
+        """Count the top-k latents ``values``/``indices`` ``[N, k]`` of the batch's real tokens
+        at model ``layer``: firing counts, sums, histogram, heaps, pool."""
         pos = self.layers.index(layer)
         m = self.sae.m
-        enc = self.sae.encode(x, layer=layer)
-        values, indices = enc.values, enc.indices  # [N, k]
         on = values > 0
-        self.tokens[pos] += x.shape[0]
+        self.tokens[pos] += values.shape[0]
         self.fired[pos].index_add_(0, indices.reshape(-1), on.reshape(-1).long())
         self.act_sum[pos].index_add_(0, indices.reshape(-1), values.reshape(-1).double())
         v = values[on].float()
@@ -147,9 +155,16 @@ class SaeCollector:
         self.random.update(cand, batch.windows, batch.where)
         grid_i, grid_v = batch.grid(indices, values)
         self.pool.update(pos, batch.windows, batch.where, grid_i, grid_v)
-        if layer in self.cooc:
-            other = self.baseline[layer].encode(x, layer=layer)
-            self.cooc[layer].update(indices, on, other.indices, other.values > 0)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held (fixed at construction): heaps, pool, counts, co-occurrences."""
+        pool = self.pool
+        tensors = [self.fired, self.act_sum, self.hist, self.tokens, pool.keys, pool.tokens,
+                   pool.indices, pool.values, pool.where]  # fmt: skip
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        cooc = sum(CoOccurrence.nbytes(c.m_a, c.m_b) for c in self.cooc.values())
+        return self.top.nbytes + self.random.nbytes + held + cooc
 
     @torch.no_grad()
     def result(self) -> dict[str, torch.Tensor]:

@@ -44,22 +44,26 @@ def _examples(t: dict, prefix: str, layers: list[int], latent: int, m: int,
               n: int) -> list[list]:  # fmt: skip
     """The ``n`` windows of ``latent`` with the largest keys over every layer of its group:
     ``[layer, value, where, token ids, activations]``, best first (for random keys, a uniform
-    sample of the group's windows: each layer's heap holds its top keys of i.i.d. keys)."""
+    sample of the group's windows: each layer's heap holds its top keys of i.i.d. keys). A
+    window that several layers hold is shown once, from the layer with the largest key."""
     rows = [pos * m + latent for pos in range(len(layers))]
     keys = t[f"{prefix}.keys"][rows]  # [L, n]
     flat = keys.flatten()
-    order = torch.argsort(flat, descending=True)[:n]
-    out = []
+    order = torch.argsort(flat, descending=True)
+    out, seen = [], set()
     for idx in order.tolist():
         if not math.isfinite(float(flat[idx])):
             break
         pos, slot = divmod(idx, keys.shape[1])
         row = rows[pos]
+        where = int(t[f"{prefix}.where"][row, slot])
+        if where in seen:
+            continue
+        seen.add(where)
         tokens = t[f"{prefix}.tokens"][row, slot]
         acts = t[f"{prefix}.acts"][row, slot].float()
         real = tokens >= 0
-        out.append([layers[pos], _r(t[f"{prefix}.value"][row, slot]),
-                    int(t[f"{prefix}.where"][row, slot]), tokens[real].tolist(),
+        out.append([layers[pos], _r(t[f"{prefix}.value"][row, slot]), where, tokens[real].tolist(),
                     [_r(a, 3) for a in acts[real].tolist()]])  # fmt: skip
         if len(out) == n:
             break

@@ -478,7 +478,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     if len(set(names)) != len(names):
         runs = _renamed(runs)
     check_runs(runs, base, model)
-    first = runs[0]
+    first = next((r for r in runs if not r.foreign), runs[0])  # a gsae-train run's settings
     dataset = dataset or first.arg("dataset")
     split = split or first.arg("split", "train")
     column = column or first.arg("column", "text")
@@ -487,20 +487,28 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         raise ValueError(f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, "
                          f"{batch_tokens}")  # fmt: skip
     start, notes = heldout_start(runs, dataset, split, column, allow_overlap)
+    for run in runs:
+        if run.foreign and not run.arg("dataset"):
+            notes.append(f"{run.name}: sparsify SAEs whose training text is unknown (no "
+                         "config.json): it may overlap the evaluation text")  # fmt: skip
+        if run.foreign:
+            run.args.setdefault("ctx_len", ctx_len)  # for the FLOP model, when not recorded
     contexts = sorted({int(r.arg("ctx_len", ctx_len)) for r in runs})
     if contexts != [ctx_len]:
         notes.append(f"the runs were trained with contexts of {contexts} tokens; all are "
                      f"evaluated with {ctx_len}")  # fmt: skip
     device = _device(device)
     model_dtype = model_dtype or ("bf16" if device != "cpu" else "fp32")
-    loaded = load_model(model or first.model, model_dtype, device, lm_head=downstream)
+    if model is None:  # the runs' own (a sparsify baseline may not name it)
+        model = next((r.model for r in runs if r.args.get("model")), None) or first.model
+    loaded = load_model(model, model_dtype, device, lm_head=downstream)
     check_model(runs, loaded.num_layers, loaded.d_model, loaded.name)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit is not None and ctx_len > int(limit):
         raise ValueError(f"--ctx-len {ctx_len} is longer than {loaded.name}'s "
                          f"{limit} positions")  # fmt: skip
     iter_texts(dataset, split, column)  # fails now if the text cannot be opened
-    plan = EvalPlan(runs, base, model or first.model, loaded, dataset, split, column, ctx_len,
+    plan = EvalPlan(runs, base, model, loaded, dataset, split, column, ctx_len,
                     max(1, batch_tokens // ctx_len), start, allow_overlap, tokens, device,
                     model_dtype, downstream, pairs, mmco_memory, notes)  # fmt: skip
     plan._stream = plan.open()

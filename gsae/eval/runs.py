@@ -8,6 +8,11 @@ into a :class:`RunInfo` and refuses anything else with a :class:`RunError` namin
 
 Everything that depends on the trainer's file layout lives here, so that a change of layout (the
 checkpoint's run state as JSON instead of a pickle, say) is one edit.
+
+SAEs trained elsewhere come in too: a folder of EleutherAI sparsify SAEs (one ``<hookpoint>/``
+per layer with ``cfg.json`` + ``sae.safetensors``, as sparsify's trainer or ``gsae-export
+--format sparsify`` writes them) is read as a run of per-layer SAEs (:func:`load_sparsify_run`),
+so that gsae-eval can compare a sparsify-trained baseline with a Group-SAE.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ class SaeEntry:
     d: int
     m: int
     k: int
+    format: str = "gsae"  # or "sparsify"
 
     def load(self, device="cpu") -> Sae:
+        if self.format == "sparsify":
+            return Sae.from_sparsify(self.path, self.layers[0], device=device)
         return Sae.load(self.path, device=device)
 
 
@@ -67,7 +75,15 @@ class RunInfo:
 
     @property
     def model(self) -> str:
+        if not self.args.get("model"):
+            raise RunError(f"{self.path}: the model these SAEs were trained on is unknown (no "
+                           "sparsify config.json): pass --model")  # fmt: skip
         return str(self.args["model"])
+
+    @property
+    def foreign(self) -> bool:
+        """SAEs trained elsewhere (a sparsify folder): no gsae-train records."""
+        return self.saes[0].format != "gsae"
 
     @property
     def groups_spec(self) -> str:
@@ -97,6 +113,7 @@ class RunInfo:
         """The depth of the model it was trained on: gsae-train covers every layer, the last
         one included, so the deepest covered layer is the model's last."""
         recorded = self.grouping.extra.get("num_model_layers") if self.grouping else None
+        recorded = recorded if recorded is not None else self.extra.get("num_model_layers")
         return int(recorded) if recorded is not None else max(self.layers) + 1
 
     @property
@@ -174,7 +191,11 @@ def load_run(run_dir: str | Path) -> RunInfo:
     if not path.is_dir():
         raise RunError(f"{path}: no such directory (expected a gsae-train output folder)")
     if not (path / RUN_FILE).exists():
-        raise RunError(f"{path} is not a gsae-train output folder (no {RUN_FILE})")
+        foreign = load_sparsify_run(path)
+        if foreign is not None:
+            return foreign
+        raise RunError(f"{path} is not a gsae-train output folder (no {RUN_FILE}) nor a folder "
+                       "of sparsify SAEs")  # fmt: skip
     run = _read_json(path / RUN_FILE, "gsae-train run")
     if not isinstance(run.get("args"), dict) or "model" not in run["args"]:
         raise RunError(f"{path / RUN_FILE} is not a gsae-train run file (no args.model)")
@@ -200,6 +221,57 @@ def load_run(run_dir: str | Path) -> RunInfo:
             raise RunError(f"{path / 'groups.json'}: {err}") from None
     return RunInfo(path, path.resolve().name, run["args"], saes, grouping, summary,
                    read_position(path))  # fmt: skip
+
+
+def load_sparsify_run(path: Path) -> RunInfo | None:
+    """A folder of sparsify SAEs as a run of per-layer SAEs, or None if it holds none.
+
+    Each ``<hookpoint>/`` (``layers.5``, ``h.5``, ...) with a sparsify ``cfg.json`` (``d_in``)
+    covers the layer its name ends with. The model, dataset, split, column and context come from
+    sparsify's ``config.json`` (its trainer's) or gsae-export's ``gsae_export.json``; without
+    either the model must be given (gsae-eval ``--model``). The data these SAEs were trained on
+    is unknown: gsae-eval asks for ``--allow-overlap`` or other text."""
+    import re
+
+    entries = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        cfg_file = folder / "cfg.json"
+        if not cfg_file.exists() or not (folder / "sae.safetensors").exists():
+            continue
+        cfg = _read_json(cfg_file, "sparsify config")
+        if "d_in" not in cfg:
+            continue
+        digits = re.search(r"(\d+)$", folder.name)
+        if digits is None:
+            raise RunError(f"{folder}: a sparsify SAE whose hookpoint names no layer (expected a "
+                           "name ending in the layer number, e.g. layers.5)")  # fmt: skip
+        d = int(cfg["d_in"])
+        m = int(cfg.get("num_latents") or 0) or d * int(cfg.get("expansion_factor", 32))
+        entries.append(SaeEntry(folder.name, folder, [int(digits.group(1))], d, m,
+                                int(cfg.get("k", 32)), "sparsify"))  # fmt: skip
+    if not entries:
+        return None
+    layers = [e.layers[0] for e in entries]
+    if len(set(layers)) != len(layers):
+        raise RunError(f"{path}: two sparsify SAEs cover the same layer ({sorted(layers)})")
+    widths = sorted({e.d for e in entries})
+    if len(widths) != 1:
+        raise RunError(f"{path}: sparsify SAEs of different widths d {widths}")
+    args, extra = {"groups": "per-layer"}, {"format": "sparsify"}
+    if (path / "config.json").exists():  # sparsify's trainer: its RunConfig
+        config = _read_json(path / "config.json", "sparsify run config")
+        args.update(model=config.get("model"), dataset=config.get("dataset"),
+                    split=config.get("split", "train"), column=config.get("text_column", "text"),
+                    ctx_len=config.get("ctx_len"))  # fmt: skip
+    if (path / "gsae_export.json").exists():  # gsae-export's manifest
+        manifest = _read_json(path / "gsae_export.json", "gsae-export manifest")
+        args.update({k: manifest.get(k) for k in ("model", "dataset", "split", "column",
+                                                    "ctx_len")})  # fmt: skip
+        if manifest.get("num_model_layers"):
+            extra["num_model_layers"] = int(manifest["num_model_layers"])
+    args = {k: v for k, v in args.items() if v is not None}
+    entries.sort(key=lambda e: e.layers[0])
+    return RunInfo(path, path.resolve().name, args, entries, None, {}, None, extra)
 
 
 def _sae_entry(run_dir: Path, name: str, info) -> SaeEntry:
@@ -246,15 +318,17 @@ def check_runs(runs: list[RunInfo], baseline: RunInfo | None, model: str | None 
     of the same model. ``model``: the model to evaluate with, when it overrides the runs'."""
     everything = runs + ([baseline] if baseline is not None else [])
     if model is None:
-        names = {_canonical(r.model) for r in everything}
+        named = [r for r in everything if r.args.get("model")]  # a sparsify folder may not say
+        names = {_canonical(r.model) for r in named}
         if len(names) > 1:
-            listing = ", ".join(f"{r.name}: {r.model}" for r in everything)
+            listing = ", ".join(f"{r.name}: {r.model}" for r in named)
             role = "the baseline and the runs are" if baseline is not None else "the runs are"
             raise RunError(f"{role} of different models ({listing}); evaluate one model at a time "
                            "(or pass --model to evaluate them all with one)")  # fmt: skip
-    depths = {r.num_model_layers for r in everything}
+    known = [r for r in everything if not r.foreign or "num_model_layers" in r.extra]
+    depths = {r.num_model_layers for r in known}
     if len(depths) > 1:
-        listing = ", ".join(f"{r.name}: {r.num_model_layers}" for r in everything)
+        listing = ", ".join(f"{r.name}: {r.num_model_layers}" for r in known)
         raise RunError(f"the runs were trained on models of different depths ({listing} layers)")
     widths = {r.saes[0].d for r in everything}
     if len(widths) > 1:
@@ -273,7 +347,8 @@ def check_model(runs: list[RunInfo], num_layers: int, d_model: int, model: str) 
         if bad:
             raise RunError(f"run {run.path} has SAEs for layers {bad}, but {model} has "
                            f"{num_layers} layers (0..{num_layers - 1})")  # fmt: skip
-        if run.num_model_layers != num_layers:
+        depth_known = not run.foreign or "num_model_layers" in run.extra
+        if depth_known and run.num_model_layers != num_layers:
             raise RunError(f"run {run.path} was trained on a model with {run.num_model_layers} "
                            f"layers; {model} has {num_layers}")  # fmt: skip
         if run.saes[0].d != d_model:
