@@ -5,6 +5,7 @@ The only module of gsae that imports transformers and datasets.
 - :func:`load_model`: a local directory, a hub id, or a short name (``pythia-160m`` means
   ``EleutherAI/pythia-160m``; ``demo`` the model bundled with gsae). Only the base model is
   loaded (no LM head). Offline, it fails fast with one error naming what was tried.
+- :class:`TokenText`: the text of each token of a sequence, for display.
 - :func:`iter_texts`: documents from a hub dataset (streamed) or a local ``.txt``/``.jsonl``
   (optionally ``.gz``), parquet file or saved ``datasets`` directory.
 - :class:`TokenStream`: tokenizes in a background thread and packs the token stream into
@@ -340,6 +341,45 @@ def _local_texts(path: Path, split: str, column: str) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------
 # Tokens
 # --------------------------------------------------------------------------------------------
+
+
+class TokenText:
+    """The text of each token of a sequence, for display (the latent browser, auto-interp
+    prompts). Tokens are decoded one by one (cached); where that gives a broken character (a
+    byte-level BPE splits a multi-byte character over tokens), the sequence is decoded
+    incrementally instead, so each token shows the characters it completes ("" for a token
+    that completes none)."""
+
+    BROKEN = "\ufffd"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._one: dict[int, str] = {}
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+
+    def __call__(self, ids: Sequence[int]) -> list[str]:
+        ids = [int(i) for i in ids]
+        pieces = []
+        for i in ids:
+            if i not in self._one:
+                self._one[i] = self._decode([i])
+            pieces.append(self._one[i])
+        if not any(self.BROKEN in p for p in pieces):
+            return pieces
+        out, done = [], ""
+        for j in range(len(ids)):
+            text = self._decode(ids[: j + 1])
+            if text.endswith(self.BROKEN) and j + 1 < len(ids):
+                out.append("")  # an unfinished character: shown with the token that ends it
+            elif text.startswith(done):
+                out.append(text[len(done) :])
+                done = text
+            else:  # decoding is not prefix-stable here: the token on its own
+                out.append(pieces[j])
+                done = text
+        return out
 
 
 @dataclass

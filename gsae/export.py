@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from .activations import hub_id, layer_prefix, load_structure
+from .activations import ModelLoadError, hub_id, layer_prefix, load_structure
 from .eval.runs import RunInfo, load_run
 from .io import atomic_dir
 from .sae import SPARSIFY_NAMES, Sae
@@ -155,7 +155,14 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | 
     out = Path(out)
     _check_out(out, run, overwrite)
     if fmt == "sparsify" and prefix is None:
-        prefix = hookpoint_prefix(run, model)
+        try:
+            prefix = hookpoint_prefix(run, model)
+        except ModelLoadError as err:
+            raise ModelLoadError(
+                f"{err} (gsae-export reads only the model's config, to name "
+                "the hookpoints: pass --hookpoint-prefix, e.g. layers for "
+                "GPT-NeoX and Llama, h for GPT-2)"
+            ) from None
     metadata = {"model_name": hub_id(run.model), "context_size": int(run.arg("ctx_len", 0)),
                 "prepend_bos": False, "dataset_path": run.arg("dataset"),
                 "model_from_pretrained_kwargs": {}}  # fmt: skip

@@ -69,6 +69,12 @@ class ChatStub:
                     stub.requests.append(body["messages"])
                     stub.models.append(body["model"])
                 content = stub.answer(body["messages"])
+                if isinstance(content, bytes):  # not the protocol: sent as it is
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                    return
                 message = {"role": "assistant", "content": content}
                 choice = {"index": 0, "finish_reason": "stop", "message": message}
                 payload = {"id": "stub", "object": "chat.completion", "model": body["model"],

@@ -12,7 +12,7 @@ import pytest
 import torch
 from chat_stub import EXPLANATION, ChatStub, scripted
 
-from gsae.activations import load_tokenizer
+from gsae.activations import TokenText, load_tokenizer
 from gsae.autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
 from gsae.autointerp.prompts import parse_explanation, parse_labels, render
 from gsae.autointerp.score import run_autointerp
@@ -148,10 +148,7 @@ class Oracle:
 
     def __init__(self, col, tokenizer, explain: int, invert: bool = False):
         self.invert, self.latents = invert, {}
-        vocab: dict[int, str] = {}
-
-        def text(ids):
-            return [vocab.setdefault(i, tokenizer.decode([i])) for i in ids]
+        text = TokenText(tokenizer)  # what the prompts show of each token
 
         for name, t in col.saes.items():
             layers, m = col.layers(name), col.meta["saes"][name]["m"]
@@ -319,3 +316,14 @@ def test_autointerp_refuses_bad_input(trained_runs, tmp_path, capsys):
             assert run_cli(stub, trained_runs["grouped"], tmp_path / "o", *extra) == 2
             assert message in capsys.readouterr().err
         assert stub.requests == []
+
+
+def test_endpoint_mistakes_get_one_clear_message():
+    with pytest.raises(ValueError, match="not an http"):
+        ChatClient("localhost:8000/v1", "m")
+    with ChatStub(answer=lambda m: b"<html>a web page</html>") as stub:
+        wrong = ChatClient(stub.url.replace("/v1", "/v2"), "m", retries=0)
+        with pytest.raises(EndpointError, match="HTTP 404"):  # a wrong path is not retried
+            wrong.complete(HELLO)
+        with pytest.raises(EndpointError, match="did not answer JSON"):
+            ChatClient(stub.url, "m").complete(HELLO)

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae.activations import ActivationReader, TokenStream, iter_texts, load_model
+from gsae.activations import (
+    ActivationReader,
+    TokenStream,
+    TokenText,
+    iter_texts,
+    load_model,
+    load_tokenizer,
+)
 from gsae.browse.collect import HIST_BINS, CollectConfig, Collection, collect
 from gsae.browse.heap import WindowHeap, window_candidates
 from gsae.cli_browse import main
@@ -140,6 +147,21 @@ def test_heap_memory_is_fixed_whatever_the_tokens():
     stream_into(heap, synthetic_batches(m=m, t=t, batches=20), m, window, t)
     assert heap.nbytes == size
     assert {k: (v.shape, v.dtype) for k, v in heap.state("x").items()} == before
+
+
+def test_token_text_keeps_characters_that_span_tokens():
+    """The demo's byte-level BPE splits box-drawing characters over tokens: decoded one by one
+    they break; TokenText gives each token the characters it completes, losing none."""
+    tokenizer = load_tokenizer("demo")
+    text = "│1993  │ ├───────┼──────┤ naïve café — done"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    one_by_one = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in one_by_one)  # the case is real
+    pieces = TokenText(tokenizer)(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    plain = tokenizer("the hacker wrote", add_special_tokens=False).input_ids
+    assert TokenText(tokenizer)(plain) == [tokenizer.decode([i]) for i in plain]
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,9 @@ class RateLimiter:
 def chat_url(endpoint: str) -> str:
     """``http://host:8000/v1`` -> ``http://host:8000/v1/chat/completions`` (a URL that already
     ends with ``/chat/completions`` is kept)."""
+    if not endpoint.startswith(("http://", "https://")):
+        raise ValueError(f"--endpoint {endpoint!r} is not an http(s) URL (e.g. "
+                         "http://localhost:8000/v1)")  # fmt: skip
     url = endpoint.rstrip("/")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
@@ -165,7 +168,12 @@ class ChatClient:
             request = urllib.request.Request(self.url, body, headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return _answer_text(json.loads(response.read().decode()), self.url)
+                    raw = response.read().decode(errors="replace")
+                try:
+                    payload = json.loads(raw)
+                except json.JSONDecodeError:
+                    raise EndpointError(f"{self.url} did not answer JSON: {raw[:200]!r}") from None
+                return _answer_text(payload, self.url)
             except urllib.error.HTTPError as err:
                 detail = err.read().decode(errors="replace")[:300]
                 if err.code not in RETRY_STATUS:

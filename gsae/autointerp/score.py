@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..activations import TokenText
 from ..browse.collect import Collection
 from ..eval.metrics import pooled
 from ..io import atomic_path, write_json
@@ -164,22 +165,7 @@ def build_tasks(col: Collection, cfg: AutoInterpConfig) -> tuple[list[Task], lis
 # --------------------------------------------------------------------------------------------
 
 
-class Vocab:
-    """Token id -> text, decoded once each."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self._text = tokenizer, {}
-
-    def __call__(self, ids: list[int]) -> list[str]:
-        out = []
-        for i in ids:
-            if i not in self._text:
-                self._text[i] = self.tokenizer.decode([i])
-            out.append(self._text[i])
-        return out
-
-
-def explanation_request(task: Task, vocab: Vocab) -> list[dict]:
+def explanation_request(task: Task, vocab: TokenText) -> list[dict]:
     return prompts.explanation_messages([(vocab(w.tokens), w.acts) for w in task.explain])
 
 
@@ -196,7 +182,7 @@ def scoring_sets(task: Task, seed: int):
     return items
 
 
-def score_requests(task: Task, vocab: Vocab, seed: int) -> tuple[list, list, list[int]]:
+def score_requests(task: Task, vocab: TokenText, seed: int) -> tuple[list, list, list[int]]:
     items = scoring_sets(task, seed)
     labels = [label for _, _, label in items]
     excerpts = [(vocab(w.tokens), marks) for w, marks, _ in items]
@@ -236,7 +222,7 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
     done, total)`` is called as answers arrive."""
     cfg = (cfg or AutoInterpConfig()).validate()
     tasks, skipped = build_tasks(col, cfg)
-    vocab = Vocab(tokenizer)
+    vocab = TokenText(tokenizer)
 
     def tick(stage: str, total: int):
         done = [0]

@@ -11,8 +11,9 @@ No server: open ``index.html`` from the file system. Files:
   how its firing spreads over the layers of its group with the peak marked, its nearest latents
   by decoder cosine, and, with a baseline, its best-matching per-layer latent at each layer
   (decoder cosine and Jaccard of their firing);
-- ``data/tokens.js`` (the text of every token shown) and ``data/<g>/<shard>.js`` (the latents
-  of SAE g, 256 per file, loaded by ``<script>`` tags, which browsers allow on ``file://``).
+- ``data/<g>/<shard>.js``: the latents of SAE g, 256 per file, loaded by ``<script>`` tags
+  (which browsers allow on ``file://``), each window as its tokens' text
+  (:class:`gsae.activations.TokenText`).
 
 Activations are gsae's (the SAE's normalised input, comparable across the layers of a group).
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..activations import TokenText
 from ..io import atomic_dir
 from .collect import HIST_BINS, Collection, log_bin_edges
 
@@ -40,37 +42,39 @@ def _r(x: float, digits: int = 4) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
-def _examples(t: dict, prefix: str, layers: list[int], latent: int, m: int,
-              n: int) -> list[list]:  # fmt: skip
+def _examples(t: dict, prefix: str, layers: list[int], latent: int, m: int, n: int,
+              text: TokenText) -> list[list]:  # fmt: skip
     """The ``n`` windows of ``latent`` with the largest keys over every layer of its group:
-    ``[layer, value, where, token ids, activations]``, best first (for random keys, a uniform
+    ``[layer, value, where, token texts, activations]``, best first (for random keys, a uniform
     sample of the group's windows: each layer's heap holds its top keys of i.i.d. keys). A
     window that several layers hold is shown once, from the layer with the largest key."""
     rows = [pos * m + latent for pos in range(len(layers))]
     keys = t[f"{prefix}.keys"][rows]  # [L, n]
+    width = keys.shape[1]
     flat = keys.flatten()
-    order = torch.argsort(flat, descending=True)
+    order = [i for i in torch.argsort(flat, descending=True).tolist() if flat[i] > -math.inf]
+    if not order:
+        return []
+    wheres = t[f"{prefix}.where"][rows].flatten().tolist()
+    values = t[f"{prefix}.value"][rows].flatten().tolist()
+    tokens = t[f"{prefix}.tokens"][rows].flatten(0, 1)  # [L * n, W]
+    acts = t[f"{prefix}.acts"][rows].flatten(0, 1).float()
     out, seen = [], set()
-    for idx in order.tolist():
-        if not math.isfinite(float(flat[idx])):
-            break
-        pos, slot = divmod(idx, keys.shape[1])
-        row = rows[pos]
-        where = int(t[f"{prefix}.where"][row, slot])
-        if where in seen:
+    for idx in order:
+        if wheres[idx] in seen:
             continue
-        seen.add(where)
-        tokens = t[f"{prefix}.tokens"][row, slot]
-        acts = t[f"{prefix}.acts"][row, slot].float()
-        real = tokens >= 0
-        out.append([layers[pos], _r(t[f"{prefix}.value"][row, slot]), where, tokens[real].tolist(),
-                    [_r(a, 3) for a in acts[real].tolist()]])  # fmt: skip
+        seen.add(wheres[idx])
+        ids, a = tokens[idx].tolist(), acts[idx].tolist()
+        real = [j for j, i in enumerate(ids) if i >= 0]
+        words = [w.replace("\n", "↵") for w in text([ids[j] for j in real])]  # one line each
+        out.append([layers[idx // width], _r(values[idx]), wheres[idx], words,
+                    [_r(a[j], 3) if a[j] else 0 for j in real]])  # fmt: skip
         if len(out) == n:
             break
     return out
 
 
-def latent_records(col: Collection, name: str) -> tuple[list[dict], list[list]]:
+def latent_records(col: Collection, name: str, text: TokenText) -> tuple[list[dict], list[list]]:
     """Per latent of SAE ``name``: the record its page draws, and its index row."""
     t = col.saes[name]
     layers = col.layers(name)
@@ -89,7 +93,7 @@ def latent_records(col: Collection, name: str) -> tuple[list[dict], list[list]]:
     for i in range(m):
         fired_i = int(total[i])
         peak = layers[int(peak_pos[i])] if fired_i else None
-        top = _examples(t, "top", layers, i, m, cfg["top"]) if fired_i else []
+        top = _examples(t, "top", layers, i, m, cfg["top"], text) if fired_i else []
         rec = {
             "i": i, "g": name, "layers": layers, "fired": fired_i, "freq": _r(freq[i]),
             "per_layer": fired[:, i].tolist(), "tokens": tokens, "peak": peak,
@@ -98,7 +102,7 @@ def latent_records(col: Collection, name: str) -> tuple[list[dict], list[list]]:
             "max_act": top[0][1] if top else None,
             "hist": t["hist"][i].tolist(),
             "top": top,
-            "random": _examples(t, "random", layers, i, m, cfg["random"]) if fired_i else [],
+            "random": _examples(t, "random", layers, i, m, cfg["random"], text) if fired_i else [],
             "neighbours": [[int(j), _r(c, 3)] for j, c in zip(
                 t["neighbours.index"][i].tolist(), t["neighbours.cosine"][i].tolist(),
                 strict=True)],
@@ -115,26 +119,17 @@ def latent_records(col: Collection, name: str) -> tuple[list[dict], list[list]]:
     return records, rows
 
 
-def token_table(col: Collection, tokenizer) -> dict[int, str]:
-    """The text of every token id that appears in the collected windows."""
-    ids: set[int] = set()
-    for t in col.saes.values():
-        for prefix in ("top", "random"):
-            ids.update(int(x) for x in torch.unique(t[f"{prefix}.tokens"]).tolist() if x >= 0)
-    # a newline would break the window's line: shown as a visible mark instead
-    return {i: tokenizer.decode([i]).replace("\n", "↵") for i in sorted(ids)}
-
-
 def write_site(col: Collection, tokenizer, out: str | Path) -> list[Path]:
     """Write the browser for ``col`` into ``out`` (replaced as a whole). Returns the pages."""
     out = Path(out)
     groups = list(col.saes)
     index_rows = []
+    text = TokenText(tokenizer)
     with atomic_dir(out) as tmp:
         data = tmp / "data"
         data.mkdir()
         for g, name in enumerate(groups):
-            records, rows = latent_records(col, name)
+            records, rows = latent_records(col, name, text)
             index_rows += rows
             (data / str(g)).mkdir()
             for start in range(0, len(records), SHARD):
@@ -142,9 +137,6 @@ def write_site(col: Collection, tokenizer, out: str | Path) -> list[Path]:
                 (data / str(g) / f"{start // SHARD}.js").write_text(
                     f"gsaeShard({json.dumps(name)}, {json.dumps(shard, separators=(',', ':'))});\n"
                 )
-        vocab = token_table(col, tokenizer)
-        (data / "tokens.js").write_text(
-            f"var GSAE_TOKENS = {json.dumps(vocab, separators=(',', ':'))};\n")  # fmt: skip
         site = {"run": col.meta["run_name"], "model": col.meta["model"],
                 "dataset": col.meta["dataset"], "tokens": col.meta["tokens"],
                 "groups": groups, "shard": SHARD, "window": col.meta["config"]["window"],

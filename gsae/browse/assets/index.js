@@ -2,8 +2,9 @@ const rows = DATA.rows, cols = ["group","latent","frequency","peak layer","layer
   "mean layer","max activation"];
 let sortCol = 2, sortDesc = true, page = 0, group = "";
 const PER = 100;
-function fmt(v){ return v === null ? "–" : (typeof v === "number" && !Number.isInteger(v)
-  ? v.toPrecision(3) : String(v)); }
+const DECIMAL = [2, 4, 5, 6];  // frequency, spread, mean layer, max activation: 3 digits
+function fmt(v, i){ return v === null ? "–" : (DECIMAL.includes(i) ? Number(v).toPrecision(3)
+  : String(v)); }
 function cmp(a, b){ const x = a[sortCol], y = b[sortCol];
   if (x === null && y === null) return a[1] - b[1]; if (x === null) return 1; if (y === null) return -1;
   const c = x < y ? -1 : x > y ? 1 : 0; return (sortDesc ? -c : c) || a[1] - b[1]; }
@@ -14,7 +15,7 @@ function draw(){
     "sorted" : ""}">${c}${i === sortCol ? (sortDesc ? " ▼" : " ▲") : ""}</th>`).join("") + "</tr>";
   const body = shown.slice(page * PER, (page + 1) * PER).map(r => `<tr class="row"><td>${r[0]}</td>
     <td><a class="latent" href="latent.html#${encodeURIComponent(r[0])}/${r[1]}">${r[1]}</a></td>`
-    + r.slice(2).map(v => `<td>${fmt(v)}</td>`).join("") + "</tr>").join("");
+    + r.slice(2).map((v, j) => `<td>${fmt(v, j + 2)}</td>`).join("") + "</tr>").join("");
   document.getElementById("table").innerHTML = head + body;
   document.getElementById("page").textContent = `page ${page + 1} of ${pages} (${shown.length} latents)`;
   document.querySelectorAll("th").forEach(th => th.onclick = () => {

@@ -7,7 +7,7 @@ function load(src, then){ const s = document.createElement("script"); s.src = sr
 function context(ex, scale){
   const [layer, value, where, toks, acts] = ex;
   const spans = toks.map((t, j) => { const a = acts[j], on = a > 0, alpha = on ? Math.min(1, 0.15 + 0.85 * a / scale) : 0;
-    return `<span class="tok${on ? " on" : ""}" title="${on ? a : 0}" style="background:rgba(255,120,0,${alpha.toFixed(3)})">${esc(GSAE_TOKENS[t] ?? "?")}</span>`; }).join("");
+    return `<span class="tok${on ? " on" : ""}" title="${on ? a : 0}" style="background:rgba(255,120,0,${alpha.toFixed(3)})">${esc(t)}</span>`; }).join("");
   return `<div class="ctx" data-layer="${layer}"><span class="layer">layer ${layer} · ${value}</span>${spans}</div>`;
 }
 function bars(id, values, labels, peak, title){
@@ -52,4 +52,5 @@ function draw(r){
     : `<tr><td class="note">no --baseline</td></tr>`;
   window.scrollTo(0, 0);
 }
-load("data/tokens.js", () => { window.addEventListener("hashchange", show); show(); });
+window.addEventListener("hashchange", show);
+show();
