@@ -33,6 +33,7 @@ single graph nodes with no graph break.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
@@ -422,7 +423,18 @@ _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_
 # --------------------------------------------------------------------------------------------
 
 
-def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+def _integer(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> tuple[int, int]:
+    """Check every argument; return k and k_aux as Python ints."""
+    k_arg, k_aux_arg = k, k_aux
     check_matrix("x", x, None, None)
     d = x.shape[1]
     check_matrix("W_enc", W_enc, None, d)
@@ -430,10 +442,11 @@ def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
     check_vector("b_enc", b_enc, m)
     check_vector("b_dec", b_dec, d)
     check_floating("x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
-        raise ValueError(f"k must be an integer in [1, m={m}], got {k!r}")
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
-        raise ValueError(f"k_aux must be an integer in [0, m={m}], got {k_aux!r}")
+    k, k_aux = _integer(k), _integer(k_aux)  # numpy ints and the like are fine
+    if k is None or not 1 <= k <= m:
+        raise ValueError(f"k must be an integer in [1, m={m}], got {k_arg!r}")
+    if k_aux is None or not 0 <= k_aux <= m:
+        raise ValueError(f"k_aux must be an integer in [0, m={m}], got {k_aux_arg!r}")
     if k_aux > 0:
         if dead_mask is None:
             raise ValueError("k_aux > 0 needs a dead_mask ([m] bool) to choose AuxK latents from")
@@ -445,6 +458,7 @@ def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
             )
         if dead_mask.device != x.device:
             raise ValueError(f"dead_mask is on {dead_mask.device} but x is on {x.device}")
+    return k, k_aux
 
 
 def topk_encode(
@@ -477,7 +491,7 @@ def topk_encode(
         own dtypes). Gradients reach x, W_enc, b_enc and b_dec through the selected entries
         only. Tensors may have any strides; nothing is copied to make them contiguous.
     """
-    _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    k, k_aux = _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
     dtype = compute_dtype(W_enc)
     x, W_enc, b_enc, b_dec = (cast(t, dtype) for t in (x, W_enc, b_enc, b_dec))
     backend = resolve_backend(x.device, backend, dtype)

@@ -4,6 +4,7 @@ The Triton cases run in the interpreter on a CPU-only machine (see conftest.py),
 shapes are kept small; odd sizes (d = 63, m = 200, N = 37) make every tile partial.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import TRITON_DEVICE
@@ -487,6 +488,9 @@ def test_bad_inputs_name_the_problem():
         encode(x, we, be, bd, 33)
     with pytest.raises(ValueError, match=r"k must be"):
         encode(x, we, be, bd, 0)
+    with pytest.raises(ValueError, match=r"k must be an integer .* got 4.0"):
+        encode(x, we, be, bd, 4.0)
+    assert encode(x, we, be, bd, np.int64(4)).values.shape == (8, 4)  # any integer type
     with pytest.raises(ValueError, match=r"W_enc must have shape \(32, 16\)|W_enc must have shape"):
         encode(x, we[:, :15], be, bd, 4)
     with pytest.raises(ValueError, match=r"b_enc must have shape \(32,\)"):
