@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -197,6 +198,11 @@ def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> tor
     return y
 
 
+def _check_layer_ids(device: torch.device) -> bool:
+    """Whether per-token layer ids on ``device`` are checked (a host sync on a GPU)."""
+    return device.type == "cpu" or os.environ.get("GSAE_CHECK_LAYERS") == "1"
+
+
 class Sae(TopKSAE):
     """A TopK SAE over the activations of ``layers`` (one scale per layer).
 
@@ -302,8 +308,29 @@ class Sae(TopKSAE):
                 raise ValueError(f"this SAE covers layers {self.layers}: say which with layer=")
             return self.scales[0]
         if isinstance(layer, torch.Tensor):
-            return self.scales[self.layer_position[layer]].unsqueeze(1)
+            return self._token_scales(layer).unsqueeze(1)
         return self.scales[self._position(int(layer))]
+
+    def _token_scales(self, layer: torch.Tensor) -> torch.Tensor:
+        """Scales of per-token layer ids ``[N]``. An id this SAE does not cover is refused: with
+        a ValueError for CPU ids (checking is free there) or under ``GSAE_CHECK_LAYERS=1``; on a
+        GPU, where checking would sync the host every step, it gets a NaN scale, so the step's
+        loss is NaN and the step raises (check_finite) or is skipped and counted: it is never
+        trained with another layer's scale."""
+        if layer.dtype.is_floating_point or layer.dtype.is_complex or layer.dtype == torch.bool:
+            raise TypeError(f"per-token layer ids must be an integer tensor, got {layer.dtype}")
+        table = self.layer_position  # [max layer + 1]: position of each layer, -1 if not covered
+        inside = (layer >= 0) & (layer < table.numel())
+        position = torch.where(inside, table[layer.clamp(0, table.numel() - 1)], -1)  # [N]
+        if _check_layer_ids(layer.device):
+            bad = layer[position < 0]
+            if bad.numel() > 0:
+                raise ValueError(
+                    f"layer ids {sorted(set(bad.tolist()))} are not covered by this SAE "
+                    f"(layers {self.layers})"
+                )
+        nan = self.scales.new_full((1,), float("nan"))
+        return torch.cat([self.scales, nan])[position]  # position -1: the NaN
 
     def normalize(self, x: torch.Tensor, layer=None) -> torch.Tensor:
         """Model units -> the SAE's units (mean squared norm 1), as float32."""
