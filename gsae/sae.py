@@ -268,11 +268,15 @@ class Sae(TopKSAE):
                 self.W_enc.mul_(geometry_encoder_scale(cfg.d, cfg.m, cfg.k))
 
     @torch.no_grad()
-    def init_from_batch(self, x: torch.Tensor, layer=None) -> float:
+    def init_from_batch(self, x: torch.Tensor, layer=None) -> float | None:
         """The data-dependent part of the initialisation, from a first batch ``x [N, d]`` in
         model units: ``b_dec`` (``init_b_dec``), then the encoder scale (``init_encoder="fit"``).
-        Returns the factor applied to ``W_enc`` (1.0 if none)."""
+        Returns the factor applied to ``W_enc`` (1.0 if none), or None, changing nothing, when
+        the batch is not finite (NaN activations, or a layer id the SAE does not cover). One
+        host sync: it runs once per training."""
         xs = self.normalize(x, layer)  # [N, d], the SAE's units
+        if xs.shape[0] == 0 or not bool(torch.isfinite(xs).all()):
+            return None
         if self.cfg.init_b_dec == "mean":
             self.b_dec.copy_(xs.double().mean(0))
         elif self.cfg.init_b_dec == "median":
@@ -423,6 +427,7 @@ class SaeTrainer:
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.tokens_seen = 0
         self.steps = 0
+        self.initialized = False  # init_from_batch has run
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.cfg.dead_threshold
@@ -442,8 +447,8 @@ class SaeTrainer:
     ) -> StepOutput:
         """One optimisation step on ``x [N, d]`` (model units) from ``layer``."""
         sae = self.sae
-        if self.steps == 0:
-            sae.init_from_batch(x, layer)
+        if not self.initialized:  # the first finite batch completes the init
+            self.initialized = sae.init_from_batch(x, layer) is not None
         dead = self.dead_mask()
         k_aux, any_dead = self._k_aux(dead)
         out = sae(x, dead if k_aux else None, k_aux, layer=layer)
@@ -513,6 +518,7 @@ class SaeTrainer:
             "skipped_steps": int(self.skipped_steps),
             "tokens_seen": self.tokens_seen,
             "steps": self.steps,
+            "initialized": self.initialized,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -525,6 +531,7 @@ class SaeTrainer:
         self.skipped_steps.fill_(state["skipped_steps"])
         self.tokens_seen = state["tokens_seen"]
         self.steps = state["steps"]
+        self.initialized = state.get("initialized", self.steps > 0)
 
     def save(self, path: str | Path) -> None:
         """The SAE and this trainer's state, in ``path`` as a whole (``state.pt`` beside the
