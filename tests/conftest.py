@@ -55,3 +55,13 @@ def offline(monkeypatch):
     """No hub: the tests must never wait on the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
+    OpenMP barriers between two threads cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
