@@ -18,6 +18,7 @@ from gsae.activations import (
     hub_id,
     iter_texts,
     load_model,
+    open_texts,
 )
 
 
@@ -194,7 +195,6 @@ def test_other_model_families(kind, tiny_model_dir, tmp_path):
 # ---- issue 9: streaming resume, bounded positions, the hub probe
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_a_position_stays_small_inside_a_long_document():
     """The saved position of a chunk deep inside a 200k-token document is a few numbers, not the
     rest of the document (which the packer also must not copy for every chunk)."""
@@ -206,14 +206,13 @@ def test_a_position_stays_small_inside_a_long_document():
     assert size < 400, size
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_resuming_a_file_reads_no_document_before_the_position(tmp_path, monkeypatch):
     import gsae.activations as acts
 
     docs = [f"document {i} " + "words " * (i % 7) for i in range(400)]
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
-    texts = lambda: iter_texts(str(path))  # noqa: E731
+    texts = open_texts(str(path))
     head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=150)
     saved = head[-1].position
     parsed = []
@@ -221,16 +220,19 @@ def test_resuming_a_file_reads_no_document_before_the_position(tmp_path, monkeyp
     monkeypatch.setattr(acts.json, "loads", lambda s: parsed.append(1) or loads(s))
     rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3,
                                position=saved), limit=1)  # fmt: skip
-    assert rest
-    assert len(parsed) < 150, f"{len(parsed)} records parsed to resume at document ~300"
+    assert saved.documents > 200
+    assert len(parsed) < 150, f"{len(parsed)} records parsed to resume at document {saved}"
+    whole = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=151)
+    assert torch.equal(rest[0].input_ids, whole[-1].input_ids)  # and exactly where it stopped
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_the_hub_probe_asks_the_configured_endpoint_through_the_proxy(monkeypatch):
     """A cluster reaches the hub through HTTPS_PROXY/HTTP_PROXY or a mirror in HF_ENDPOINT: the
     probe must go where huggingface_hub would."""
     import http.server
     import threading
+
+    from huggingface_hub import close_session, constants
 
     from gsae.activations import hub_reachable
 
@@ -252,10 +254,13 @@ def test_the_hub_probe_asks_the_configured_endpoint_through_the_proxy(monkeypatc
     try:
         for var in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy"):
             monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read when first imported
         monkeypatch.setenv("HF_ENDPOINT", "http://hub-mirror.invalid")
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_port}")
+        close_session()  # huggingface_hub reads the proxy settings when it makes its client
         assert hub_reachable(timeout=5)
         assert asked and "hub-mirror.invalid" in asked[0], asked
     finally:
         server.shutdown()
+        close_session()
