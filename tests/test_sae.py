@@ -192,7 +192,6 @@ def test_swap_cut_between_renames_is_recovered(tmp_path):
     assert (tmp_path / "x" / "f").read_text() == "1"
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_activation_scales_accumulate_in_float64_without_float64_copies():
     """Against a float64 reference over several batches cut by the token budget; no float64
     tensor larger than one value per token is ever made (at Pythia-1B sizes a float64 copy of
