@@ -13,7 +13,7 @@ import pytest
 
 from gsae import grouping as gp
 from gsae.activations import bundled_dir
-from gsae.trainer import train_main
+from gsae.cli.train import main as train_main
 
 DEMO = bundled_dir() / "model"
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from gsae.cli import groups_main
+from gsae.cli.groups import main as groups_main
 
 
 def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_corpus, tmp_path,

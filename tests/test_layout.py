@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +21,6 @@ def imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_library_modules_never_import_a_command_module():
     library = [p for p in (ROOT / "gsae").rglob("*.py") if "cli" not in p.relative_to(ROOT).parts]
     offenders = {str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("gsae.cli"))
@@ -39,7 +36,6 @@ def test_only_activations_touches_transformers_and_datasets():
     assert not offenders
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     import matplotlib
 

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from tiny import build_family
 
-from gsae.cli import groups_main
-from gsae.trainer import train_main
+from gsae.cli.groups import main as groups_main
+from gsae.cli.train import main as train_main
 
 pytestmark = [
     pytest.mark.usefixtures("offline", "one_thread"),
-    pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer"),
 ]
 POSITIONS = 48
 
@@ -41,7 +40,7 @@ def test_the_default_context_is_capped_at_the_models_position_limit(
     assert train_main(train_argv(family, tiny_corpus, out)) == 0
     printed = capsys.readouterr().out
     assert f"{POSITIONS} positions" in printed, printed  # the plan says so
-    assert json.loads((out / "run.json").read_text())["args"]["ctx_len"] == POSITIONS
+    assert json.loads((out / "run.json").read_text())["settings"]["ctx_len"] == POSITIONS
     assert groups_main(groups_argv(family, tiny_corpus, tmp_path / "groups")) == 0
     assert f"{POSITIONS} positions" in capsys.readouterr().out
 

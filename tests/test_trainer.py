@@ -2,13 +2,14 @@
 every bad input."""
 
 import json
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsae import trainer
-from gsae.trainer import train_main
+from gsae.cli.train import main as train_main
+from gsae.train import loop
 
 FAST = ["--tokens", "12k", "--grouping-tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
         "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "3k", "--repeat",
@@ -50,15 +51,17 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     assert train_main(base(tiny_model_dir, tiny_corpus, straight) + ["--save-every", "5k"]) == 0
 
     cut = tmp_path / "cut"
+    train_batch = loop.Run.train_batch
 
-    def ctrl_c(run):
-        if run.steps == 9:
-            raise KeyboardInterrupt
+    def ctrl_c_after_step_9(run, *args):
+        train_batch(run, *args)
+        if run.steps == 9:  # after a checkpoint at 5k tokens, before the next one
+            signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(trainer, "STEP_HOOK", ctrl_c)
+    monkeypatch.setattr(loop.Run, "train_batch", ctrl_c_after_step_9)
     assert train_main(base(tiny_model_dir, tiny_corpus, cut) + ["--save-every", "5k"]) == 130
-    assert (cut / "checkpoint" / "run_state.pt").exists()
-    monkeypatch.setattr(trainer, "STEP_HOOK", None)
+    assert json.loads((cut / "checkpoint" / "run_state.json").read_text())["steps"] == 9
+    monkeypatch.undo()
     assert train_main(["--resume", str(cut)]) == 0
 
     summary = json.loads((straight / "summary.json").read_text())
@@ -77,17 +80,8 @@ def test_group_specs(tiny_model_dir, tiny_corpus, tmp_path, offline, spec, expec
     assert len(json.loads((out / "summary.json").read_text())["groups"]) == expect
 
 
-def test_layers_per_token_all(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    out = tmp_path / "all"
-    argv = base(tiny_model_dir, tiny_corpus, out) + ["--layers-per-token", "all", "--groups", "1",
-                                                      "--tokens", "2k"]  # fmt: skip
-    assert train_main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert [g["layers"] for g in summary["groups"].values()] == [[0, 1, 2], [3]]
-
-
 def test_groups_file_from_gsae_groups(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    from gsae.cli import groups_main
+    from gsae.cli.groups import main as groups_main
 
     gdir = tmp_path / "g"
     assert groups_main(["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens",
@@ -145,19 +139,6 @@ def test_demo_pipeline_runs_offline(tmp_path, offline):
     assert all(log[-1]["groups"][n]["fvu"] < log[0]["groups"][n]["fvu"] for n in names)
 
 
-def test_scale_estimate_streams_and_matches_the_sae_helper():
-    from gsae.sae import activation_scale
-
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(3, 50, 8, generator=g) * torch.tensor([1.0, 2.0, 5.0])[:, None, None]
-               for _ in range(4)]  # fmt: skip
-    for mode in ("mean_sq", "mean_norm"):
-        got = trainer.estimate_scales(iter(batches), [4, 7, 9], 120, mode)
-        for i, layer in enumerate([4, 7, 9]):
-            want = activation_scale([b[i] for b in batches], 120, mode)
-            assert got[layer] == pytest.approx(want, rel=1e-9)
-
-
 # ---- issue 9: groups files, token counting, G_hat, one model load, honest final FVU
 
 
@@ -170,7 +151,6 @@ def groups_file(tmp_path, name, **fields):
     return str(path)
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_groups_files_that_would_train_the_wrong_thing_are_refused(
     tiny_model_dir, tiny_corpus, tmp_path, offline, capsys
 ):
@@ -193,11 +173,10 @@ def test_groups_files_that_would_train_the_wrong_thing_are_refused(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_from_matrix_is_not_stamped_with_a_model_and_layouts_write_strict_json(
     tiny_model_dir, tiny_corpus, tmp_path, offline
 ):
-    from gsae.cli import groups_main
+    from gsae.cli.groups import main as groups_main
 
     (tmp_path / "m.json").write_text(json.dumps([[0, 0.1, 0.3], [0.1, 0, 0.2], [0.3, 0.2, 0]]))
     assert groups_main(["--from-matrix", str(tmp_path / "m.json"), "--out", str(tmp_path)]) == 0
@@ -213,7 +192,6 @@ def test_from_matrix_is_not_stamped_with_a_model_and_layouts_write_strict_json(
     json.loads((out / "summary.json").read_text(), parse_constant=refuse)
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_dead_latents_count_tokens_with_layers_per_token_all(
     tiny_model_dir, tiny_corpus, tmp_path, offline
 ):
@@ -233,7 +211,6 @@ def test_dead_latents_count_tokens_with_layers_per_token_all(
     assert any(late), "no latent ever died: the test cannot tell tokens from activations"
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_groups_n_is_checked_before_measuring_and_g_hat_is_kept(
     tiny_model_dir, tiny_corpus, tmp_path, offline, capsys, monkeypatch
 ):
@@ -257,7 +234,6 @@ def test_groups_n_is_checked_before_measuring_and_g_hat_is_kept(
     assert [g["layers"] for g in summary["groups"].values()] == [[0, 1, 2], [3]]
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_auto_loads_the_model_once_and_opens_the_dataset_once(
     tiny_model_dir, tiny_corpus, tmp_path, offline, monkeypatch
 ):
@@ -279,7 +255,6 @@ def test_auto_loads_the_model_once_and_opens_the_dataset_once(
     assert len(loads) == 1 and len(opens) == 1, (loads, opens)
 
 
-@pytest.mark.xfail(reason="issue 9: reproduces a fault of the current trainer")
 def test_the_final_fvu_says_whether_its_tokens_were_trained_on(
     tiny_model_dir, tiny_corpus, tmp_path, offline
 ):
