@@ -368,7 +368,8 @@ class Grouping:
 
 def _index(value, what: str) -> int:
     """A non-negative int (JSON may hold 2.0 for 2; never True or 2.5)."""
-    if isinstance(value, bool) or not float(value).is_integer() or int(value) < 0:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not float(value).is_integer() or value < 0:
         raise ValueError(f"a {what} must be a non-negative integer, got {value!r}")
     return int(value)
 

@@ -253,6 +253,18 @@ def test_data_running_out_checkpoints_and_resume_takes_safe_flags(
     assert json.loads((out / "summary.json").read_text())["tokens"] >= 4000
 
 
+def test_a_finished_run_resumed_with_more_tokens_goes_on_exactly(
+    tiny_model_dir, tiny_corpus, tmp_path, straight
+):
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--tokens", "512")) == 0
+    assert json.loads((out / "summary.json").read_text())["complete"] is True
+    assert train_main(["--resume", str(out), "--tokens", "1k"]) == 0
+    assert_same_weights(straight, final_weights(out), "512 tokens, then resumed to 1k")
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), steps  # one log line per logged step
+
+
 def test_non_finite_loss_checkpoints_what_was_trained_and_stops(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys
 ):

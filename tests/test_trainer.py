@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from gsae.cli.train import main as train_main
-from gsae.train import loop
+from gsae.train import RunDir, loop
 
 FAST = ["--tokens", "12k", "--grouping-tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
         "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "3k", "--repeat",
@@ -42,6 +42,11 @@ def test_train_writes_every_output_and_fvu_falls(tiny_model_dir, tiny_corpus, tm
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0]["groups"], log[-1]["groups"]
     assert all(last[n]["fvu"] < first[n]["fvu"] for n in names), (first, last)
+    # what evaluation reads back from the folder
+    run = RunDir(out)
+    assert run.read_settings().model == str(tiny_model_dir)
+    assert set(run.load_saes()) == set(names)
+    assert run.final_position().to_dict() == summary["position"]
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
