@@ -203,6 +203,7 @@ def load_model(name: str, dtype: str | torch.dtype | None = None,
     device = resolve_device(device)
     dtype = parse_dtype(dtype if dtype is not None else default_dtype(device))
     tried = []
+    asked = name
     if name == "demo":
         name = str(bundled_dir() / "model")
     if Path(name).exists():
@@ -210,7 +211,7 @@ def load_model(name: str, dtype: str | torch.dtype | None = None,
             model, tokenizer = _from_pretrained(name, dtype)
         except Exception as err:
             raise ModelLoadError(f"could not load model from local path {name}: {err}") from err
-        source = name
+        source = str(Path(name).resolve())
     else:
         tried.append(f"no local directory {name!r}")
         source = hub_id(name)
@@ -227,7 +228,7 @@ def load_model(name: str, dtype: str | torch.dtype | None = None,
                 tried.append(f"the hub refused {source!r}: {err}")
                 raise ModelLoadError(_load_message("model", name, tried, "--model")) from None
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, name, source, find_layers(model))
+    return LoadedModel(model, tokenizer, asked, source, find_layers(model))
 
 
 def _load_message(what: str, name: str, tried: list[str], flag: str) -> str:

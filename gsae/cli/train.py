@@ -10,6 +10,8 @@ saved as soon as it is done and ``--resume OUT`` continues from there (see gsae.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -171,7 +173,8 @@ def resumed_settings(args: argparse.Namespace) -> RunSettings:
     changed = sorted(k for k in given if k in kept and asked[k] != kept[k])
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:
-        names = ", ".join(f"{flag(k)} (the run has {kept[k]!r})" for k in refused)
+        had = {k: "its default" if kept[k] is None else repr(kept[k]) for k in refused}
+        names = ", ".join(f"{flag(k)} (the run has {had[k]})" for k in refused)
         raise ValueError(
             f"--resume keeps the run's own settings; these cannot change: {names}. "
             "They would make it another run: start one with a new --out"
@@ -199,7 +202,9 @@ def print_plan(run: TrainingRun) -> None:
         f"(forward {a_cost / 1e6:.1f} MFLOP/token, SAE step {t_cost / 1e6:.1f} MFLOP/token)"
     )
     if run.resume:
-        print(f"resuming from {run.dir.describe()}")
+        print(f"resuming from {run.resumed_from}")
+    if run.previous_checkpoint:
+        print(f"the damaged checkpoint is set aside in {run.out / 'checkpoint.damaged'}")
 
 
 def main(argv=None) -> int:
@@ -225,7 +230,8 @@ def main(argv=None) -> int:
         run.estimate_scales()
         summary = run.train()
     except KeyboardInterrupt:
-        return stopped(run, "interrupted", 130)
+        with held_ctrl_c():  # a further Ctrl-C: let the message finish
+            return stopped(run, "interrupted", 130)
     except (DataExhausted, NonFiniteLoss) as err:
         hint = (
             " (--repeat cycles over it, or --tokens N ends the run earlier)"
@@ -257,6 +263,19 @@ def main(argv=None) -> int:
         f"summary.json in {run.out}"
     )
     return 0
+
+
+@contextlib.contextmanager
+def held_ctrl_c():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def stopped(run: TrainingRun | None, why: str, code: int) -> int:

@@ -58,6 +58,7 @@ class TrainingRun:
         self.previous_checkpoint = previous_checkpoint
         self.stage = "starting"
         self.written = False  # whether run.json (and so a resumable run) exists in out
+        self.resumed_from: str | None = None  # with resume: what the folder held, in words
         self.loaded: LoadedModel | None = None
         self.texts: TextSource | None = None
         self.ctx: ContextLength | None = None
@@ -91,8 +92,13 @@ class TrainingRun:
         self.stage = "writing run.json"
         if self.overwrite:
             self.dir.clear()
-        self.dir.path.mkdir(parents=True, exist_ok=True)
-        self.dir.write_settings(s)  # on resume: the flags it may change, changed for good
+        try:
+            self.dir.path.mkdir(parents=True, exist_ok=True)
+            self.dir.write_settings(s)  # on resume: the flags it may change, changed for good
+        except OSError as err:
+            raise PermissionError(
+                f"cannot write the run to {self.dir.path}: {err.strerror or err}"
+            ) from err
         self.written = True
 
     def _check_out_dir(self) -> None:
@@ -102,6 +108,9 @@ class TrainingRun:
             if not d.file("run.json").exists():
                 raise RunDirError(f"--resume {d.path}: no gsae-train run there (no run.json)")
             self.written = True
+            if self.previous_checkpoint:  # the latest is damaged: set aside, kept for a look
+                checkpoint.use_previous(d.path)
+            self.resumed_from = d.describe()
         elif d.holds_run() and not self.overwrite:
             raise RunDirError(
                 f"{d.path} already holds a gsae-train run: pass --resume {d.path} "
@@ -169,8 +178,6 @@ class TrainingRun:
         self.run = run
         resumed = self.resume and checkpoint.exists(out)
         if resumed:
-            if self.previous_checkpoint:
-                checkpoint.use_previous(out)
             run.load_checkpoint()
         try:
             final = run.train(self.texts, resumed=resumed)

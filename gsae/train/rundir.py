@@ -77,7 +77,10 @@ class RunDir:
     def describe(self) -> str:
         """What a resume would start from, in words (after finishing any interrupted save)."""
         checkpoint.recover(self.path)
-        state = checkpoint.read_manifest(self.path / checkpoint.LATEST, missing_ok=True)
+        try:
+            state = checkpoint.read_manifest(self.path / checkpoint.LATEST, missing_ok=True)
+        except checkpoint.CheckpointError as err:
+            return f"a damaged checkpoint ({err})"
         if state is not None:
             return f"a checkpoint at {state['tokens']:,} tokens (step {state['steps']})"
         kept = [n for n in (GROUPS_FILE, SCALES_FILE) if self.file(n).exists()]
