@@ -98,16 +98,17 @@ def save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
 def dumps_json(obj) -> str:
     """Strict JSON (no bare NaN/Infinity, which strict parsers reject): non-finite floats are
     written as null."""
-    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+    return json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
 
 
-def _finite(obj):
+def finite(obj):
+    """``obj`` with every non-finite float replaced by None (null in JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 

@@ -264,3 +264,28 @@ def test_the_hub_probe_asks_the_configured_endpoint_through_the_proxy(monkeypatc
     finally:
         server.shutdown()
         close_session()
+
+
+def test_a_streamed_dataset_resumes_from_its_own_state(monkeypatch):
+    """The hub path: the streaming dataset's state_dict() is the position, so resuming starts at
+    its shard and offset (here a local dataset streamed in 4 shards, as a hub one would be)."""
+    import datasets
+
+    from gsae.activations import _HubStream
+
+    docs = [f"streamed document {i} " + "more " * (i % 5) for i in range(300)]
+    stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)
+    texts = _HubStream("local/streamed", stream, "text")
+    assert list(texts.texts()) == docs  # every document, in order, read again from the start
+    whole = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3))
+    head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=200)
+    saved = StreamPosition.from_dict(json.loads(json.dumps(head[-1].position.to_dict())))
+    assert saved.source["hub"]["examples_iterable"]  # the dataset's own state, JSON and back
+    yielded = []
+    state_dict = type(stream).state_dict
+    monkeypatch.setattr(type(stream), "state_dict",
+                        lambda self: yielded.append(1) or state_dict(self))  # fmt: skip
+    rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3, position=saved))
+    assert torch.equal(torch.cat([b.input_ids for b in head + rest]),
+                       torch.cat([b.input_ids for b in whole]))  # fmt: skip
+    assert len(yielded) <= len(docs) - saved.documents + 1  # nothing before it was yielded

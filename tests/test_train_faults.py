@@ -297,6 +297,12 @@ def test_non_finite_loss_checkpoints_what_was_trained_and_stops(
         for tensor in load_file(str(out / name / "sae.safetensors")).values():
             assert torch.isfinite(tensor).all()
 
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in log.jsonl")
+
+    for line in (out / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)  # the NaN loss is logged as null
+
 
 def test_overwrite_removes_the_old_run_before_anything_else(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys

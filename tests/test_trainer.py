@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 from gsae.cli.train import main as train_main
 from gsae.train import RunDir, loop
 
+# tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = ["--tokens", "12k", "--grouping-tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
         "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "3k", "--repeat",
         "--log-every", "4", "--device", "cpu"]  # fmt: skip

@@ -23,7 +23,9 @@ from .common import add_data_args, data_defaults
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gsae-groups",
-        description=__doc__.split("\n\n")[0].split(": ", 1)[1].replace("\n", " "),
+        description="Group the layers of a model by the mean angular distance of their residual "
+        "streams (complete linkage), print AMAD and the compute saving for every G, and write "
+        "groups.json with a heatmap and an AMAD plot.",
     )
     add_data_args(p)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")

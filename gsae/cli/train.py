@@ -283,7 +283,8 @@ def stopped(run: TrainingRun | None, why: str, code: int) -> int:
     if run is None or not run.written:
         stage = f" while {run.stage}" if run else ""
         print(
-            f"\ngsae-train: {why}{stage}; nothing was written: run the same command again",
+            f"\ngsae-train: {why}{stage}; nothing of this run was written yet: run the same "
+            "command again",
             file=sys.stderr,
         )
         return code

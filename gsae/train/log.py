@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import finite
+
 
 class StepTimer:
     """Seconds spent waiting for data, in the model forward and in the SAE steps.
@@ -82,7 +84,7 @@ class JsonlLog:
         return self.file.tell()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(finite(record), allow_nan=False) + "\n")  # NaN: null
         self.file.flush()
 
     def close(self) -> None:
@@ -111,6 +113,6 @@ def make_sinks(tensorboard: bool, wandb: bool, out: Path, config: dict) -> list:
         except ImportError:
             print("gsae-train: --wandb: wandb is not installed", file=sys.stderr)
         else:
-            wb.init(project="gsae", dir=str(out), config=config, resume="allow")
+            wb.init(project="gsae", dir=str(out), config=config)
             sinks.append(lambda r: wb.log(flat(r), step=r["tokens"]))
     return sinks

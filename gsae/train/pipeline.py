@@ -89,9 +89,10 @@ class TrainingRun:
             self.groups_file = groups.check_spec(s, self.loaded.num_layers)
             if self.groups_file is not None:
                 groups.check_file(self.groups_file, s.groups_file, self.loaded, s.include_last)
-        self.stage = "writing run.json"
         if self.overwrite:
+            self.stage = "removing the old run (--overwrite)"
             self.dir.clear()
+        self.stage = "writing run.json"
         try:
             self.dir.path.mkdir(parents=True, exist_ok=True)
             self.dir.write_settings(s)  # on resume: the flags it may change, changed for good
