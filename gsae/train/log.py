@@ -22,7 +22,8 @@ class StepTimer:
     is synchronous, the host clock is exact."""
 
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self._totals = {"data": 0.0, "forward": 0.0, "sae": 0.0}
         self._events: list[tuple] = []  # (forward start, sae start, sae end) per step
         self._marks: list = []
@@ -30,6 +31,7 @@ class StepTimer:
 
     def waiting(self) -> None:
         """Before asking for the next batch."""
+        self._marks = []  # a step cut off half-way (an interrupt) is not counted
         self._wait_start = time.perf_counter()
 
     def mark(self) -> None:
@@ -38,7 +40,7 @@ class StepTimer:
             self._totals["data"] += time.perf_counter() - self._wait_start
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the run's GPU, not the default
             self._marks.append(event)
         else:
             self._marks.append(time.perf_counter())
