@@ -1,0 +1,3 @@
+"""The command-line programs, one module each: they parse flags, print, and call the library
+(which never imports them). ``gsae-groups``: :mod:`gsae.cli.groups`; ``gsae-train``:
+:mod:`gsae.cli.train`."""
