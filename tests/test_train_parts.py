@@ -226,3 +226,13 @@ def test_the_gpu_time_split_measures_the_work_not_its_launch():
     timer.mark()
     totals = timer.totals()
     assert totals["forward"] > 0.02, totals
+
+
+def test_each_layer_set_gets_its_own_init_seed():
+    """A group SAE and a per-layer SAE of the same run seed must not share a random decoder
+    (MMCS between the runs would then measure the init), while a rerun reproduces it."""
+    from gsae.train.settings import sae_seed
+
+    seeds = {tuple(layers): sae_seed(0, layers) for layers in ([0], [0, 1, 2], [1], [5])}
+    assert len(set(seeds.values())) == len(seeds)
+    assert sae_seed(0, [2, 1, 0]) == seeds[(0, 1, 2)] and sae_seed(1, [0]) != seeds[(0,)]

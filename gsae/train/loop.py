@@ -25,7 +25,7 @@ from .interrupt import StepGuard
 from .log import JsonlLog, StepTimer, make_sinks
 from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
-from .settings import RunSettings
+from .settings import RunSettings, sae_seed
 
 
 class DataExhausted(Exception):
@@ -80,7 +80,8 @@ class Run:
         self.sinks: list = []
 
     def _group(self, layers: list[int], scales: dict[int, float]) -> Group:
-        sae = Sae(self.settings.sae_config(self.loaded.d_model), layers, device=self.device)
+        cfg = self.settings.sae_config(self.loaded.d_model, sae_seed(self.settings.seed, layers))
+        sae = Sae(cfg, layers, device=self.device)
         for layer in layers:
             sae.set_scale(layer, scales[layer])
         return Group(group_name(layers), list(layers), SaeTrainer(sae))

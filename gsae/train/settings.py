@@ -9,6 +9,7 @@ but ``d``, which comes from the model): a new SaeConfig field needs no change he
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass, field
 
 from ..activations import DEFAULT_DATASET
@@ -22,6 +23,13 @@ SETTINGS_VERSION = 2
 # dataset cycle, --device moves it (CPU and GPU round differently: weights then differ in the
 # last bits), the rest only decides what is logged and when
 RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard")
+
+
+def sae_seed(seed: int, layers) -> int:
+    """The init seed of the SAE of ``layers`` in a run seeded ``seed``: SAEs of different layer
+    sets start from different random decoders, so that one of a Group-SAE run and one of a
+    per-layer run are not alike merely by their init (MMCS between runs would measure that)."""
+    return zlib.crc32(f"{seed}:{sorted(int(x) for x in layers)}".encode()) & 0x7FFFFFFF
 
 
 @dataclass
