@@ -120,7 +120,7 @@ def test_browse_collection_on_a_demo_run(benchmark, report, tmp_path):
     benchmark.group = "browse-demo"
     from gsae.activations import ActivationReader, TokenStream, iter_texts, load_model
     from gsae.browse.collect import collect
-    from gsae.trainer import train_main
+    from gsae.cli.train import main as train_main
 
     tokens = 4096 if benchmark.disabled else 131_072
     run = tmp_path / "run"

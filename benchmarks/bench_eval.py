@@ -134,7 +134,7 @@ def test_mmco_on_gpu(benchmark, report):
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory, request):
-    from gsae.trainer import train_main
+    from gsae.cli.train import main as train_main
 
     root = tmp_path_factory.mktemp("bench-eval")
     small = request.config.getoption("benchmark_disable")  # CI: it only has to run

@@ -5,17 +5,22 @@ The only module of gsae that imports transformers and datasets.
 - :func:`load_model`: a local directory, a hub id, or a short name (``pythia-160m`` means
   ``EleutherAI/pythia-160m``; ``demo`` the model bundled with gsae). Only the base model is
   loaded (no LM head). Offline, it fails fast with one error naming what was tried.
+  :func:`default_dtype` is the one policy for the forward's dtype (bf16 on a GPU, fp32 on a CPU)
+  and :func:`context_length` keeps the context within the model's position limit.
+- :func:`open_texts`: a :class:`TextSource` of documents from a hub dataset (streamed) or a local
+  ``.txt``/``.jsonl`` (optionally ``.gz``), parquet file or saved ``datasets`` directory, opened
+  once and read as often as needed, from the start or from a saved state without reading what
+  came before it (byte offsets, row numbers, or the streaming dataset's own ``state_dict``).
 - :class:`TokenText`: the text of each token of a sequence, for display.
-- :func:`iter_texts`: documents from a hub dataset (streamed) or a local ``.txt``/``.jsonl``
-  (optionally ``.gz``), parquet file or saved ``datasets`` directory.
 - :class:`TokenStream`: tokenizes in a background thread and packs the token stream into
-  ``ctx_len`` chunks, documents joined by EOS, no BOS; its position can be saved and restored
-  exactly (for resuming a run).
+  ``ctx_len`` chunks, documents joined by EOS, no BOS, in time linear in the text; its position
+  (a few numbers) can be saved and restored exactly (for resuming a run).
 - :class:`ActivationReader`: forward hooks on the chosen layers return the residual stream after
   each layer's MLP, ``[L, N, d]``; the forward stops after the deepest layer asked for.
 - :func:`splice` / :func:`record`: context managers whose forward hooks replace (splice) or keep
   (record) the residual stream of chosen layers during full forwards; :func:`lm_logits` runs one.
   ``load_model(..., lm_head=True)`` keeps a causal LM's head for them.
+  :func:`hidden_states` streams them over a text source.
 - :func:`load_structure` / :func:`layer_prefix`: a model's modules without weights, and the
   name of its layer list (sparsify's hookpoints: ``layers.5``, ``h.5``, ...);
   :func:`load_tokenizer`: its tokenizer alone.
@@ -32,12 +37,13 @@ import gzip
 import json
 import os
 import queue
-import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,15 +76,37 @@ def hub_id(name: str) -> str:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub can be reached (skipped when HF_HUB_OFFLINE is set), checked
-    once so that an offline machine fails in seconds rather than after minutes of retries."""
+    once so that an offline machine fails in seconds rather than after minutes of retries.
+
+    The question goes to ``HF_ENDPOINT`` (a mirror) through huggingface_hub's own HTTP client, so
+    ``HTTPS_PROXY``/``HTTP_PROXY`` and any client factory the user set are honoured; any answer,
+    even an error status, means the hub is there."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
         return False
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:
         return False
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:
+        return False
+    return True
+
+
+def resolve_device(name: str) -> str:
+    """``auto``: the GPU when there is one (CUDA or ROCm), else the CPU; other names as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def default_dtype(device: str) -> str:
+    """The model forward's dtype when none is asked for, the same for every command: bf16 on a
+    GPU, fp32 on a CPU (which has no fast bf16 matmul, and where fp32 is the paper's setting)."""
+    return "fp32" if torch.device(resolve_device(device)).type == "cpu" else "bf16"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -108,6 +136,59 @@ class LoadedModel:
     @property
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one transformer block (for the FLOP model)."""
+        return sum(p.numel() for p in self.layers[0].parameters())
+
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence the model takes (None when it states no limit)."""
+        return position_limit(self.model.config)
+
+
+# position limits go by many names; encoders of the RoBERTa family count from padding_idx + 1
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
+                 "max_sequence_length")  # fmt: skip
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text",
+                        "xmod", "roberta-prelayernorm")  # fmt: skip
+DEFAULT_CTX_LEN = 1024
+
+
+def position_limit(config) -> int | None:
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", "") in PADDING_OFFSET_TYPES:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+class ContextLength(NamedTuple):
+    """The context length a command uses, and whether the model's limit shortened the default."""
+
+    tokens: int
+    capped: bool
+
+
+def context_length(loaded: LoadedModel, requested: int | None,
+                   default: int = DEFAULT_CTX_LEN) -> ContextLength:  # fmt: skip
+    """``requested`` if the model takes it (a clear error if not); with None the default, capped
+    at the model's position limit."""
+    limit = loaded.position_limit
+    if requested is None:
+        if limit is not None and limit < default:
+            return ContextLength(limit, True)
+        return ContextLength(default, False)
+    if requested < 2:
+        raise ValueError(f"--ctx-len {requested}: need at least 2 tokens per sequence")
+    if limit is not None and requested > limit:
+        raise ValueError(f"--ctx-len {requested} is longer than the {limit} positions "
+                         f"{loaded.name} takes; pass --ctx-len {limit} or less (by default it "
+                         "is capped at the limit)")  # fmt: skip
+    return ContextLength(requested, False)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, lm_head: bool = False, **kwargs):
@@ -142,15 +223,18 @@ def _causal_lm(source: str, dtype: torch.dtype, **kwargs):
     return None if info.get("missing_keys") else model
 
 
-def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu",
+def load_model(name: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
                lm_head: bool = False) -> LoadedModel:  # fmt: skip
-    """Load the base model (no LM head) and tokenizer of ``name``, for inference.
+    """Load the base model (no LM head) and tokenizer of ``name``, for inference, in ``dtype``
+    (default: :func:`default_dtype` of the device) on ``device`` (``auto`` allowed).
 
     ``lm_head=True``: load the causal LM with its head instead, where the checkpoint has one
     (``LoadedModel.lm_head`` says whether it did, ``no_head_reason`` why not); the layers and
     hooks are the same either way."""
-    dtype = parse_dtype(dtype)
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype if dtype is not None else default_dtype(device))
     tried = []
+    asked = name
     if name == "demo":
         name = str(bundled_dir() / "model")
     if Path(name).exists():
@@ -158,7 +242,7 @@ def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu"
             model, tokenizer = _from_pretrained(name, dtype, lm_head)
         except Exception as err:
             raise ModelLoadError(f"could not load model from local path {name}: {err}") from err
-        source = name
+        source = str(Path(name).resolve())
     else:
         tried.append(f"no local directory {name!r}")
         source = hub_id(name)
@@ -179,7 +263,7 @@ def load_model(name: str, dtype: str | torch.dtype = "bf16", device: str = "cpu"
         model.get_output_embeddings() is not None)  # fmt: skip
     reason = "" if has_head or not lm_head else (
         f"{type(model).__name__} has no causal-LM head in {source}")  # fmt: skip
-    return LoadedModel(model, tokenizer, name, source, find_layers(model), has_head, reason)
+    return LoadedModel(model, tokenizer, asked, source, find_layers(model), has_head, reason)
 
 
 def _lookup(name: str, load: Callable[..., object]):
@@ -263,38 +347,148 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+class TextSource:
+    """The documents of one dataset, opened once and read as often as needed.
+
+    ``read(state)`` yields ``(document, state after it)``; passing a saved state resumes right
+    after that document without reading what came before it. States are small JSON-able dicts.
+    """
+
+    name = "texts"
+
+    def read(self, state: dict | None = None) -> Iterator[tuple[str, dict]]:
+        raise NotImplementedError
+
+    def texts(self) -> Iterator[str]:
+        """The documents alone, from the first."""
+        return (text for text, _ in self.read())
 
 
-def _paragraphs(path: Path) -> Iterator[str]:
-    """A ``.txt`` file: documents separated by blank lines (newlines inside are kept)."""
-    lines: list[str] = []
-    with _open_text(path) as f:
-        for line in f:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).strip("\n")
-                lines = []
-    if lines:
-        yield "".join(lines).strip("\n")
+class _LineFile(TextSource):
+    """A ``.txt`` (documents separated by blank lines, newlines inside kept) or ``.jsonl`` file,
+    optionally gzipped; the state is a byte offset into the (uncompressed) text."""
+
+    def __init__(self, path: Path, kind: str, column: str):
+        self.path, self.kind, self.column = path, kind, column
+        self.name = str(path)
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self.path.suffix == ".gz" else open(self.path, "rb")
+
+    def read(self, state=None):
+        offset = int(state["offset"]) if state else 0
+        with self._open() as f:
+            if offset:
+                f.seek(offset)  # a gzip file decompresses up to it, reading nothing else
+            lines: list[str] = []
+            for raw in f:
+                start, offset = offset, offset + len(raw)
+                line = raw.decode("utf-8").replace("\r\n", "\n")
+                if self.kind == "jsonl":
+                    if line.strip():
+                        yield self._record(line, start), {"offset": offset}
+                elif line.strip():
+                    lines.append(line)
+                elif lines:
+                    yield "".join(lines).strip("\n"), {"offset": offset}
+                    lines = []
+            if lines:
+                yield "".join(lines).strip("\n"), {"offset": offset}
+
+    def _record(self, line: str, start: int) -> str:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            message = f"{self.path}: the line at byte {start} is not JSON ({err})"
+            raise DatasetLoadError(message) from None
+        if not isinstance(record, dict) or self.column not in record:
+            raise DatasetLoadError(f"{self.path}: the record at byte {start} has no "
+                                   f"{self.column!r} field (pass it with --column)")  # fmt: skip
+        return record[self.column]
 
 
-def _jsonl(path: Path, column: str) -> Iterator[str]:
-    with _open_text(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                record = json.loads(line)
-                if column not in record:
-                    raise DatasetLoadError(f"{path}:{number} has no {column!r} field")
-                yield record[column]
+class _Rows(TextSource):
+    """A parquet file or a saved ``datasets`` directory: rows read in slices; the state is the
+    number of rows read."""
+
+    def __init__(self, name: str, num_rows: int, read_rows: Callable[[int, int], list[str]]):
+        self.name, self.num_rows, self._read_rows = name, num_rows, read_rows
+
+    def read(self, state=None):
+        row = int(state["row"]) if state else 0
+        while row < self.num_rows:
+            for text in self._read_rows(row, min(row + 1024, self.num_rows)):
+                row += 1
+                yield text, {"row": row}
 
 
-def iter_texts(dataset: str, split: str = "train", column: str = "text") -> Iterator[str]:
-    """Documents of ``dataset``: a local file or directory, ``demo``, or a hub dataset id."""
+def _parquet_rows(path: Path, column: str) -> _Rows:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    if column not in file.schema_arrow.names:
+        raise DatasetLoadError(f"{path} has no column {column!r} (it has "
+                               f"{file.schema_arrow.names}); pass it with --column")  # fmt: skip
+    starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows
+                              for i in range(file.num_row_groups)])  # fmt: skip
+
+    def read_rows(begin: int, end: int) -> list[str]:  # whole row groups, only those needed
+        first = int(np.searchsorted(starts, begin, side="right")) - 1
+        last = int(np.searchsorted(starts, end, side="left"))
+        table = file.read_row_groups(list(range(first, last)), columns=[column])
+        return table.column(0).to_pylist()[begin - starts[first] : end - starts[first]]
+
+    return _Rows(str(path), int(starts[-1]), read_rows)
+
+
+def _saved_rows(path: Path, split: str, column: str) -> _Rows:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DatasetLoadError(f"{path} has no split {split!r} (it has {list(data)})")
+        data = data[split]
+    if column not in data.column_names:
+        raise DatasetLoadError(f"{path} has no column {column!r} (it has {data.column_names}); "
+                               "pass it with --column")  # fmt: skip
+    return _Rows(str(path), len(data), lambda begin, end: data[begin:end][column])
+
+
+class _HubStream(TextSource):
+    """A streamed hub dataset; the state is the streaming dataset's own ``state_dict()``, so a
+    resumed run starts at its shard and offset instead of streaming everything before it."""
+
+    def __init__(self, name: str, stream, column: str):
+        self.name, self.stream, self.column = name, stream, column
+        self.start = stream.state_dict()
+
+    def read(self, state=None):
+        self.stream.load_state_dict(state["hub"] if state else self.start)
+        for record in self.stream:
+            if self.column not in record:
+                raise DatasetLoadError(f"{self.name} has no column {self.column!r} (it has "
+                                       f"{list(record)}); pass it with --column")  # fmt: skip
+            yield record[self.column], {"hub": self.stream.state_dict()}
+
+
+class IterableSource(TextSource):
+    """Documents from ``texts_fn()`` (an iterator from the start each call); resuming skips the
+    documents already read, so it reads them again: for small in-memory sources and tests."""
+
+    def __init__(self, texts_fn: Callable[[], Iterator[str]], name: str = "texts"):
+        self.texts_fn, self.name = texts_fn, name
+
+    def read(self, state=None):
+        skip = int(state["documents"]) if state else 0
+        for number, text in enumerate(self.texts_fn(), 1):
+            if number > skip:
+                yield text, {"documents": number}
+
+
+def open_texts(dataset: str, split: str = "train", column: str = "text") -> TextSource:
+    """The documents of ``dataset``: a local file or directory, ``demo``, or a hub dataset id
+    (streamed). Opened once here; fails now, with one message, if it cannot be."""
     if dataset == "demo":
         dataset = str(bundled_dir() / "corpus.txt.gz")
     path = Path(dataset)
@@ -311,27 +505,24 @@ def iter_texts(dataset: str, split: str = "train", column: str = "text") -> Iter
     except Exception as err:
         tried.append(f"the hub could not open {dataset!r} (split {split!r}): {err}")
         raise DatasetLoadError(_load_message("dataset", dataset, tried, "--dataset")) from None
-    return (record[column] for record in stream)
+    return _HubStream(dataset, stream, column)
 
 
-def _local_texts(path: Path, split: str, column: str) -> Iterator[str]:
+def iter_texts(dataset: str, split: str = "train", column: str = "text") -> Iterator[str]:
+    """The documents of ``dataset`` from the first (see :func:`open_texts`)."""
+    return open_texts(dataset, split, column).texts()
+
+
+def _local_texts(path: Path, split: str, column: str) -> TextSource:
     suffixes = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if path.is_dir():
-        import datasets
-
-        data = datasets.load_from_disk(str(path))
-        if isinstance(data, datasets.DatasetDict):
-            data = data[split]
-        return iter(data[column])
+        return _saved_rows(path, split, column)
     if suffixes in (".txt", ".txt.gz"):
-        return _paragraphs(path)
+        return _LineFile(path, "txt", column)
     if suffixes in (".jsonl", ".jsonl.gz", ".json", ".json.gz"):
-        return _jsonl(path, column)
+        return _LineFile(path, "jsonl", column)
     if suffixes == ".parquet":
-        import pyarrow.parquet as pq
-
-        batches = pq.ParquetFile(path).iter_batches(columns=[column])
-        return (text for batch in batches for text in batch.column(0).to_pylist())
+        return _parquet_rows(path, column)
     raise DatasetLoadError(
         f"cannot read {path}: expected .txt, .jsonl or .parquet (optionally .gz) "
         "or a saved datasets directory"
@@ -384,19 +575,26 @@ class TokenText:
 
 @dataclass
 class StreamPosition:
-    """Where a token stream stands: documents consumed and the tokens carried over after the
-    last emitted chunk. Restoring it reproduces the rest of the stream exactly."""
+    """Where a token stream stands after a chunk, in a few numbers whatever the documents' length:
+    ``source``, the text source's state before the document being packed (None: the first one);
+    ``offset``, how many of that document's tokens (its EOS included) are already emitted;
+    ``documents``, how many documents of this pass over the data came before it; ``epoch``, the
+    pass (``repeat`` cycles). Restoring it reproduces the rest of the stream exactly, reading
+    and tokenizing only that one document again."""
 
-    documents: int = 0
-    carry: list[int] = field(default_factory=list)
     epoch: int = 0
+    documents: int = 0
+    source: dict | None = None
+    offset: int = 0
 
     def to_dict(self) -> dict:
-        return {"documents": self.documents, "carry": list(self.carry), "epoch": self.epoch}
+        return {"epoch": self.epoch, "documents": self.documents, "source": self.source,
+                "offset": self.offset}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamPosition:
-        return cls(int(d["documents"]), [int(t) for t in d["carry"]], int(d.get("epoch", 0)))
+        return cls(int(d.get("epoch", 0)), int(d.get("documents", 0)), d.get("source"),
+                   int(d.get("offset", 0)))  # fmt: skip
 
 
 @dataclass
@@ -417,15 +615,16 @@ class TokenStream:
 
     Documents are tokenized without special tokens and joined by EOS (no BOS, as the paper).
     The last, partial chunk of a finite source is padded and masked. ``repeat=True`` cycles over
-    a finite source (small local corpora). Iterate to get :class:`TokenBatch` objects.
+    a finite source (small local corpora). ``texts`` is a :class:`TextSource` or a function
+    returning an iterator of documents. Iterate to get :class:`TokenBatch` objects.
     """
 
-    def __init__(self, texts_fn, tokenizer, ctx_len: int = 1024, batch_size: int = 8,
-                 position: StreamPosition | None = None, repeat: bool = False,
-                 prefetch: int = 4, docs_per_call: int = 64):  # fmt: skip
+    def __init__(self, texts: TextSource | Callable[[], Iterator[str]], tokenizer,
+                 ctx_len: int = 1024, batch_size: int = 8, position: StreamPosition | None = None,
+                 repeat: bool = False, prefetch: int = 4, docs_per_call: int = 64):  # fmt: skip
         if ctx_len < 2 or batch_size < 1:
             raise ValueError(f"need ctx_len >= 2 and batch_size >= 1, got {ctx_len}, {batch_size}")
-        self.texts_fn = texts_fn  # () -> iterator of documents, from the start
+        self.source = texts if isinstance(texts, TextSource) else IterableSource(texts)
         self.tokenizer = tokenizer
         self.ctx_len, self.batch_size = ctx_len, batch_size
         self.start = position or StreamPosition()
@@ -443,44 +642,51 @@ class TokenStream:
 
     # -- worker
 
-    def _documents(self) -> Iterator[tuple[int, int, str]]:
-        """(epoch, index, text) from the saved position on."""
-        epoch = self.start.epoch
-        skip = self.start.documents
+    def _documents(self) -> Iterator[tuple[int, int, dict | None, str]]:
+        """(epoch, documents before it in the epoch, source state before it, text) from the
+        saved position on."""
+        epoch, number, state = self.start.epoch, self.start.documents, self.start.source
         while True:
-            index = 0
-            for text in self.texts_fn():
-                index += 1
-                if index <= skip:
-                    continue
-                yield epoch, index, text
-            if not self.repeat or index == 0:
+            read_any = False
+            for text, after in self.source.read(state):
+                read_any = True
+                yield epoch, number, state, text
+                number, state = number + 1, after
+            if not self.repeat or (not read_any and state is None):  # the end, or no data at all
                 return
-            epoch, skip = epoch + 1, 0
+            epoch, number, state = epoch + 1, 0, None
 
-    def _chunks(self) -> Iterator[tuple[list[int], int, StreamPosition]]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, int, StreamPosition]]:
         """(tokens [ctx_len], real length, position after the chunk), tokenizing documents
-        ``docs_per_call`` at a time (fast tokenizers run a batch in parallel, outside the GIL)."""
-        carry = list(self.start.carry)
-        last = (self.start.epoch, self.start.documents)
-        pending: list[tuple[int, int, str]] = []
+        ``docs_per_call`` at a time (fast tokenizers run a batch in parallel, outside the GIL).
+        Linear in the text: each document's tokens are copied once, chunks are views."""
+        ctx = self.ctx_len
+        pending = np.empty(0, dtype=np.int64)  # tokens of earlier documents, fewer than ctx
+        skip = self.start.offset  # the saved position is inside the first document
+        last = None
         documents = self._documents()
         while True:
-            pending = [doc for _, doc in zip(range(self.docs_per_call), documents, strict=False)]
-            if not pending:
+            block = [doc for _, doc in zip(range(self.docs_per_call), documents, strict=False)]
+            if not block:
                 break
-            ids = self.tokenizer([t for _, _, t in pending], add_special_tokens=False)["input_ids"]
-            for (epoch, index, _), tokens in zip(pending, ids, strict=True):
-                carry.extend(tokens)
-                carry.append(self.eos)
-                last = (epoch, index)
-                while len(carry) >= self.ctx_len:
-                    chunk = carry[: self.ctx_len]
-                    del carry[: self.ctx_len]
-                    yield chunk, self.ctx_len, StreamPosition(index, list(carry), epoch)
-        if carry:  # a finite source's last, partial chunk: padded, and masked in the batch
-            padded = carry + [self.pad] * (self.ctx_len - len(carry))
-            yield padded, len(carry), StreamPosition(last[1], [], last[0])
+            ids = self.tokenizer([doc[3] for doc in block], add_special_tokens=False)["input_ids"]
+            for (epoch, number, state, _), tokens in zip(block, ids, strict=True):
+                doc = np.empty(len(tokens) + 1, dtype=np.int64)
+                doc[:-1] = tokens
+                doc[-1] = self.eos
+                carry = np.concatenate([pending, doc[skip:]])
+                done = skip - len(pending)  # tokens of this document emitted, minus the offset
+                full = len(carry) // ctx
+                for i in range(full):
+                    end = (i + 1) * ctx
+                    yield carry[end - ctx : end], ctx, StreamPosition(epoch, number, state,
+                                                                      done + end)  # fmt: skip
+                pending, skip = carry[full * ctx :], 0
+                last = StreamPosition(epoch, number, state, len(doc))
+        if len(pending):  # a finite source's last, partial chunk: padded, and masked in the batch
+            padded = np.full(ctx, self.pad, dtype=np.int64)
+            padded[: len(pending)] = pending
+            yield padded, len(pending), last
 
     def _work(self) -> None:
         try:
@@ -499,7 +705,7 @@ class TokenStream:
             self._put(err)
 
     def _batch(self, rows, lengths, pos) -> TokenBatch:
-        ids = torch.tensor(rows, dtype=torch.long)
+        ids = torch.from_numpy(np.stack(rows))
         mask = torch.arange(self.ctx_len)[None, :] < torch.tensor(lengths)[:, None]
         return TokenBatch(ids, mask.long(), pos)
 
@@ -680,3 +886,16 @@ def lm_logits(loaded: LoadedModel, input_ids: torch.Tensor,
     mask = attention_mask.to(device) if attention_mask is not None else None
     out = loaded.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
     return out.logits
+
+
+@contextlib.contextmanager
+def hidden_states(
+    loaded: LoadedModel, layers: Sequence[int], texts: TextSource, ctx_len: int, batch_size: int,
+    repeat: bool = False, position: StreamPosition | None = None,
+) -> Iterator[Iterator[torch.Tensor]]:  # fmt: skip
+    """Yields an iterator of the ``[L, N, d]`` activations of ``layers`` over ``texts``, one
+    batch of ``batch_size`` sequences of ``ctx_len`` tokens at a time (the tokenizer runs ahead
+    in a thread, stopped when the block ends)."""
+    reader = ActivationReader(loaded, layers)
+    with TokenStream(texts, loaded.tokenizer, ctx_len, batch_size, position, repeat) as stream:
+        yield (reader(b.input_ids, b.attention_mask) for b in stream)

@@ -7,10 +7,12 @@
    smallest (paper section 3.1, footnote 1), recording the partition for every G.
 3. :func:`amad` is the mean over groups of the largest distance inside each group (Eq. 4), and
    ``G_hat`` the smallest G with AMAD(G) below the threshold (0.2 in the paper).
-4. :func:`compute_savings` gives Delta(G) = (A + G T) / (A + L T) - 1 (Eq. 5).
+4. :func:`compute_savings` gives Delta(G) = (A + G T) / (A + L T) - 1 (Eq. 5), with A and T from
+   the one FLOP model, :func:`model_costs` (gsae-groups and gsae-train print the same Delta).
 
 :func:`group_layers` runs 2-4 on a distance matrix and returns a :class:`Grouping`, which reads
-and writes ``groups.json``.
+and writes ``groups.json``; :func:`measure_model` does it all for a loaded model and a text
+source.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from .angular import angular_distance_sums
 from .io import write_json
+from .progress import progress_bar
 
 DEFAULT_THRESHOLD = 0.2
 
@@ -131,6 +134,22 @@ def check_distance_matrix(matrix) -> np.ndarray:
     return m
 
 
+def read_matrix(path: str | Path) -> np.ndarray:
+    """An L x L distance matrix from a ``.npy`` file, a JSON list of lists, or a groups.json."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no matrix file at {p}")
+    if p.suffix == ".npy":
+        return check_distance_matrix(np.load(p))
+    try:
+        data = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{p}: expected a .npy file or a JSON list of lists ({err})") from None
+    if isinstance(data, dict) and "distances" in data:  # a groups.json works too
+        data = data["distances"]
+    return check_distance_matrix(data)
+
+
 def canonical_labels(labels: Sequence[int]) -> list[int]:
     """Renumber groups 0..G-1 in order of their first member."""
     first: dict[int, int] = {}
@@ -231,19 +250,15 @@ def compute_savings(num_groups: int, num_layers: int, forward_cost: float, sae_c
     return trained / baseline - 1
 
 
-def model_costs(loaded, grouped: list[int], ctx_len: int, expansion: int, k: int,
-                kernels: str) -> tuple[float, float, int]:  # fmt: skip
-    """(A, T, extra SAEs) per token for ``loaded`` (a :class:`gsae.activations.LoadedModel`):
-    A is the forward through every layer that gets an SAE, T one SAE step at ``expansion`` x d
-    latents, and the last layer's own SAE is counted when it is not ``grouped``. The one FLOP
-    model of gsae-groups, gsae-train and gsae-eval (Delta(G) = :func:`compute_savings`)."""
+def model_costs(loaded, grouped: Sequence[int], ctx_len: int, expansion: int, k: int,
+                kernels: str = "sparse") -> tuple[float, float, int]:  # fmt: skip
+    """(A, T, extra SAEs) per token for a loaded model (:class:`gsae.activations.LoadedModel`):
+    A is the forward through every layer that gets an SAE, T one SAE step, and the last layer's
+    own SAE is counted when it is not grouped."""
     n = loaded.num_layers
     extra = 0 if (n - 1) in grouped else 1
-    deepest = n - 1
-    layer_params = sum(p.numel() for p in loaded.layers[0].parameters())
-    a_cost = forward_flops_per_token(layer_params, deepest + 1, loaded.d_model, ctx_len)
-    d = loaded.d_model
-    t_cost = sae_flops_per_token(d, expansion * d, k, kernels)
+    a_cost = forward_flops_per_token(loaded.layer_params, n, loaded.d_model, ctx_len)
+    t_cost = sae_flops_per_token(loaded.d_model, expansion * loaded.d_model, k, kernels)
     return float(a_cost), float(t_cost), extra
 
 
@@ -274,8 +289,8 @@ class Grouping:
     extra: dict = field(default_factory=dict)  # e.g. {"last_layer": 11, "cluster_space": ...}
 
     def groups(self, num_groups: int | None = None) -> list[list[int]]:
-        """Model layers of each group, for G (default G_hat)."""
-        g = self.g_hat if num_groups is None else num_groups
+        """Model layers of each group, for G (default: the G trained, else G_hat)."""
+        g = num_groups or self.extra.get("g_trained") or self.g_hat
         if g not in self.partitions:
             raise ValueError(f"no partition with G={g}; have {sorted(self.partitions)}")
         out: list[list[int]] = [[] for _ in range(g)]
@@ -304,35 +319,64 @@ class Grouping:
 
     @classmethod
     def load(cls, path: str | Path) -> Grouping:
+        """Read and check a groups.json: a clear error for anything that would train the wrong
+        groups (labels outside 0..G-1, an empty group, repeated layers, G_hat missing)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"no groups file at {path}") from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         missing = [k for k in ("model", "layers", "partitions", "g_hat") if k not in data]
-        if missing:
+        if not isinstance(data, dict) or missing:
             raise ValueError(f"{path} is not a groups.json (missing {missing})")
         known = {"model", "layers", "distances", "tokens", "partitions", "g_hat", "threshold",
                  "savings"}  # fmt: skip
-        partitions = {int(g): Partition(list(p["labels"]), float(p["amad"]))
-                      for g, p in data["partitions"].items()}  # fmt: skip
+        try:
+            layers = [_index(x, "layer") for x in data["layers"]]
+            partitions = {int(g): Partition([_index(x, "label") for x in p["labels"]],
+                                            _number(p.get("amad")))
+                          for g, p in data["partitions"].items()}  # fmt: skip
+            g_hat = int(data["g_hat"])
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"{path}: malformed groups file ({err})") from None
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"{path}: layers must be distinct, got {layers}")
         for g, p in partitions.items():
-            if len(p.labels) != len(data["layers"]):
+            if len(p.labels) != len(layers):
                 raise ValueError(f"{path}: partition G={g} has {len(p.labels)} labels for "
-                                 f"{len(data['layers'])} layers")  # fmt: skip
+                                 f"{len(layers)} layers")  # fmt: skip
+            if sorted(set(p.labels)) != list(range(g)):
+                raise ValueError(f"{path}: partition G={g} has labels {p.labels}; each of "
+                                 f"0..{g - 1} must label at least one layer")  # fmt: skip
+        if g_hat not in partitions:
+            raise ValueError(f"{path}: g_hat = {g_hat} has no partition (have "
+                             f"{sorted(partitions)})")  # fmt: skip
         return cls(
-            model=data["model"],
-            layers=[int(x) for x in data["layers"]],
-            distances=data.get("distances", []),
-            tokens=int(data.get("tokens", 0)),
+            model=str(data["model"] or ""),
+            layers=layers,
+            distances=data.get("distances") or [],
+            tokens=int(data.get("tokens") or 0),
             partitions=partitions,
-            g_hat=int(data["g_hat"]),
-            threshold=float(data.get("threshold", DEFAULT_THRESHOLD)),
-            savings={int(g): float(s) for g, s in data.get("savings", {}).items()},
+            g_hat=g_hat,
+            threshold=_number(data.get("threshold", DEFAULT_THRESHOLD)),
+            savings={int(g): _number(s) for g, s in (data.get("savings") or {}).items()},
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def _index(value, what: str) -> int:
+    """A non-negative int (JSON may hold 2.0 for 2; never True or 2.5)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not float(value).is_integer() or value < 0:
+        raise ValueError(f"a {what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _number(value) -> float:
+    """A float; null (how strict JSON writes NaN) reads back as NaN."""
+    return float("nan") if value is None else float(value)
 
 
 def choose_g_hat(amads: dict[int, float], threshold: float) -> int:
@@ -407,3 +451,40 @@ def parse_count(text: str | int) -> int:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"not a count: {text!r}")
     return int(round(value))
+
+
+def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
+                  repeat: bool = False, include_last: bool = False, center: bool = False,
+                  cluster_space: str = "precomputed", threshold: float = DEFAULT_THRESHOLD,
+                  expansion_factor: int = 16, k: int = 128) -> Grouping:  # fmt: skip
+    """Stream ``tokens`` tokens of ``texts`` through a loaded model, measure the mean angular
+    distance between its layers (the last one too with ``include_last``) and group them.
+
+    ``loaded`` is a :class:`gsae.activations.LoadedModel`; ``texts`` a
+    :class:`gsae.activations.TextSource`. The result records the model (as named and where it
+    was loaded from), its depth and Delta(G) for gsae's sparse SAE step and a dense one."""
+    import time
+
+    from .activations import hidden_states
+
+    n = loaded.num_layers
+    layers = list(range(n if include_last or n == 1 else n - 1))
+    start = time.perf_counter()
+    with hidden_states(loaded, layers, texts, ctx_len, batch_size, repeat) as batches:
+        with progress_bar(tokens, "distances") as bar:
+            acc = measure_distances(batches, len(layers), tokens, center, bar.update)
+    if acc.count < tokens:
+        warnings.warn(f"the dataset ran out after {acc.count} of {tokens} tokens "
+                      "(--repeat cycles over it)", RuntimeWarning, stacklevel=2)  # fmt: skip
+    costs = model_costs(loaded, layers, ctx_len, expansion_factor, k, "sparse")
+    dense = model_costs(loaded, layers, ctx_len, expansion_factor, k, "dense")
+    result = group_layers(
+        acc.matrix(), layers, model=loaded.name, tokens=acc.count, threshold=threshold,
+        cluster_space=cluster_space, costs=costs,
+        extra={"model_source": loaded.source, "num_model_layers": n, "center": center,
+               "ctx_len": ctx_len, "seconds": round(time.perf_counter() - start, 2)},
+    )  # fmt: skip
+    result.extra["savings_dense_sae"] = {
+        str(g): compute_savings(g, len(layers), *dense) for g in result.partitions
+    }
+    return result

@@ -1,4 +1,9 @@
-"""Figures for groups.json: the distance heatmap (paper Figs. 5-7) and AMAD against G."""
+"""Figures for groups.json: the distance heatmap (paper Figs. 5-7) and AMAD against G.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects directly, never through pyplot:
+no global backend is switched and no window opened, so a notebook's own plotting is left as it
+was.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def subplots(*args, figsize=None, layout=None, **kwargs):
+    """``(figure, axes)`` like ``pyplot.subplots``, on a bare Figure (no pyplot state)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*args, **kwargs)
 
-    return plt
+
+def _figure(figsize):
+    return subplots(figsize=figsize)
 
 
 def distance_heatmap(distances, layers, path: str | Path, title: str = "") -> None:
-    plt = _pyplot()
     d = np.asarray(distances)
     side = max(4.5, 1.5 + 0.4 * len(layers))
-    fig, ax = plt.subplots(figsize=(side + 0.8, side))
+    fig, ax = _figure((side + 0.8, side))
     image = ax.imshow(d, cmap="viridis", vmin=0.0, vmax=max(0.5, float(d.max())))
     ax.set_xticks(range(len(layers)), [str(x) for x in layers])
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
@@ -35,14 +42,12 @@ def distance_heatmap(distances, layers, path: str | Path, title: str = "") -> No
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def amad_curve(amads: dict[int, float], g_hat: int, threshold: float, path: str | Path,
                title: str = "") -> None:  # fmt: skip
-    plt = _pyplot()
     gs = sorted(amads)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = _figure((5, 3.2))
     ax.plot(gs, [amads[g] for g in gs], marker="o")
     ax.axhline(threshold, color="grey", linestyle="--", label=f"threshold {threshold}")
     ax.plot([g_hat], [amads[g_hat]], marker="s", markersize=10, color="C3", label=f"Ĝ = {g_hat}")
@@ -53,4 +58,3 @@ def amad_curve(amads: dict[int, float], g_hat: int, threshold: float, path: str 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -3,9 +3,16 @@
 Triton ships the NVIDIA (ptxas) and AMD (lld) back ends, so the real code generation, not the
 interpreter, can be checked on any machine, and registers and spills read off the result::
 
-    TRITON_INTERPRET=0 python -m gsae_kernels.aot --target cuda:80 --target hip:gfx90a
+    TRITON_INTERPRET=0 python -m gsae_kernels.aot --target cuda:90 --target hip:gfx942
 
-Each kernel is compiled with the launch meta-parameters its host code uses.
+Each kernel is compiled with the launch meta-parameters its host code uses, specialised as
+Triton's launcher specialises a real call on contiguous inputs of the given shape (default: the
+paper's N = 32768 rows, d = 2048, m = 16 d, k = 128): unit strides become constants, pointers
+and the ints divisible by 16 are marked so. NVIDIA registers and spills come from ``ptxas -v``
+run with the ptxas Triton itself compiles that target with (Triton bundles two: a CUDA 12 one
+for sm < 90 and a newer one for sm_90 and up, whose PTX the older one rejects); AMD ones from
+the ``.vgpr_count`` and ``.private_segment_fixed_size`` (scratch memory) metadata of the AMDGCN
+assembly. ``--check-spills`` exits with status 1 if any kernel spills.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from typing import NamedTuple
 
 P32, PI64 = "*fp32", "*i64"
+DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx90a", "hip:gfx942")
 
 
 class Compiled(NamedTuple):
@@ -28,64 +37,130 @@ class Compiled(NamedTuple):
     info: dict
 
 
-def _kernels(dtype: str = P32, k: int = 128, k_aux: int = 0, d: int = 2048):
+class Launch(NamedTuple):
+    """One kernel launch as the host code makes it: pointer dtypes, int arguments' values and
+    the constexpr meta-parameters."""
+
+    name: str
+    fn: object
+    pointers: dict
+    ints: dict
+    meta: dict
+
+
+def _launches(dtype: str = P32, k: int = 128, k_aux: int = 0, d: int = 2048,
+              n: int = 32768, m: int | None = None):  # fmt: skip
+    """Every kernel as the host code launches it for contiguous ``[n, d]`` activations, an
+    ``[m, d]`` dictionary (default m = 16 d) and ``k`` (+ ``k_aux``) latents a row."""
     import importlib
 
     encode = importlib.import_module("gsae_kernels.topk_encode")
     ops = importlib.import_module("gsae_kernels.sparse_ops")
     loss = importlib.import_module("gsae_kernels.loss")
-    i32 = "i32"
-    enc_meta = encode.encode_meta(k, k_aux)
-    yield f"encode_topk[k={k},k_aux={k_aux}]", encode._encode_topk_kernel, {
+    m = m if m is not None else 16 * d
+    yield Launch(f"encode_topk[k={k},k_aux={k_aux}]", encode._encode_topk_kernel, {
         "X": dtype, "W": dtype, "B_ENC": dtype, "B_DEC": dtype, "DEAD": "*i8", "VALS": dtype,
-        "IDX": PI64, "AVALS": dtype, "AIDX": PI64, "N": i32, "M": i32, "D": i32,
-        "stride_x": i32, "stride_w": i32,
-    }, {"K": k, "KA": max(k_aux, 1), "HAS_AUX": k_aux > 0, "PRECISION": "ieee",
-        **enc_meta}  # fmt: skip
-    yield "gather_combine", ops._gather_combine_kernel, {
+        "IDX": PI64, "AVALS": dtype, "AIDX": PI64,
+    }, {"N": n, "M": m, "D": d, "stride_xn": d, "stride_xd": 1, "stride_wm": d, "stride_wd": 1,
+        "stride_be": 1, "stride_bd": 1,
+    }, {"K": k, "KA": max(k_aux, 1), "HAS_AUX": k_aux > 0, "HAS_B_ENC": True, "HAS_B_DEC": True,
+        "PRECISION": "ieee", **encode.encode_meta(k, k_aux)})  # fmt: skip
+    yield Launch("gather_combine", ops._gather_combine_kernel, {
         "W": dtype, "IDX": PI64, "T": dtype, "BIAS": dtype, "OUT": dtype,
-        "N": i32, "D": i32, "K": i32, "stride_t": i32, "stride_o": i32,
-    }, {"HAS_BIAS": True, **ops.gather_combine_meta(d)}  # fmt: skip
-    yield "row_dot", ops._row_dot_kernel, {
+    }, {"N": n, "D": d, "K": k, "stride_wn": k, "stride_wk": 1, "stride_in": k, "stride_ik": 1,
+        "stride_tm": d, "stride_td": 1, "stride_b": 1,
+    }, {"HAS_BIAS": True, **ops.gather_combine_meta(d)})  # fmt: skip
+    yield Launch("row_dot", ops._row_dot_kernel, {
         "G": dtype, "IDX": PI64, "T": dtype, "OUT": dtype,
-        "N": i32, "D": i32, "K": i32, "stride_g": i32, "stride_t": i32,
-    }, ops.row_dot_meta(k, d)  # fmt: skip
-    yield "sparse_transpose", ops._sparse_transpose_kernel, {
-        "OFFS": PI64, "ROWS": PI64, "WS": dtype, "X": dtype, "OUT": dtype, "OUT_B": dtype,
-        "M": i32, "D": i32, "stride_x": i32, "stride_o": i32,
-    }, {"HAS_BIAS": True, **ops.sparse_transpose_meta(d)}  # fmt: skip
-    yield "fvu_auxk", loss._fvu_auxk_kernel, {
+    }, {"N": n, "D": d, "K": k, "stride_gn": d, "stride_gd": 1, "stride_in": k, "stride_ik": 1,
+        "stride_tm": d, "stride_td": 1,
+    }, ops.row_dot_meta(k, d))  # fmt: skip
+    pointers = {"OFFS": PI64, "ROWS": PI64, "WS": dtype, "X": dtype, "SHIFT": dtype,
+                "PART": P32, "PART_B": P32, "XOFFS": PI64}  # fmt: skip
+    ints = {"M": m, "D": d, "SPLIT": ops.transpose_split(n * (k + k_aux), m), "stride_xn": d,
+            "stride_xd": 1, "stride_s": 1}  # fmt: skip
+    flags = {"HAS_SHIFT": True, "HAS_BIAS": True}
+    yield Launch("sparse_transpose", ops._sparse_transpose_kernel,
+                 {**pointers, "OUT": dtype, "OUT_B": dtype}, ints,
+                 {**flags, "HAS_TAIL": True, **ops.sparse_transpose_meta(d)})  # fmt: skip
+    yield Launch("transpose_tail", ops._transpose_tail_kernel, {**pointers, "PLAT": PI64}, ints,
+                 {**flags, **ops.transpose_tail_meta(d)})  # fmt: skip
+    yield Launch("fvu_auxk", loss._fvu_auxk_kernel, {
         "X": dtype, "XH": dtype, "XA": dtype, "MEAN": P32, "GF": P32, "GA": P32, "PART": P32,
-        "N": i32, "D": i32, "stride_x": i32, "stride_xh": i32, "stride_xa": i32,
-    }, {"HAS_AUX": True, "WRITE_GRAD": True, **loss.loss_meta(d)}  # fmt: skip
+    }, {"N": n, "D": d, "stride_xn": d, "stride_xd": 1, "stride_hn": d, "stride_hd": 1,
+        "stride_an": d, "stride_ad": 1,
+    }, {"HAS_AUX": True, "WRITE_GRAD": True, **loss.loss_meta(d)})  # fmt: skip
+
+
+def _source(launch: Launch):
+    """``ASTSource`` specialised as Triton's launcher specialises a call: an int equal to 1
+    becomes a constexpr, an int divisible by 16 and every pointer (torch allocations are
+    aligned) get ``tt.divisibility`` 16."""
+    import triton
+
+    fn, meta = launch.fn, dict(launch.meta)
+    meta.pop("num_warps")
+    signature = dict(launch.pointers)
+    divisible = list(launch.pointers)
+    for name, value in launch.ints.items():
+        if value == 1:
+            meta[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                divisible.append(name)
+    signature.update({name: "constexpr" for name in meta})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    return triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=meta, attrs=attrs)
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton compiles ``sm_<arch>`` with."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):  # older Triton: one bundled ptxas
+        import triton
+
+        return os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
 
 
 def _ptxas_info(ptx: str, arch: int) -> dict:
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    suffix = "a" if arch >= 90 else ""  # Triton targets sm_90a, sm_100a, ...
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        cmd = [ptxas, "-v", f"--gpu-name=sm_{arch}", f.name, "-o", os.devnull]
-        err = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+        # the flags Triton's own ptxas call uses that change register allocation
+        cmd = [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}",
+               f.name, "-o", os.devnull]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", err)
-    spill = re.search(r"(\d+) bytes spill stores", err)
-    return {"registers": int(regs.group(1)) if regs else None,
-            "spill_bytes": int(spill.group(1)) if spill else None}  # fmt: skip
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr}")
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    stores = re.search(r"(\d+) bytes spill stores", run.stderr)
+    if regs is None or stores is None:
+        raise RuntimeError(f"cannot read registers and spills from ptxas -v:\n{run.stderr}")
+    return {"registers": int(regs.group(1)), "spill_bytes": int(stores.group(1))}
 
 
 def _amdgcn_info(asm: str) -> dict:
+    """VGPRs, and the scratch memory a lane spills to (``private_segment_fixed_size``); SGPR
+    spills go to VGPR lanes, not memory, and are reported apart."""
     vgpr = re.search(r"\.vgpr_count:\s+(\d+)", asm)
-    spill = re.search(r"\.vgpr_spill_count:\s+(\d+)", asm)
-    return {"registers": int(vgpr.group(1)) if vgpr else None,
-            "spill_bytes": int(spill.group(1)) * 4 if spill else None}  # fmt: skip
+    scratch = re.search(r"\.private_segment_fixed_size:\s+(\d+)", asm)
+    sgpr_spills = re.search(r"\.sgpr_spill_count:\s+(\d+)", asm)
+    if vgpr is None or scratch is None:
+        raise RuntimeError("cannot read registers and spills from the AMDGCN metadata")
+    return {"registers": int(vgpr.group(1)), "spill_bytes": int(scratch.group(1)),
+            "sgpr_spills_to_vgpr": int(sgpr_spills.group(1)) if sgpr_spills else 0}  # fmt: skip
 
 
-def compile_all(targets: list[str], **shape) -> list[Compiled]:
-    """Compile every kernel for every target (``cuda:<sm>`` or ``hip:<gfx arch>``)."""
+def compile_all(targets: list[str], kernels=None, **shape) -> list[Compiled]:
+    """Compile every kernel (or those whose name contains one of ``kernels``) for every target
+    (``cuda:<sm>`` or ``hip:<gfx arch>``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -93,38 +168,56 @@ def compile_all(targets: list[str], **shape) -> list[Compiled]:
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     results = []
     for spec in targets:
-        backend, arch = spec.split(":")
+        backend, _, arch = spec.partition(":")
+        if backend not in ("cuda", "hip") or not arch:
+            raise ValueError(f"a target is cuda:<sm> or hip:<gfx arch>, got {spec!r}")
         target = GPUTarget(backend, int(arch) if backend == "cuda" else arch,
                            32 if backend == "cuda" else 64)  # fmt: skip
-        for name, fn, signature, meta in _kernels(**shape):
-            meta = dict(meta)
-            num_warps = meta.pop("num_warps")
-            sig = {**signature, **{key: "constexpr" for key in meta}}
-            src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=meta)
-            compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+        for launch in _launches(**shape):
+            if kernels and not any(part in launch.name for part in kernels):
+                continue
+            options = {"num_warps": launch.meta["num_warps"]}
+            compiled = triton.compile(_source(launch), target=target, options=options)
             if backend == "cuda":
                 info = _ptxas_info(compiled.asm["ptx"], int(arch))
             else:
                 info = _amdgcn_info(compiled.asm["amdgcn"])
             info["shared_bytes"] = compiled.metadata.shared
-            results.append(Compiled(name, spec, info))
+            results.append(Compiled(launch.name, spec, info))
     return results
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    help_target = "cuda:<sm> or hip:<gfx>, repeatable (default: cuda:80 and hip:gfx90a)"
+    help_target = f"cuda:<sm> or hip:<gfx>, repeatable (default: {' '.join(DEFAULT_TARGETS)})"
     parser.add_argument("--target", action="append", default=None, help=help_target)
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--k-aux", type=int, default=0)
     parser.add_argument("--d", type=int, default=2048)
+    parser.add_argument("--n", type=int, default=32768, help="rows a batch (default 32768)")
+    parser.add_argument("--m", type=int, default=None, help="latents (default 16 d)")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--check-spills", action="store_true", help="exit 1 if a kernel spills")
+    parser.add_argument(
+        "--kernel",
+        action="append",
+        default=None,
+        help="compile only the kernels whose name contains this (repeatable)",
+    )
     args = parser.parse_args(argv)
-    targets = args.target or ["cuda:80", "hip:gfx90a"]
-    shape = {"k": args.k, "k_aux": args.k_aux, "d": args.d, "dtype": "*" + args.dtype}
-    for r in compile_all(targets, **shape):
+    targets = args.target or list(DEFAULT_TARGETS)
+    shape = {"k": args.k, "k_aux": args.k_aux, "d": args.d, "n": args.n, "m": args.m,
+             "dtype": "*" + args.dtype}  # fmt: skip
+    spilled = []
+    for r in compile_all(targets, args.kernel, **shape):
         print(f"{r.target:<12} {r.kernel:<28} {r.info}")
+        if r.info["spill_bytes"]:
+            spilled.append(f"{r.target} {r.kernel}: {r.info['spill_bytes']} bytes")
+    if spilled and args.check_spills:
+        print("register spills:\n  " + "\n  ".join(spilled), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

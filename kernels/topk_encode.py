@@ -11,7 +11,7 @@ latents in ``BLOCK_M``-column tiles. For each tile it accumulates the ``[BLOCK_N
 pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the pre-bias is subtracted as x
 is loaded), packs every pre-activation with its latent id into one order-preserving int64 key
 (float bits, sign-fixed, in the high word; the complemented id in the low word) and merges the
-tile into a running per-row top-``K_PAD`` buffer with ``tl.topk`` (a bitonic network).
+tile into a running per-row top-``K_PAD`` buffer with a bitonic network (as ``tl.topk`` does).
 The ``[N, m]`` pre-activation matrix never reaches global memory. The AuxK buffer is a second
 running top-``KA_PAD`` over the same tile with live latents masked out; tiles with no dead
 latent that beats the current ``KA``-th best skip the merge. Block sizes are powers of two and
@@ -23,19 +23,33 @@ Backward (both backends): only the selected entries carry gradient. With ``g = g
 by one latent-sorted ``sparse_transpose``; ``grad_x = sum_j g[:, j] W_enc[idx[:, j]]`` by
 ``gather_combine`` (skipped when x needs no gradient, since then ``grad_b_dec = -grad_b_enc @
 W_enc`` gives the pre-bias gradient without touching N x d). No ``[N, m]`` tensor is built.
+
+Every tensor may have any strides: the kernel reads x, W_enc and both biases through both of
+their strides, and the torch path hands them to strided torch ops. Forward and backward are the
+custom ops ``gsae_kernels::topk_encode`` and ``gsae_kernels::topk_encode_backward`` (fake
+implementations for torch.compile, autograd registered), so a compiled SAE step keeps them as
+single graph nodes with no graph break.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from . import reference
 from ._backend import (
+    cast,
+    cdiv,
+    check_floating,
     check_matrix,
-    check_same,
+    check_tensor,
     check_vector,
+    compute_dtype,
+    empty_like_none,
+    launch_guard,
     resolve_backend,
     tl,
     triton,
@@ -153,10 +167,10 @@ def _store_topk(best, VALS, IDX, rows, rmask, K: tl.constexpr, K_PAD: tl.constex
 @triton.jit
 def _encode_topk_kernel(
     X, W, B_ENC, B_DEC, DEAD, VALS, IDX, AVALS, AIDX,
-    N, M, D, stride_x, stride_w,
+    N, M, D, stride_xn, stride_xd, stride_wm, stride_wd, stride_be, stride_bd,
     K: tl.constexpr, LOG_K: tl.constexpr, KA: tl.constexpr, LOG_KA: tl.constexpr,
-    HAS_AUX: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, LOG_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_AUX: tl.constexpr, HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, LOG_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     K_PAD: tl.constexpr = 1 << LOG_K
     KA_PAD: tl.constexpr = 1 << LOG_KA
@@ -170,21 +184,25 @@ def _encode_topk_kernel(
         lmask = lat < M
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
+            cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             cmask = cols < D
             x = tl.load(
-                X + rows[:, None] * stride_x + cols[None, :],
+                X + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                 mask=rmask[:, None] & cmask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            x -= tl.load(B_DEC + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B_DEC:
+                b = tl.load(B_DEC + cols * stride_bd, mask=cmask, other=0.0).to(tl.float32)
+                x -= b[None, :]
             w = tl.load(
-                W + lat[None, :].to(tl.int64) * stride_w + cols[:, None],
+                W + lat[None, :].to(tl.int64) * stride_wm + cols[:, None] * stride_wd,
                 mask=lmask[None, :] & cmask[:, None],
                 other=0.0,
             )  # [BLOCK_D, BLOCK_M]: W_enc rows read as columns, i.e. W_enc.T
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PRECISION)
-        z = acc + tl.load(B_ENC + lat, mask=lmask, other=0.0).to(tl.float32)[None, :]
+        z = acc
+        if HAS_B_ENC:
+            z += tl.load(B_ENC + lat * stride_be, mask=lmask, other=0.0).to(tl.float32)[None, :]
         key = tl.where(lmask[None, :], _pack(z, lat[None, :]), _SENTINEL)  # [BLOCK_N, BLOCK_M]
         best = _merge_topk(best, key, LOG_M, LOG_K)
         if HAS_AUX:
@@ -211,9 +229,12 @@ def _dot_precision(x: torch.Tensor) -> str:
 
 
 def encode_meta(k: int, k_aux: int) -> dict:
-    """Tiles checked with ptxas/amdgcn: no spills on sm_80 or gfx90a up to k = 128 without AuxK;
-    a wide AuxK buffer (k_aux in the hundreds) spills on both, a cost paid only on the steps that
-    have dead latents."""
+    """Tiles checked with ptxas and the AMDGCN metadata (tests/test_triton_compile.py, which
+    fails on a spill): no spills on sm_80, sm_90, gfx90a or gfx942 for k up to 128 with k_aux
+    up to 64, fp32 and bf16. A wide AuxK buffer (k_aux in the hundreds, as the default d / 2
+    is) spills on NVIDIA (k = 128, k_aux = 384: 332 B on sm_80, 360 B on sm_90; none on
+    gfx90a/gfx942), a cost paid only while some latents are dead, and only for the tiles
+    holding a dead latent that beats a row's current AuxK buffer."""
     log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
     return {
         "LOG_K": log_k,
@@ -221,7 +242,7 @@ def encode_meta(k: int, k_aux: int) -> dict:
         "BLOCK_N": 16,
         "LOG_M": max(6, min(log_k, 8)),
         "BLOCK_D": 32,
-        "num_warps": 8 if log_k >= 6 or k_aux > 0 else 4,
+        "num_warps": 8 if log_k >= 6 else 4,  # 8 for k = 7 with AuxK spills on sm_80
     }
 
 
@@ -230,15 +251,20 @@ def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
     m = W_enc.shape[0]
     values = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    has_aux = k_aux > 0
     aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
     aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return values, indices, aux_values, aux_indices
+    has_aux = k_aux > 0
     meta = encode_meta(k, k_aux)
-    dead = dead_mask.to(torch.int8) if has_aux else values  # any pointer when unused
-    _encode_topk_kernel[(triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, W_enc, b_enc, b_dec, dead, values, indices, aux_values, aux_indices,
-        n, m, d, x.stride(0), W_enc.stride(0),
-        K=k, KA=max(k_aux, 1), HAS_AUX=has_aux, PRECISION=_dot_precision(x), **meta,
+    dead = dead_mask.to(torch.int8).contiguous() if has_aux else values  # any pointer if unused
+    b_enc_ = b_enc if b_enc is not None else x
+    b_dec_ = b_dec if b_dec is not None else x
+    _encode_topk_kernel[(cdiv(n, meta["BLOCK_N"]),)](
+        x, W_enc, b_enc_, b_dec_, dead, values, indices, aux_values, aux_indices,
+        n, m, d, *x.stride(), *W_enc.stride(), b_enc_.stride(0), b_dec_.stride(0),
+        K=k, KA=max(k_aux, 1), HAS_AUX=has_aux, HAS_B_ENC=b_enc is not None,
+        HAS_B_DEC=b_dec is not None, PRECISION=_dot_precision(x), **meta,
     )  # fmt: skip
     return values, indices, aux_values, aux_indices
 
@@ -250,7 +276,8 @@ def _chunk_rows(n: int, m: int) -> int:
     return max(1, min(n, max(64, (1 << 23) // m)))
 
 
-def _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux):
+def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+    xc = x - b_dec if b_dec is not None else x  # [N, d]
     n, m = xc.shape[0], W_enc.shape[0]
     values = xc.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=xc.device)
@@ -262,7 +289,10 @@ def _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux):
     buf = xc.new_empty(step, m)
     for s in range(0, n, step):
         e = min(n, s + step)
-        z = torch.addmm(b_enc, xc[s:e], W_enc.t(), out=buf[: e - s])  # [c, m]
+        if b_enc is not None:
+            z = torch.addmm(b_enc, xc[s:e], W_enc.t(), out=buf[: e - s])  # [c, m]
+        else:
+            z = torch.mm(xc[s:e], W_enc.t(), out=buf[: e - s])
         torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
         if ka > 0:
             v, i = z.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
@@ -271,22 +301,27 @@ def _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux):
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
-def _encode_bwd(grad_values, grad_aux, xc, W_enc, values, indices, aux_values, aux_indices,
+def _encode_bwd(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
                 needs, backend):  # fmt: skip
-    """Gradients for (x, W_enc, b_enc, b_dec) from the selected entries only."""
+    """Gradients for (x, W_enc, b_enc, b_dec) from the selected entries only (None: not
+    needed)."""
     need_x, need_w, need_be, need_bd = needs
     parts = [(g * (v > 0), i) for g, v, i in ((grad_values, values, indices),
              (grad_aux, aux_values, aux_indices)) if g is not None and i.shape[1] > 0]  # fmt: skip
+    n, d = x.shape
     m = W_enc.shape[0]
-    if not parts:
-        return (None,) * 4
+    if not parts:  # no gradient reached the values: every input gradient is zero
+        zeros = (x.new_zeros(n, d), W_enc.new_zeros(m, d), x.new_zeros(m), x.new_zeros(d))
+        return tuple(z if need else None for z, need in zip(zeros, needs, strict=True))
     g = torch.cat([p[0] for p in parts], 1) if len(parts) > 1 else parts[0][0]  # [N, k + k_aux]
     idx = torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1]
     grad_x = gather_combine(g, idx, W_enc, None, backend) if need_x else None
     grad_w = grad_be = None
     if need_w or need_be or (need_bd and grad_x is None):
-        segs = latent_segments(idx, m)
-        grad_w, grad_be = sparse_transpose(segs, g, xc, m, with_bias=True, backend=backend)
+        segs = latent_segments(idx, m)  # scoped to this call: freed with it
+        grad_w, grad_be = sparse_transpose(
+            segs, g, x, m, with_bias=True, backend=backend, shift=b_dec
+        )
     grad_bd = None
     if need_bd:
         # sum_n grad_x[n] = sum_i grad_b_enc[i] W_enc[i]: no [N, d] product needed
@@ -294,30 +329,93 @@ def _encode_bwd(grad_values, grad_aux, xc, W_enc, values, indices, aux_values, a
     return grad_x, grad_w if need_w else None, grad_be if need_be else None, grad_bd
 
 
-class TopKEncodeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend):
-        xc = x - b_dec  # [N, d]: kept for grad_W_enc
-        if backend == "triton":
-            out = _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-        else:
-            out = _encode_fwd_torch(xc, W_enc, b_enc, k, dead_mask, k_aux)
-        values, indices, aux_values, aux_indices = out
-        ctx.save_for_backward(xc, W_enc, values, indices, aux_values, aux_indices)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(indices, aux_indices)
-        ctx.set_materialize_grads(False)
-        return out
+# --------------------------------------------------------------------------------------------
+# Custom ops (torch.compile sees them as opaque nodes with fake shapes) and their autograd
+# --------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, grad_values, _gi, grad_aux, _gai):
-        xc, W_enc, values, indices, aux_values, aux_indices = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
-        grads = _encode_bwd(
-            grad_values, grad_aux, xc, W_enc, values, indices, aux_values, aux_indices,
-            needs, ctx.backend,
-        )  # fmt: skip
-        return (*grads, None, None, None, None)
+
+@torch.library.custom_op("gsae_kernels::topk_encode", mutates_args=())
+def _topk_encode_op(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor | None,
+    b_dec: Tensor | None,
+    k: int,
+    dead_mask: Tensor | None,
+    k_aux: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(values [N, k], indices [N, k], aux_values [N, k_aux], aux_indices [N, k_aux])."""
+    with launch_guard(x):
+        fwd = _encode_fwd_triton if backend == "triton" else _encode_fwd_torch
+        return fwd(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+
+
+@_topk_encode_op.register_fake
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend):
+    n = x.shape[0]
+    return (x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64),
+            x.new_empty(n, k_aux), x.new_empty(n, k_aux, dtype=torch.int64))  # fmt: skip
+
+
+@torch.library.custom_op("gsae_kernels::topk_encode_backward", mutates_args=())
+def _topk_encode_backward_op(
+    grad_values: Tensor | None,
+    grad_aux: Tensor | None,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor | None,
+    values: Tensor,
+    indices: Tensor,
+    aux_values: Tensor,
+    aux_indices: Tensor,
+    need_x: bool,
+    need_w: bool,
+    need_b_enc: bool,
+    need_b_dec: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, W_enc, b_enc, b_dec); a 0-element tensor for each one not needed."""
+    with launch_guard(x):
+        needs = (need_x, need_w, need_b_enc, need_b_dec)
+        grads = _encode_bwd(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values,
+                            aux_indices, needs, backend)  # fmt: skip
+    return tuple(g if g is not None else empty_like_none(x) for g in grads)
+
+
+@_topk_encode_backward_op.register_fake
+def _(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
+      need_x, need_w, need_b_enc, need_b_dec, backend):  # fmt: skip
+    (n, d), m = x.shape, W_enc.shape[0]
+    shapes = ((need_x, (n, d)), (need_w, (m, d)), (need_b_enc, (m,)), (need_b_dec, (d,)))
+    return tuple(x.new_empty(shape) if need else empty_like_none(x) for need, shape in shapes)
+
+
+def _encode_setup_context(ctx, inputs, output):
+    x, W_enc, b_enc, b_dec, _k, _dead, _k_aux, backend = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
+    ctx.backend = backend
+    ctx.has_b_enc = b_enc is not None
+    ctx.mark_non_differentiable(indices, aux_indices)
+    ctx.set_materialize_grads(False)
+
+
+def _encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+    need_be = need_be and ctx.has_b_enc
+    need_bd = need_bd and b_dec is not None
+    grads = torch.ops.gsae_kernels.topk_encode_backward(
+        grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
+        need_x, need_w, need_be, need_bd, ctx.backend,
+    )  # fmt: skip
+    needs = (need_x, need_w, need_be, need_bd)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
+            None, None, None, None)  # fmt: skip
+
+
+_topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,21 +423,34 @@ class TopKEncodeFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+def _integer(v) -> int | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux) -> tuple[int, int]:
+    """Check every argument; return k and k_aux as Python ints."""
+    k_arg, k_aux_arg = k, k_aux
     check_matrix("x", x, None, None)
     d = x.shape[1]
     check_matrix("W_enc", W_enc, None, d)
     m = W_enc.shape[0]
     check_vector("b_enc", b_enc, m)
     check_vector("b_dec", b_dec, d)
-    check_same("x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
-        raise ValueError(f"k must be an integer in [1, m={m}], got {k!r}")
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
-        raise ValueError(f"k_aux must be an integer in [0, m={m}], got {k_aux!r}")
+    check_floating("x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    k, k_aux = _integer(k), _integer(k_aux)  # numpy ints and the like are fine
+    if k is None or not 1 <= k <= m:
+        raise ValueError(f"k must be an integer in [1, m={m}], got {k_arg!r}")
+    if k_aux is None or not 0 <= k_aux <= m:
+        raise ValueError(f"k_aux must be an integer in [0, m={m}], got {k_aux_arg!r}")
     if k_aux > 0:
         if dead_mask is None:
             raise ValueError("k_aux > 0 needs a dead_mask ([m] bool) to choose AuxK latents from")
+        check_tensor("dead_mask", dead_mask)
         if dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (m,):
             raise ValueError(
                 f"dead_mask must be a bool tensor of shape ({m},), "
@@ -347,13 +458,14 @@ def _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
             )
         if dead_mask.device != x.device:
             raise ValueError(f"dead_mask is on {dead_mask.device} but x is on {x.device}")
+    return k, k_aux
 
 
 def topk_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
+    b_enc: torch.Tensor | None,
+    b_dec: torch.Tensor | None,
     k: int,
     dead_mask: torch.Tensor | None = None,
     k_aux: int = 0,
@@ -364,25 +476,31 @@ def topk_encode(
 
     Args:
         x: ``[N, d]`` activations.
-        W_enc: ``[m, d]`` encoder, one row per latent.
-        b_enc: ``[m]`` encoder bias.
-        b_dec: ``[d]`` pre-bias, subtracted from x before encoding.
+        W_enc: ``[m, d]`` encoder, one row per latent. Any strides: a tied encoder such as
+            ``decoder.weight.T`` of an ``nn.Linear(m, d)`` is read in place, not copied.
+        b_enc: ``[m]`` encoder bias, or None for none.
+        b_dec: ``[d]`` pre-bias, subtracted from x before encoding, or None for none.
         k: latents kept per row, ``1 <= k <= m``.
         dead_mask: ``[m]`` bool, the latents AuxK may use; needed when ``k_aux > 0``.
         k_aux: dead latents kept per row for AuxK (0: no AuxK selection).
         backend: ``"triton"``, ``"torch"`` or ``"reference"``; default from the device.
 
     Returns:
-        :class:`EncodeOutput`. Gradients reach x, W_enc, b_enc and b_dec through the selected
-        entries only.
+        :class:`EncodeOutput`, in the compute dtype: W_enc's dtype, or the autocast dtype inside
+        ``torch.autocast`` (x and the biases are cast to it; their gradients come back in their
+        own dtypes). Gradients reach x, W_enc, b_enc and b_dec through the selected entries
+        only. Tensors may have any strides; nothing is copied to make them contiguous.
     """
-    _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
-    backend = resolve_backend(x.device, backend)
+    k, k_aux = _check_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    dtype = compute_dtype(W_enc)
+    x, W_enc, b_enc, b_dec = (cast(t, dtype) for t in (x, W_enc, b_enc, b_dec))
+    backend = resolve_backend(x.device, backend, dtype)
+    dead_mask = dead_mask if k_aux > 0 else None
     if backend == "reference":
+        b_enc = b_enc if b_enc is not None else x.new_zeros(W_enc.shape[0])
+        b_dec = b_dec if b_dec is not None else x.new_zeros(x.shape[1])
         return EncodeOutput(*reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    out = TopKEncodeFunction.apply(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend)
+    out = torch.ops.gsae_kernels.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend)
     values, indices, aux_values, aux_indices = out
     if k_aux == 0:
         return EncodeOutput(values, indices, None, None)

@@ -73,7 +73,7 @@ def trained_runs(tmp_path_factory, tiny_model_dir):
     ``per-layer``, 2k tokens each, on ``corpus`` (~10k tokens: most of it never trained on)."""
     from tiny import write_corpus
 
-    from gsae.trainer import train_main
+    from gsae.cli.train import main as train_main
 
     root = tmp_path_factory.mktemp("trained-runs")
     corpus = write_corpus(root / "corpus.txt", copies=100)

@@ -18,6 +18,7 @@ from gsae.activations import (
     hub_id,
     iter_texts,
     load_model,
+    open_texts,
 )
 
 
@@ -189,3 +190,102 @@ def test_other_model_families(kind, tiny_model_dir, tmp_path):
     ids = torch.randint(0, 300, (2, 8))
     acts = ActivationReader(loaded, [0, 2])(ids, torch.ones_like(ids))
     assert acts.shape == (2, 16, 32) and torch.isfinite(acts).all()
+
+
+# ---- issue 9: streaming resume, bounded positions, the hub probe
+
+
+def test_a_position_stays_small_inside_a_long_document():
+    """The saved position of a chunk deep inside a 200k-token document is a few numbers, not the
+    rest of the document (which the packer also must not copy for every chunk)."""
+    long_doc = "x" * 200_000
+    stream = TokenStream(lambda: iter([long_doc, "tail"]), FakeTokenizer(), ctx_len=64,
+                         batch_size=4)  # fmt: skip
+    batches = collect(stream, limit=10)
+    size = len(json.dumps(batches[-1].position.to_dict()))
+    assert size < 400, size
+
+
+def test_resuming_a_file_reads_no_document_before_the_position(tmp_path, monkeypatch):
+    import gsae.activations as acts
+
+    docs = [f"document {i} " + "words " * (i % 7) for i in range(400)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    texts = open_texts(str(path))
+    head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=150)
+    saved = head[-1].position
+    parsed = []
+    loads = acts.json.loads
+    monkeypatch.setattr(acts.json, "loads", lambda s: parsed.append(1) or loads(s))
+    rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3,
+                               position=saved), limit=1)  # fmt: skip
+    assert saved.documents > 200
+    assert len(parsed) < 150, f"{len(parsed)} records parsed to resume at document {saved}"
+    whole = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=151)
+    assert torch.equal(rest[0].input_ids, whole[-1].input_ids)  # and exactly where it stopped
+
+
+def test_the_hub_probe_asks_the_configured_endpoint_through_the_proxy(monkeypatch):
+    """A cluster reaches the hub through HTTPS_PROXY/HTTP_PROXY or a mirror in HF_ENDPOINT: the
+    probe must go where huggingface_hub would."""
+    import http.server
+    import threading
+
+    from huggingface_hub import close_session, constants
+
+    from gsae.activations import hub_reachable
+
+    asked = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for var in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read when first imported
+        monkeypatch.setenv("HF_ENDPOINT", "http://hub-mirror.invalid")
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_port}")
+        close_session()  # huggingface_hub reads the proxy settings when it makes its client
+        assert hub_reachable(timeout=5)
+        assert asked and "hub-mirror.invalid" in asked[0], asked
+    finally:
+        server.shutdown()
+        close_session()
+
+
+def test_a_streamed_dataset_resumes_from_its_own_state(monkeypatch):
+    """The hub path: the streaming dataset's state_dict() is the position, so resuming starts at
+    its shard and offset (here a local dataset streamed in 4 shards, as a hub one would be)."""
+    import datasets
+
+    from gsae.activations import _HubStream
+
+    docs = [f"streamed document {i} " + "more " * (i % 5) for i in range(300)]
+    stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)
+    texts = _HubStream("local/streamed", stream, "text")
+    assert list(texts.texts()) == docs  # every document, in order, read again from the start
+    whole = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3))
+    head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=200)
+    saved = StreamPosition.from_dict(json.loads(json.dumps(head[-1].position.to_dict())))
+    assert saved.source["hub"]["examples_iterable"]  # the dataset's own state, JSON and back
+    yielded = []
+    state_dict = type(stream).state_dict
+    monkeypatch.setattr(type(stream), "state_dict",
+                        lambda self: yielded.append(1) or state_dict(self))  # fmt: skip
+    rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3, position=saved))
+    assert torch.equal(torch.cat([b.input_ids for b in head + rest]),
+                       torch.cat([b.input_ids for b in whole]))  # fmt: skip
+    assert len(yielded) <= len(docs) - saved.documents + 1  # nothing before it was yielded

@@ -17,8 +17,8 @@ from gsae.autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointE
 from gsae.autointerp.prompts import parse_explanation, parse_labels, render
 from gsae.autointerp.score import run_autointerp
 from gsae.browse.collect import CollectConfig, collect
-from gsae.cli_autointerp import main
-from gsae.cli_eval import main as eval_main
+from gsae.cli.autointerp import main
+from gsae.cli.eval import main as eval_main
 
 HELLO = [{"role": "user", "content": "hello"}]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from tiny import build_tiny_model, write_corpus
 
-from gsae.cli_eval import main, parse_bytes
+from gsae.cli.eval import main, parse_bytes
+from gsae.cli.train import main as train_main
 from gsae.eval import load_run
-from gsae.trainer import train_main
 
 FAST = ["--batch-tokens", "512", "--ctx-len", "64", "--k", "8", "--scale-tokens", "1k",
         "--grouping-tokens", "2k", "--dead-threshold", "3k", "--expansion-factor", "4",
@@ -91,13 +91,13 @@ def test_eval_writes_every_output(runs, tmp_path, capsys, offline):
 
 
 def test_heldout_text_starts_after_the_training_position(runs):
-    from gsae.activations import StreamPosition
     from gsae.eval.runs import heldout_start, split_selects
 
     grouped, per_layer = load_run(runs["grouped"]), load_run(runs["per-layer"])
     assert grouped.position.epoch == 0 and grouped.position.documents > 0
     start, notes = heldout_start([grouped, per_layer], str(runs["corpus"]), "train", "text")
-    assert start == StreamPosition(max(grouped.position.documents, per_layer.position.documents))
+    furthest = max((grouped.position, per_layer.position), key=lambda p: (p.documents, p.offset))
+    assert start == furthest  # the token stream continues where the furthest run stopped
     assert "held-out text" in notes[0]
     # another dataset or column: from the start; another split of a local file is the same text
     assert heldout_start([grouped], "other.txt", "train", "text")[0].documents == 0
@@ -158,7 +158,7 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     # a baseline of another model, of another depth, or not per-layer
     other = _copy(runs["per-layer"], tmp_path / "other-model")
     run_json = json.loads((other / "run.json").read_text())
-    run_json["args"]["model"] = "pythia-70m"
+    run_json["settings"]["model"] = "pythia-70m"
     (other / "run.json").write_text(json.dumps(run_json))
     fails([grouped, "--baseline", str(other)], "of different models", "pythia-70m")
     fails([grouped, "--baseline", grouped], "is not a per-layer run")
@@ -173,10 +173,13 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     assert "an evaluation set of 0 tokens" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
     fails([grouped, "--dataset", str(tmp_path / "empty.txt")], "the evaluation set is empty")
-    # no checkpoint: the text trained on is unknown
+    # no final data position recorded (summary nor checkpoint): the text trained on is unknown
     lost = _copy(runs["grouped"], tmp_path / "lost")
     shutil.rmtree(lost / "checkpoint")
-    fails([str(lost)], "has no checkpoint", "--allow-overlap")
+    summary = json.loads((lost / "summary.json").read_text())
+    del summary["position"]
+    (lost / "summary.json").write_text(json.dumps(summary))
+    fails([str(lost)], "does not record its final data position", "--allow-overlap")
     fails([grouped, "--mmco-memory", "lots"], "not a memory size")
     assert main([grouped, "--out", per_layer]) == 2  # would replace the run's summary.json
     assert "holds a gsae-train run" in capsys.readouterr().err

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from gsae.cli import groups_main
+from gsae import grouping as gp
+from gsae.cli.groups import main as groups_main
 
 
 def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_corpus, tmp_path,
@@ -21,9 +22,13 @@ def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_co
     assert data["layers"] == [0, 1, 2]  # the last of 4 layers is left out: it gets its own SAE
     assert data["tokens"] == 3000
     assert set(data["partitions"]) == {"1", "2"}
-    assert data["g_hat"] in (1, 2)
-    assert set(data["savings"]) == {"1", "2"} and all(v < 0 for v in data["savings"].values())
     d = np.array(data["distances"])
+    amads = {int(g): p["amad"] for g, p in data["partitions"].items()}
+    for p in data["partitions"].values():  # AMAD of each partition, from the saved distances
+        assert p["amad"] == pytest.approx(gp.amad(d, p["labels"]))
+    below = [g for g in sorted(amads) if amads[g] < data["threshold"]]
+    assert data["g_hat"] == (below[0] if below else max(amads))  # the smallest G below it
+    assert set(data["savings"]) == {"1", "2"} and all(v < 0 for v in data["savings"].values())
     assert d.shape == (3, 3) and np.allclose(d, d.T) and (d[~np.eye(3, dtype=bool)] > 0).all()
     for png in ("distances.png", "amad.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"

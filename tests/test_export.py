@@ -11,7 +11,7 @@ from gsae_kernels import reference
 from safetensors.torch import load_file
 
 from gsae.activations import ActivationReader, layer_prefix, load_model, load_structure
-from gsae.cli_export import main
+from gsae.cli.export import main
 from gsae.eval import load_run
 from gsae.export import MANIFEST, export_run, fold_scale
 from gsae.sae import Sae, SaeConfig
@@ -36,6 +36,7 @@ def activations(trained_runs, one_thread):
     return dict(enumerate(hidden))
 
 
+@torch.no_grad()
 def gsae_latents(sae: Sae, x: torch.Tensor, layer: int):
     enc = sae.encode(x, layer=layer)
     return enc, sae.decode(enc.values, enc.indices, layer=layer)
@@ -258,7 +259,7 @@ def test_gsae_eval_takes_a_sparsify_trained_baseline(trained_runs, tmp_path, off
     sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed")
     from sparsify.__main__ import RunConfig
 
-    from gsae.cli_eval import main as eval_main
+    from gsae.cli.eval import main as eval_main
 
     export_run(trained_runs["per-layer"], "sparsify", tmp_path / "exported")
     folder = tmp_path / "sparsify-run"

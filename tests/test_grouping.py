@@ -195,3 +195,57 @@ def test_bad_matrices_are_rejected():
         gp.group_layers(np.array([[0, 0.1], [0.2, 0]]))
     with pytest.raises(ValueError, match="non-finite"):
         gp.group_layers(np.array([[0, np.nan], [np.nan, 0]]))
+
+
+def test_centring_over_several_batches_uses_the_running_mean_of_every_token_so_far():
+    """Batch b is centred by the mean of every token of batches 1..b (float64), then measured."""
+    g = torch.Generator().manual_seed(1)
+    shift = 4 * torch.randn(3, 1, 16, generator=g)
+    batches = [torch.randn(3, n, 16, generator=g) + shift * (1 + i)  # the mean drifts
+               for i, n in enumerate((50, 120, 7, 300))]  # fmt: skip
+    streamed = gp.AngularDistances(3, center=True)
+    for b in batches:
+        streamed.update(b)
+    manual = gp.AngularDistances(3)
+    for i, b in enumerate(batches):
+        seen = torch.cat(batches[: i + 1], dim=1).double()
+        manual.update((b.double() - seen.mean(1, keepdim=True)).float())
+    np.testing.assert_allclose(streamed.matrix(), manual.matrix(), atol=1e-6)
+    assert streamed.count == 477
+    one_batch = gp.AngularDistances(3, center=True)  # one mean over everything is another thing
+    one_batch.update(torch.cat(batches, dim=1))
+    assert not np.allclose(one_batch.matrix(), streamed.matrix(), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"partitions": {"2": {"labels": [0, 2, 1], "amad": 0.1}}}, r"labels \[0, 2, 1\]"),
+        ({"partitions": {"2": {"labels": [1, 1, 1], "amad": 0.1}}}, "each of 0..1"),
+        ({"partitions": {"2": {"labels": [0, 1], "amad": 0.1}}}, "2 labels for 3 layers"),
+        ({"layers": [0, 0, 1]}, "distinct"),
+        ({"layers": [0, -1, 2]}, "non-negative integer"),
+        ({"partitions": {"2": {"labels": [0, True, 1], "amad": 0.1}}}, "non-negative integer"),
+        ({"g_hat": 3}, "g_hat = 3 has no partition"),
+        ({"layers": "012"}, "malformed"),
+    ],
+)
+def test_groups_files_that_cannot_be_trained_are_refused_with_a_reason(tmp_path, change, message):
+    data = {"model": "m", "layers": [0, 1, 2], "g_hat": 2,
+            "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}}, **change}  # fmt: skip
+    (tmp_path / "g.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        gp.Grouping.load(tmp_path / "g.json")
+
+
+def test_layouts_round_trip_through_strict_json(tmp_path):
+    g = gp.Grouping("m", [0, 1, 2], [], 0, {3: gp.Partition([0, 1, 2], float("nan"))}, 3, 0.2)
+    g.save(tmp_path / "g.json")
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    data = json.loads((tmp_path / "g.json").read_text(), parse_constant=refuse)
+    assert data["partitions"]["3"]["amad"] is None
+    back = gp.Grouping.load(tmp_path / "g.json")
+    assert np.isnan(back.partitions[3].amad) and back.groups() == [[0], [1], [2]]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gsae.activations import ActivationReader, lm_logits, record, splice
+from gsae.cli.train import main as train_main
 from gsae.inference import GroupSAEs
-from gsae.trainer import train_main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -190,3 +190,35 @@ def test_swap_cut_between_renames_is_recovered(tmp_path):
     with atomic_dir(tmp_path / "x") as d:
         (d / "f").write_text("1")
     assert (tmp_path / "x" / "f").read_text() == "1"
+
+
+def test_activation_scales_accumulate_in_float64_without_float64_copies():
+    """Against a float64 reference over several batches cut by the token budget; no float64
+    tensor larger than one value per token is ever made (at Pythia-1B sizes a float64 copy of
+    the [L, N, d] activations is 8 GiB)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gsae.sae import activation_scales
+
+    class Float64Watch(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    g = torch.Generator().manual_seed(3)
+    spread = torch.tensor([0.5, 3.0, 40.0])[:, None, None]
+    for dtype in (torch.float32, torch.bfloat16):
+        batches = [(torch.randn(3, 300, 64, generator=g) * spread).to(dtype) for _ in range(4)]
+        x = torch.cat(batches, 1)[:, :1000].double()  # [3, 1000, 64]: the budget cuts batch 4
+        want = {"mean_sq": x.pow(2).sum(2).mean(1).rsqrt(), "mean_norm": 1 / x.norm(dim=2).mean(1)}
+        for mode, reference in want.items():
+            with Float64Watch() as watch:
+                got = activation_scales(iter(batches), 1000, mode)
+            assert watch.largest <= 3 * 300, (dtype, mode, watch.largest)
+            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), reference,
+                                       rtol=1e-6, atol=0)  # fmt: skip

@@ -85,6 +85,22 @@ def test_trainer_applies_the_init_once():
     assert float(ratio) == pytest.approx(1.0, abs=0.05)
 
 
+def test_a_non_finite_first_batch_leaves_the_init_for_the_next_one():
+    data = SparseFeatures(d=32, seed=1000)
+    trainer = SaeTrainer(Sae(config()))
+    before = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
+    bad = data.batch(64)
+    bad[3, 5] = float("nan")
+    trainer.step(bad, check_finite=False)  # skipped on the device
+    assert not trainer.initialized and int(trainer.skipped_steps) == 1
+    for n, p in trainer.sae.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    good = data.batch(64)
+    trainer.step(good)
+    assert trainer.initialized and torch.isfinite(trainer.sae.b_dec).all()
+    assert trainer.sae.W_enc.detach().norm(dim=1).mean() < 0.9  # the fit ran on this batch
+
+
 # ---- the optimiser
 
 
@@ -136,7 +152,7 @@ def test_signum_averaged_restores_bit_exactly_and_learns():
     with opt.averaged():
         x = p.detach().clone()
     assert torch.equal(p, y) and not torch.equal(x, y)
-    start = float(((_quadratic()[0] - target) ** 2).sum())
+    start = float(((_quadratic()[0].detach() - target) ** 2).sum())
     assert float(((x - target) ** 2).sum()) < 0.02 * start
 
 
@@ -193,7 +209,7 @@ DEMO_LAYERS, STEPS, BATCH, HELD_OUT = (1, 4), 25, 2048, 16_384
 
 
 @pytest.fixture(scope="module")
-def demo_layers():
+def demo_layers(one_thread):
     """Residual streams of two demo-model layers: 25 batches of 2,048 tokens to train on, then
     16k later tokens to evaluate on, in stream order, scaled to mean squared norm 1."""
     from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model

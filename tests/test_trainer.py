@@ -2,13 +2,17 @@
 every bad input."""
 
 import json
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from gsae import trainer
-from gsae.trainer import train_main
+from gsae.cli.train import main as train_main
+from gsae.train import RunDir, loop
+
+# tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--tokens", "12k", "--grouping-tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
         "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "3k", "--repeat",
@@ -41,6 +45,11 @@ def test_train_writes_every_output_and_fvu_falls(tiny_model_dir, tiny_corpus, tm
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first, last = log[0]["groups"], log[-1]["groups"]
     assert all(last[n]["fvu"] < first[n]["fvu"] for n in names), (first, last)
+    # what evaluation reads back from the folder
+    run = RunDir(out)
+    assert run.read_settings().model == str(tiny_model_dir)
+    assert set(run.load_saes()) == set(names)
+    assert run.final_position().to_dict() == summary["position"]
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
@@ -50,15 +59,17 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     assert train_main(base(tiny_model_dir, tiny_corpus, straight) + ["--save-every", "5k"]) == 0
 
     cut = tmp_path / "cut"
+    train_batch = loop.Run.train_batch
 
-    def ctrl_c(run):
-        if run.steps == 9:
-            raise KeyboardInterrupt
+    def ctrl_c_after_step_9(run, *args):
+        train_batch(run, *args)
+        if run.steps == 9:  # after a checkpoint at 5k tokens, before the next one
+            signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(trainer, "STEP_HOOK", ctrl_c)
+    monkeypatch.setattr(loop.Run, "train_batch", ctrl_c_after_step_9)
     assert train_main(base(tiny_model_dir, tiny_corpus, cut) + ["--save-every", "5k"]) == 130
-    assert (cut / "checkpoint" / "run_state.pt").exists()
-    monkeypatch.setattr(trainer, "STEP_HOOK", None)
+    assert json.loads((cut / "checkpoint" / "run_state.json").read_text())["steps"] == 9
+    monkeypatch.undo()
     assert train_main(["--resume", str(cut)]) == 0
 
     summary = json.loads((straight / "summary.json").read_text())
@@ -77,17 +88,8 @@ def test_group_specs(tiny_model_dir, tiny_corpus, tmp_path, offline, spec, expec
     assert len(json.loads((out / "summary.json").read_text())["groups"]) == expect
 
 
-def test_layers_per_token_all(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    out = tmp_path / "all"
-    argv = base(tiny_model_dir, tiny_corpus, out) + ["--layers-per-token", "all", "--groups", "1",
-                                                      "--tokens", "2k"]  # fmt: skip
-    assert train_main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert [g["layers"] for g in summary["groups"].values()] == [[0, 1, 2], [3]]
-
-
 def test_groups_file_from_gsae_groups(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    from gsae.cli import groups_main
+    from gsae.cli.groups import main as groups_main
 
     gdir = tmp_path / "g"
     assert groups_main(["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens",
@@ -145,14 +147,130 @@ def test_demo_pipeline_runs_offline(tmp_path, offline):
     assert all(log[-1]["groups"][n]["fvu"] < log[0]["groups"][n]["fvu"] for n in names)
 
 
-def test_scale_estimate_streams_and_matches_the_sae_helper():
-    from gsae.sae import activation_scale
+# ---- issue 9: groups files, token counting, G_hat, one model load, honest final FVU
 
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(3, 50, 8, generator=g) * torch.tensor([1.0, 2.0, 5.0])[:, None, None]
-               for _ in range(4)]  # fmt: skip
-    for mode in ("mean_sq", "mean_norm"):
-        got = trainer.estimate_scales(iter(batches), [4, 7, 9], 120, mode)
-        for i, layer in enumerate([4, 7, 9]):
-            want = activation_scale([b[i] for b in batches], 120, mode)
-            assert got[layer] == pytest.approx(want, rel=1e-9)
+
+def groups_file(tmp_path, name, **fields):
+    """A groups.json for the 4-layer tiny model (layers 0-2 grouped) with ``fields`` changed."""
+    data = {"model": "", "layers": [0, 1, 2], "g_hat": 2,
+            "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}}, **fields}  # fmt: skip
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_groups_files_that_would_train_the_wrong_thing_are_refused(
+    tiny_model_dir, tiny_corpus, tmp_path, offline, capsys
+):
+    def fails(path, message):
+        argv = base(tiny_model_dir, tiny_corpus, tmp_path / "out") + ["--groups-file", path]
+        assert train_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    # same last path component, another model
+    elsewhere = str(tmp_path / "elsewhere" / tiny_model_dir.name)
+    fails(groups_file(tmp_path, "a.json", model=elsewhere), "was made for model")
+    # layer 2 would get no SAE
+    fails(groups_file(tmp_path, "b.json", layers=[0, 1],
+                      partitions={"1": {"labels": [0, 0], "amad": 0.1}}, g_hat=1),
+          "layers [2] of")  # fmt: skip
+    # a label >= G
+    fails(groups_file(tmp_path, "c.json", partitions={"2": {"labels": [0, 2, 1], "amad": 0.1}}),
+          "labels")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_matrix_is_not_stamped_with_a_model_and_layouts_write_strict_json(
+    tiny_model_dir, tiny_corpus, tmp_path, offline
+):
+    from gsae.cli.groups import main as groups_main
+
+    (tmp_path / "m.json").write_text(json.dumps([[0, 0.1, 0.3], [0.1, 0, 0.2], [0.3, 0.2, 0]]))
+    assert groups_main(["--from-matrix", str(tmp_path / "m.json"), "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "groups.json").read_text())["model"] == ""
+    out = tmp_path / "run"
+    argv = base(tiny_model_dir, tiny_corpus, out) + ["--groups", "per-layer", "--tokens", "512"]
+    assert train_main(argv) == 0
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in JSON")
+
+    json.loads((out / "groups.json").read_text(), parse_constant=refuse)
+    json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+
+
+def test_dead_latents_count_tokens_with_layers_per_token_all(
+    tiny_model_dir, tiny_corpus, tmp_path, offline
+):
+    """Every layer of a 4-layer group per token: a latent is dead after --dead-threshold tokens,
+    not after that many activations (a quarter of them)."""
+    out = tmp_path / "all"
+    argv = base(tiny_model_dir, tiny_corpus, out) + [
+        "--layers-per-token", "all", "--groups", "even:1", "--include-last", "--tokens", "1536",
+        "--batch-tokens", "128", "--k", "4", "--dead-threshold", "600",
+        "--log-every", "1"]  # fmt: skip
+    assert train_main(argv) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # "dead" is measured before each step, on the counts of the steps before it
+    early = [r["groups"]["layers_0-3"]["dead"] for r in log if r["tokens"] - 128 < 600]
+    late = [r["groups"]["layers_0-3"]["dead"] for r in log if r["tokens"] - 128 >= 600]
+    assert early and not any(early), early
+    assert any(late), "no latent ever died: the test cannot tell tokens from activations"
+
+
+def test_groups_n_is_checked_before_measuring_and_g_hat_is_kept(
+    tiny_model_dir, tiny_corpus, tmp_path, offline, capsys, monkeypatch
+):
+    from gsae import grouping as gp
+
+    measured = []
+    update = gp.AngularDistances.update
+    monkeypatch.setattr(gp.AngularDistances, "update",
+                        lambda self, h: measured.append(1) or update(self, h))  # fmt: skip
+    assert train_main(base(tiny_model_dir, tiny_corpus, tmp_path / "a") + ["--groups", "3"]) == 2
+    assert "--groups 3" in capsys.readouterr().err and not measured
+    out = tmp_path / "b"
+    # threshold 0: no G qualifies, so G_hat is the largest (2 of 3 grouped layers); train G = 1
+    argv = base(tiny_model_dir, tiny_corpus, out) + ["--groups", "1", "--threshold", "0",
+                                                      "--tokens", "512"]  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="no G has AMAD below"):
+        assert train_main(argv) == 0
+    saved = json.loads((out / "groups.json").read_text())
+    assert saved["g_hat"] == 2 and saved["g_trained"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert [g["layers"] for g in summary["groups"].values()] == [[0, 1, 2], [3]]
+
+
+def test_auto_loads_the_model_once_and_opens_the_dataset_once(
+    tiny_model_dir, tiny_corpus, tmp_path, offline, monkeypatch
+):
+    import datasets
+    import transformers
+
+    saved = tmp_path / "saved"
+    texts = tiny_corpus.read_text().split("\n\n")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(saved))
+    loads, opens = [], []
+    model_load = transformers.AutoModel.from_pretrained
+    disk_load = datasets.load_from_disk
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda *a, **k: loads.append(1) or model_load(*a, **k))  # fmt: skip
+    monkeypatch.setattr(datasets, "load_from_disk",
+                        lambda *a, **k: opens.append(1) or disk_load(*a, **k))  # fmt: skip
+    argv = base(tiny_model_dir, saved, tmp_path / "run") + ["--tokens", "512"]
+    assert train_main(argv) == 0
+    assert len(loads) == 1 and len(opens) == 1, (loads, opens)
+
+
+def test_the_final_fvu_says_whether_its_tokens_were_trained_on(
+    tiny_model_dir, tiny_corpus, tmp_path, offline
+):
+    cycled = tmp_path / "cycled"  # 4k tokens of a ~2.1k-token corpus: the text was seen
+    assert train_main(base(tiny_model_dir, tiny_corpus, cycled) + ["--tokens", "4k"]) == 0
+    final = json.loads((cycled / "summary.json").read_text())["final_fvu"]
+    assert final["held_out"] is False and final["tokens"] > 0
+    fresh = tmp_path / "fresh"
+    assert train_main(base(tiny_model_dir, tiny_corpus, fresh) + ["--tokens", "1k"]) == 0
+    final = json.loads((fresh / "summary.json").read_text())["final_fvu"]
+    assert final["held_out"] is True and final["tokens"] > 0

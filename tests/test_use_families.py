@@ -11,9 +11,9 @@ from test_activations import _save_family
 from gsae.activations import lm_logits
 from gsae.browse import collect, write_site
 from gsae.browse.collect import CollectConfig
+from gsae.cli.train import main as train_main
 from gsae.export import export_run
 from gsae.inference import GroupSAEs
-from gsae.trainer import train_main
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 PREFIX = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}

@@ -20,7 +20,9 @@ def write_corpus(path: Path, copies: int = 20) -> Path:
     return path
 
 
-def build_tiny_model(directory: Path, layers: int = 4, d: int = 32, seed: int = 0) -> Path:
+def build_tiny_model(
+    directory: Path, layers: int = 4, d: int = 32, seed: int = 0, positions: int = 256
+) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
@@ -36,7 +38,39 @@ def build_tiny_model(directory: Path, layers: int = 4, d: int = 32, seed: int = 
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
         vocab_size=len(fast), hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=4 * d, max_position_embeddings=256, eos_token_id=0, bos_token_id=0,
+        intermediate_size=4 * d, max_position_embeddings=positions, eos_token_id=0, bos_token_id=0,
     )  # fmt: skip
     GPTNeoXForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def build_family(kind: str, directory: Path, tokenizer_dir: Path, positions: int = 64,
+                 layers: int = 3) -> Path:  # fmt: skip
+    """A tiny random model of another family (gpt2, llama, bert, gptneox) with ``positions``
+    positions, sharing the tokenizer saved in ``tokenizer_dir``."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    d, heads = 32, 4
+    configs = {
+        "gpt2": (tf.GPT2Config(vocab_size=300, n_embd=d, n_layer=layers, n_head=heads,
+                               n_positions=positions), tf.GPT2LMHeadModel),
+        "llama": (tf.LlamaConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=2 * d,
+                                 max_position_embeddings=positions), tf.LlamaForCausalLM),
+        "bert": (tf.BertConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=2 * d,
+                               max_position_embeddings=positions), tf.BertModel),
+        "gptneox": (tf.GPTNeoXConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=2 * d,
+                                     max_position_embeddings=positions), tf.GPTNeoXForCausalLM),
+    }  # fmt: skip
+    config, cls = configs[kind]
+    cls(config).save_pretrained(directory)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, directory / f.name)
     return directory

@@ -28,11 +28,13 @@ from ..activations import (
     ActivationReader,
     LoadedModel,
     StreamPosition,
+    TextSource,
     TokenBatch,
     TokenStream,
-    iter_texts,
+    context_length,
     lm_logits,
     load_model,
+    open_texts,
     record,
     splice,
 )
@@ -406,10 +408,14 @@ class EvalPlan:
     notes: list[str]
     first: TokenBatch | None = None
     _stream: TokenStream | None = None
+    _texts: TextSource | None = None
 
     def open(self) -> TokenStream:
+        # the runs' own text source: their saved positions are states of it
+        if self._texts is None:
+            self._texts = open_texts(self.dataset, self.split, self.column)
         return TokenStream(
-            lambda: iter_texts(self.dataset, self.split, self.column), self.loaded.tokenizer,
+            self._texts, self.loaded.tokenizer,
             ctx_len=self.ctx_len, batch_size=self.batch_size, position=self.start,
             repeat=self.repeat,
         )  # fmt: skip
@@ -503,11 +509,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         model = next((r.model for r in runs if r.args.get("model")), None) or first.model
     loaded = load_model(model, model_dtype, device, lm_head=downstream)
     check_model(runs, loaded.num_layers, loaded.d_model, loaded.name)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit is not None and ctx_len > int(limit):
-        raise ValueError(f"--ctx-len {ctx_len} is longer than {loaded.name}'s "
-                         f"{limit} positions")  # fmt: skip
-    iter_texts(dataset, split, column)  # fails now if the text cannot be opened
+    context_length(loaded, ctx_len)  # refuses one longer than the model's positions
     plan = EvalPlan(runs, base, model, loaded, dataset, split, column, ctx_len,
                     max(1, batch_tokens // ctx_len), start, allow_overlap, tokens, device,
                     model_dtype, downstream, pairs, mmco_memory, notes)  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plots import _pyplot
+from ..plots import subplots
 from .evaluate import EvalPlan, EvalResult
 from .report import RunSummary
 
@@ -38,8 +38,7 @@ def quality_against(summaries: list[RunSummary], x_key: str, path: Path, xlabel:
     panels = [("fvu", "FVU")]
     if any(not math.isnan(s.metrics["delta_ce_pct"].mean) for s in points):
         panels.append(("delta_ce_pct", "ΔCE (%)"))
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         line = sorted((s for s in points if _on_line(s)), key=lambda s: getattr(s, x_key))
         if len(line) > 1:
@@ -60,7 +59,6 @@ def quality_against(summaries: list[RunSummary], x_key: str, path: Path, xlabel:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -78,13 +76,12 @@ def _short(s: RunSummary) -> str:
 
 
 def _grid(n: int, size: float = 3.6):
-    plt = _pyplot()
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.6, size * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(size * cols + 0.6, size * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
-    return plt, fig, list(axes.flat[:n])
+    return fig, list(axes.flat[:n])
 
 
 def _group_blocks(ax, summary: RunSummary, layers: list[int]) -> None:
@@ -106,7 +103,7 @@ def mmco_heatmaps(result: EvalResult, summaries: list[RunSummary], path: Path) -
     shown = [s for s in _by_groups(summaries) if result.mmco.get(s.run.name)]
     if not shown:
         return False
-    plt, fig, axes = _grid(len(shown))
+    fig, axes = _grid(len(shown))
     for ax, s in zip(axes, shown, strict=True):
         values = result.mmco[s.run.name]
         layers = sorted({x for pair in values for x in pair})
@@ -131,7 +128,6 @@ def mmco_heatmaps(result: EvalResult, summaries: list[RunSummary], path: Path) -
     fig.colorbar(image, ax=axes, fraction=0.03)
     fig.suptitle("MMCO: baseline vs group SAEs")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -141,7 +137,7 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
     shown = [s for s in _by_groups(summaries) if result.mmcs.get(s.run.name)]
     if not shown:
         return False
-    plt, fig, axes = _grid(len(shown))
+    fig, axes = _grid(len(shown))
     for ax, s in zip(axes, shown, strict=True):
         values = result.mmcs[s.run.name]
         for number, sae in enumerate(s.run.saes):
@@ -163,7 +159,6 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -174,9 +169,8 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
              if len(d.layers) > 1]  # fmt: skip
     if not named:
         return False
-    plt = _pyplot()
     height = 0.9 + sum(0.45 * len(d.layers) + 0.6 for _, d in named)
-    fig, axes = plt.subplots(len(named), 1, figsize=(8, height), squeeze=False,
+    fig, axes = subplots(len(named), 1, figsize=(8, height), squeeze=False,
                              layout="constrained")  # fmt: skip
     image = None
     for ax, (group, dist) in zip(axes[:, 0], named, strict=True):
@@ -196,7 +190,6 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
         fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, label="share of firings")
     fig.suptitle(f"Feature distribution: {summary.run.name}")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 

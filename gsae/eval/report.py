@@ -553,14 +553,13 @@ def _nan(x) -> float:
 
 def _autointerp_figure(entries: list[dict], runs: dict, path: Path) -> bool:
     """Figure 4: detection and fuzzing against AMAD(G), one point per run whose AMAD is known."""
-    from ..plots import _pyplot
+    from ..plots import subplots
 
     points = [(runs[e["run"]], e) for e in entries
               if e["run"] in runs and runs[e["run"]].get("amad") is not None]  # fmt: skip
     if not points:
         return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    fig, axes = subplots(1, 2, figsize=(10.4, 3.8))
     for ax, metric in zip(axes, ("detection", "fuzzing"), strict=True):
         for info, e in points:
             approach = str(info.get("approach", ""))
@@ -578,5 +577,4 @@ def _autointerp_figure(entries: list[dict], runs: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True

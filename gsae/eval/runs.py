@@ -163,7 +163,8 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def read_position(run_dir: Path) -> StreamPosition | None:
-    """The data position saved with the run's final checkpoint, or None when there is none.
+    """The data position saved with the run's final checkpoint (for runs whose summary does
+    not record it), or None when there is none.
 
     Reads ``checkpoint/run_state.json`` (key ``position``) or the older pickled
     ``run_state.pt``, from ``checkpoint.old`` when a swap was cut off (nothing is renamed: an
@@ -196,9 +197,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
             return foreign
         raise RunError(f"{path} is not a gsae-train output folder (no {RUN_FILE}) nor a folder "
                        "of sparsify SAEs")  # fmt: skip
-    run = _read_json(path / RUN_FILE, "gsae-train run")
-    if not isinstance(run.get("args"), dict) or "model" not in run["args"]:
-        raise RunError(f"{path / RUN_FILE} is not a gsae-train run file (no args.model)")
+    args = _run_args(path / RUN_FILE)
     if not (path / SUMMARY_FILE).exists():
         raise RunError(f"{path} holds an unfinished gsae-train run (no {SUMMARY_FILE}): finish it "
                        f"with gsae-train --resume {path}")  # fmt: skip
@@ -219,8 +218,25 @@ def load_run(run_dir: str | Path) -> RunInfo:
             grouping = Grouping.load(path / "groups.json")
         except (ValueError, KeyError, TypeError) as err:
             raise RunError(f"{path / 'groups.json'}: {err}") from None
-    return RunInfo(path, path.resolve().name, run["args"], saes, grouping, summary,
-                   read_position(path))  # fmt: skip
+    position = summary.get("position")
+    position = StreamPosition.from_dict(position) if position else read_position(path)
+    return RunInfo(path, path.resolve().name, args, saes, grouping, summary, position)
+
+
+def _run_args(path: Path) -> dict:
+    """Every setting of the run by its flag's name: ``run.json`` holds ``{"settings": ...}``
+    (:class:`gsae.train.RunSettings`), or ``{"args": ...}`` in runs of earlier versions."""
+    from ..train.settings import RunSettings
+
+    run = _read_json(path, "gsae-train run")
+    if isinstance(run.get("settings"), dict):
+        try:
+            return RunSettings.from_json(run["settings"]).flags()
+        except (TypeError, ValueError) as err:
+            raise RunError(f"{path}: {err}") from None
+    if not isinstance(run.get("args"), dict) or "model" not in run["args"]:
+        raise RunError(f"{path} is not a gsae-train run file (no settings)")
+    return run["args"]
 
 
 def load_sparsify_run(path: Path) -> RunInfo | None:
@@ -378,8 +394,9 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
 
     A run trained on the same dataset, split (where the split selects text: see
     :func:`split_selects`) and column was fed the text up to its final data position:
-    evaluation starts at the first document after the furthest such position (the tokens
-    carried over inside the last document are skipped too). Other text starts at the beginning.
+    evaluation continues the token stream from the furthest such position (the rest of the
+    document being packed there, then the documents after it, none of them trained on). Other
+    text starts at the beginning.
     Raises :class:`HeldOut` when a run's position is unknown or it went round its corpus
     (``--repeat``), unless ``allow_overlap``.
     """
@@ -391,7 +408,7 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
         splits = ", ".join(sorted(trained))
         notes.append(f"--split {split}: {dataset!r} is a local file with one text whatever the "
                      f"split, the one the runs trained on ({splits})")  # fmt: skip
-    documents = 0
+    start = StreamPosition()
     for run in runs:
         same_split = run.arg("split", "train") == split or not split_selects(dataset)
         same = (same_name(run.arg("dataset", ""), dataset) and same_split
@@ -400,8 +417,8 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
             continue
         problem = None
         if run.position is None:
-            problem = (f"run {run.name} has no checkpoint with its final data position, so the "
-                       "text it trained on is unknown")  # fmt: skip
+            problem = (f"run {run.name} does not record its final data position, so the text "
+                       "it trained on is unknown")  # fmt: skip
         elif run.cycled:
             problem = (f"run {run.name} went round its corpus {run.position.epoch + 1} times "
                        "(--repeat): every document of it was trained on")  # fmt: skip
@@ -412,8 +429,11 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
                               "text the SAEs may have seen")  # fmt: skip
             notes.append(f"--allow-overlap: {problem}; the evaluation text may overlap it")
             continue
-        documents = max(documents, run.position.documents)
-    if documents:
-        notes.append(f"held-out text: {dataset!r} from document {documents + 1} on (the runs "
-                     f"trained on documents 1..{documents})")  # fmt: skip
-    return StreamPosition(documents=documents), notes
+        here = run.position
+        if (here.documents, here.offset) > (start.documents, start.offset):
+            start = StreamPosition(0, here.documents, here.source, here.offset)
+    if start.documents or start.offset:
+        inside = f", token {start.offset + 1} of it" if start.offset else ""
+        notes.append(f"held-out text: {dataset!r} from document {start.documents + 1}{inside} "
+                     f"on (the runs trained on the text before it)")  # fmt: skip
+    return start, notes

@@ -74,7 +74,7 @@ def check_out(out: Path, marker: str, command: str, overwrite: bool) -> None:
 
 
 def collect_config(args):
-    from .browse.collect import CollectConfig
+    from ..browse.collect import CollectConfig
 
     cfg = CollectConfig(window=args.window, top=args.top, random=args.random, pool=args.pool,
                         neighbours=getattr(args, "neighbours", 8), seed=args.seed)  # fmt: skip
@@ -83,12 +83,12 @@ def collect_config(args):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .activations import DatasetLoadError, ModelLoadError, load_tokenizer
-    from .browse.collect import collect
-    from .browse.site import write_site
-    from .cli import progress_bar
-    from .cli_eval import parse_bytes
-    from .grouping import parse_count
+    from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
+    from ..browse.collect import collect
+    from ..browse.site import write_site
+    from ..grouping import parse_count
+    from ..progress import progress_bar
+    from .eval import parse_bytes
 
     out = Path(args.out)
     try:

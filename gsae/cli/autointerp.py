@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_browse import add_collect_args, check_out, collect_config
+from .browse import add_collect_args, check_out, collect_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,13 +60,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .activations import DatasetLoadError, ModelLoadError, load_tokenizer
-    from .autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
-    from .autointerp.score import load_collection, run_autointerp, write_results
-    from .browse.collect import Collection, collect
-    from .cli import progress_bar
-    from .eval.report import add_autointerp
-    from .grouping import parse_count
+    from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
+    from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
+    from ..autointerp.score import load_collection, run_autointerp, write_results
+    from ..browse.collect import Collection, collect
+    from ..eval.report import add_autointerp
+    from ..grouping import parse_count
+    from ..progress import progress_bar
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None

@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .activations import ModelLoadError
-    from .export import export_run
+    from ..activations import ModelLoadError
+    from ..export import export_run
 
     try:
         exported = export_run(args.run, args.format, args.out, prefix=args.hookpoint_prefix,

@@ -66,11 +66,11 @@ def parse_bytes(text: str) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from .activations import DatasetLoadError, ModelLoadError
-    from .cli import progress_bar
-    from .eval import prepare, run_plan
-    from .eval.report import write_report
-    from .grouping import parse_count
+    from ..activations import DatasetLoadError, ModelLoadError
+    from ..eval import prepare, run_plan
+    from ..eval.report import write_report
+    from ..grouping import parse_count
+    from ..progress import progress_bar
 
     try:
         if (Path(args.out) / "run.json").exists():

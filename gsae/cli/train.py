@@ -1,0 +1,337 @@
+"""``gsae-train``: train one SAE per group of layers from a single model forward per batch.
+
+A run: resolve the groups (``--groups auto|N|per-layer|even:N`` or ``--groups-file``), estimate
+each layer's activation scale, then loop: one forward (stopping after the deepest layer any group
+needs), and for each group an SAE step on, per token, the activation of a layer drawn uniformly
+from the group, or of every layer of the group with ``--layers-per-token all``. Every stage is
+saved as soon as it is done and ``--resume OUT`` continues from there (see gsae.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from .. import grouping as gp
+from ..activations import DatasetLoadError, ModelLoadError
+from ..sae import B_DEC_INITS, ENCODER_INITS, OPTIMIZERS
+from ..train import (
+    RESUMABLE,
+    CheckpointError,
+    DataExhausted,
+    NonFiniteLoss,
+    RunDir,
+    RunSettings,
+    TrainingRun,
+)
+from ..train.groups import group_name
+from .common import add_data_args, data_defaults, flag
+
+# the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
+DEFAULTS = {
+    "tokens": "1B",
+    "grouping_tokens": "10M",
+    "scale_tokens": "5M",
+    "batch_tokens": 32768,
+    "k": 128,
+    "dead_threshold": "10M",
+    "save_every": "100M",
+    "repeat": False,
+    "groups": "auto",
+    "threshold": gp.DEFAULT_THRESHOLD,
+    "layers_per_token": "one",
+    "expansion_factor": 16,
+    "auxk_alpha": 1 / 32,
+    "scale_mode": "mean_sq",
+    "optimizer": "adam",
+    "init_encoder": "fit",
+    "init_b_dec": "mean",
+    "log_every": 20,
+    "seed": 0,
+    "include_last": False,
+    "wandb": False,
+    "tensorboard": False,
+}
+DEMO_DEFAULTS = {
+    "tokens": "1M",
+    "grouping_tokens": "50k",
+    "scale_tokens": "20k",
+    "batch_tokens": 2048,
+    "ctx_len": 128,
+    "k": 32,
+    "dead_threshold": "100k",
+    "save_every": "100k",
+    "repeat": True,
+}
+COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold", "save_every")
+NOT_SETTINGS = ("out", "resume", "overwrite", "previous_checkpoint")
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every default is None here and filled by :func:`settings_from_args`, so that the flags
+    given on the command line are known (``--resume`` accepts only some)."""
+    p = argparse.ArgumentParser(
+        prog="gsae-train",
+        description="Train Group-SAEs: one TopK SAE per group of similar layers, all from one "
+        "model forward per batch. `gsae-train --model demo --dataset demo --out OUT` runs the "
+        "whole pipeline offline on the bundled demo model.",
+    )
+    add_data_args(p)
+    add = p.add_argument
+    add("--out", help="output directory")
+    add("--groups", help="auto (AMAD < threshold), N, per-layer or even:N (default: auto)")
+    add("--groups-file", help="a groups.json from gsae-groups (with --groups N: its partition N)")
+    add(
+        "--threshold", type=float, help=f"AMAD threshold for auto (default: {gp.DEFAULT_THRESHOLD})"
+    )
+    add(
+        "--include-last",
+        action="store_true",
+        default=None,
+        help="group the last layer too (by default it gets its own SAE)",
+    )
+    add("--tokens", help="token budget per SAE (default: 1B)")
+    add("--grouping-tokens", help="tokens for --groups auto or N (default: 10M)")
+    add("--scale-tokens", help="tokens to estimate the activation scales (default: 5M)")
+    add("--batch-tokens", type=int, help="tokens per step (default: 32768)")
+    add(
+        "--layers-per-token",
+        choices=["one", "all"],
+        help="each SAE sees one random layer of its group per token (paper), or all",
+    )
+    add("--expansion-factor", type=int, help="latents per dimension (default: 16)")
+    add("--k", type=int, help="active latents (default: 128)")
+    add("--k-aux", type=int, help="AuxK latents (default: d/2)")
+    add("--auxk-alpha", type=float, help="AuxK weight (default: 1/32)")
+    add("--dead-threshold", help="tokens without firing before a latent is dead (default: 10M)")
+    add(
+        "--lr",
+        type=float,
+        help="default 2e-4 / sqrt(m / 2^14) for adam, 5e-3 / sqrt(m / 2^14) for signum",
+    )
+    add(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="adam (the paper's, default) or signum: schedule-free sign-SGD, sparsify's "
+        "default, faster at short budgets (its averaged weights are evaluated and saved)",
+    )
+    add(
+        "--init",
+        dest="init_encoder",
+        choices=ENCODER_INITS,
+        help="encoder scale at init: fit (to the first batch, default), geometry (predicted "
+        "from k, m and d) or paper (W_enc = W_dec^T)",
+    )
+    add(
+        "--init-b-dec",
+        choices=B_DEC_INITS,
+        help="b_dec at init: mean (of the first batch, default), median (geometric) or zeros "
+        "(the paper's)",
+    )
+    add("--scale-mode", choices=["mean_sq", "mean_norm", "none"], help="(default: mean_sq)")
+    add("--save-every", help="checkpoint interval in tokens (default: 100M)")
+    add("--log-every", type=int, help="steps between log lines (default: 20)")
+    add("--seed", type=int, help="(default: 0)")
+    add(
+        "--resume",
+        metavar="OUT",
+        help="continue the run in OUT; it may take "
+        + ", ".join(flag(k) for k in RESUMABLE)
+        + " (the rest is the run's own)",
+    )
+    add(
+        "--previous-checkpoint",
+        action="store_true",
+        default=None,
+        help="with --resume: continue from the checkpoint before the latest (if it is damaged)",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="remove the run in --out first, then start a new one",
+    )
+    add("--wandb", action="store_true", default=None, help="log to Weights & Biases if installed")
+    add("--tensorboard", action="store_true", default=None, help="log to TensorBoard if installed")
+    return p
+
+
+def sae_fields(args: argparse.Namespace) -> dict:
+    """The SaeConfig fields set by flags (d comes from the model): one line per field."""
+    return dict(
+        expansion_factor=args.expansion_factor,
+        k=args.k,
+        k_aux=args.k_aux,
+        auxk_alpha=args.auxk_alpha,
+        dead_threshold=args.dead_threshold,
+        lr=args.lr,
+        scale_mode=args.scale_mode,
+        scale_tokens=args.scale_tokens,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        init_encoder=args.init_encoder,
+        init_b_dec=args.init_b_dec,
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """The run's settings: the flags given, then the demo's or the paper's defaults."""
+    args = argparse.Namespace(**vars(args))
+    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.model == "demo" else {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
+    for key in COUNTS:
+        setattr(args, key, gp.parse_count(getattr(args, key)))
+    run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
+    return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args))
+
+
+def resumed_settings(args: argparse.Namespace) -> RunSettings:
+    """The saved run's settings, with the flags --resume may change; any other flag given with
+    a different value is refused, naming it."""
+    if args.out and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--out {args.out} and --resume {args.resume}: give only --resume")
+    saved = RunDir(args.resume).read_settings()
+    given = {k for k, v in vars(args).items() if v is not None and k not in NOT_SETTINGS}
+    asked = settings_from_args(args).flags()
+    kept = saved.flags()
+    changed = sorted(k for k in given if k in kept and asked[k] != kept[k])
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        had = {k: "its default" if kept[k] is None else repr(kept[k]) for k in refused}
+        names = ", ".join(f"{flag(k)} (the run has {had[k]})" for k in refused)
+        raise ValueError(
+            f"--resume keeps the run's own settings; these cannot change: {names}. "
+            "They would make it another run: start one with a new --out"
+        )
+    for key in changed:
+        setattr(saved, key, asked[key])
+    return saved
+
+
+def print_plan(run: TrainingRun) -> None:
+    s, loaded, groups = run.settings, run.loaded, run.groups
+    cfg = s.sae_config(loaded.d_model)
+    grouped = run.grouping.layers
+    a_cost, t_cost, extra = gp.model_costs(loaded, grouped, s.ctx_len, cfg.m // cfg.d, cfg.k)
+    saving = gp.compute_savings(len(groups) - extra, len(grouped), a_cost, t_cost, extra)
+    capped = f" (capped at the {s.ctx_len} positions {s.model} takes)" if run.ctx.capped else ""
+    print(
+        f"{s.model}: {loaded.num_layers} layers, d = {loaded.d_model}; context {s.ctx_len} "
+        f"tokens{capped}; {len(groups)} SAEs (m = {cfg.m}, k = {cfg.k}; {cfg.optimizer}, "
+        f"init {cfg.init_encoder}, b_dec {cfg.init_b_dec}):"
+    )
+    for g in groups:
+        print(f"  {group_name(g):<16} layers {g}")
+    print(
+        f"predicted compute saving against one SAE per layer: {100 * saving:.1f}% "
+        f"(forward {a_cost / 1e6:.1f} MFLOP/token, SAE step {t_cost / 1e6:.1f} MFLOP/token)"
+    )
+    if run.resume:
+        print(f"resuming from {run.resumed_from}")
+    if run.previous_checkpoint:
+        print(f"the damaged checkpoint is set aside in {run.out / 'checkpoint.damaged'}")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    run = None
+    try:
+        if args.resume:
+            settings, out = resumed_settings(args), args.resume
+        elif args.out:
+            settings, out = settings_from_args(args), args.out
+        else:
+            raise ValueError("--out is required (or --resume OUT)")
+        run = TrainingRun(
+            out,
+            settings,
+            resume=bool(args.resume),
+            overwrite=bool(args.overwrite),
+            previous_checkpoint=bool(args.previous_checkpoint),
+        )
+        run.prepare()
+        run.resolve_groups()
+        print_plan(run)
+        run.estimate_scales()
+        summary = run.train()
+    except KeyboardInterrupt:
+        with held_ctrl_c():  # a further Ctrl-C: let the message finish
+            return stopped(run, "interrupted", 130)
+    except (DataExhausted, NonFiniteLoss) as err:
+        hint = (
+            " (--repeat cycles over it, or --tokens N ends the run earlier)"
+            if isinstance(err, DataExhausted)
+            else ""
+        )
+        return stopped(run, f"{err}{hint}", 1)
+    except CheckpointError as err:
+        print(f"gsae-train: error: {err}", file=sys.stderr)
+        if err.previous is not None:
+            print(
+                f"the previous checkpoint ({err.previous['tokens']:,} tokens, step "
+                f"{err.previous['steps']}) is intact: continue from it with gsae-train "
+                f"--resume {run.out} --previous-checkpoint",
+                file=sys.stderr,
+            )
+        return 2
+    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+        print(f"gsae-train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, no permission
+        if run is None or not run.written:
+            print(f"gsae-train: error: {err}", file=sys.stderr)
+            return 2
+        return stopped(run, f"cannot write in {run.out}: {err}", 1)
+    names = ", ".join(summary["groups"])
+    print(
+        f"done: {summary['tokens']:,} tokens in {summary['steps']} steps; SAEs ({names}) and "
+        f"summary.json in {run.out}"
+    )
+    return 0
+
+
+@contextlib.contextmanager
+def held_ctrl_c():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to set
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stopped(run: TrainingRun | None, why: str, code: int) -> int:
+    """Say why the run stopped and, truthfully, what is on disk to continue from."""
+    if run is None or not run.written:
+        stage = f" while {run.stage}" if run else ""
+        print(
+            f"\ngsae-train: {why}{stage}; nothing of this run was written yet: run the same "
+            "command again",
+            file=sys.stderr,
+        )
+        return code
+    if run.run is not None and run.run.guard.broken:
+        why += " inside a training step (Ctrl-C twice): that step was not saved"
+    elif code == 130 and run.stage != "training":
+        why += f" while {run.stage}"
+    kept = run.dir.describe()
+    saes = "; the SAEs of what was trained and summary.json too" if run.outputs_written else ""
+    print(
+        f"\ngsae-train: {why}.\n{run.out} holds {kept}{saes}; continue with gsae-train "
+        f"--resume {run.out}",
+        file=sys.stderr,
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

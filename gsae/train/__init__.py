@@ -1,0 +1,31 @@
+"""The gsae-train run, in pieces with one job each.
+
+- ``settings.py``: :class:`RunSettings`, what ``run.json`` records, and each group's SaeConfig
+- ``rundir.py``: :class:`RunDir`, a run's output folder: its files, reading a finished run
+- ``groups.py``: which layers share an SAE (measured, from a file, or a layout), checked
+- ``sampler.py``: :class:`LayerSampler`, per token the layer each group SAE trains on
+- ``checkpoint.py``: JSON + safetensors, one atomic swap, recovery, the previous checkpoint
+- ``interrupt.py``: :class:`StepGuard`, Ctrl-C held to step boundaries
+- ``log.py``: ``log.jsonl``, TensorBoard, W&B and the time split
+- ``loop.py``: :class:`Run`, the training loop
+- ``pipeline.py``: :class:`TrainingRun`, a whole run stage by stage (what gsae-train calls)
+"""
+
+from .checkpoint import CheckpointError, CheckpointWriteError
+from .loop import DataExhausted, NonFiniteLoss, Run
+from .pipeline import TrainingRun
+from .rundir import RunDir, RunDirError
+from .settings import RESUMABLE, RunSettings
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointWriteError",
+    "DataExhausted",
+    "NonFiniteLoss",
+    "Run",
+    "RunDir",
+    "RunDirError",
+    "RunSettings",
+    "RESUMABLE",
+    "TrainingRun",
+]

@@ -1,0 +1,259 @@
+"""The training checkpoint: JSON and safetensors only, written as one directory swap, with the
+previous checkpoint kept beside it.
+
+::
+
+    OUT/checkpoint/        the latest: run_state.json (the manifest) + one folder per group SAE
+                           (sae.safetensors, cfg.json, state.safetensors, state.json)
+    OUT/checkpoint.prev/   the one before (to resume from if the latest is damaged)
+    OUT/checkpoint.new/    a checkpoint being written
+
+A save writes ``checkpoint.new`` completely, then its manifest, which lists every file with its
+size, last (each file synced to disk first); then it swaps: ``checkpoint.prev`` is deleted,
+``checkpoint`` becomes ``checkpoint.prev``, ``checkpoint.new`` becomes ``checkpoint``, each step
+one rename. :func:`recover` runs before anything is read or written: a complete
+``checkpoint.new`` is swapped in (the save had finished writing), an incomplete one deleted, so
+an interruption at any instant (Ctrl-C, a kill, a power cut after the fsyncs) resumes from the
+newest complete checkpoint. A failed write (a full disk) deletes ``checkpoint.new`` and leaves
+the others as they were.
+
+For several processes (distributed training): every rank writes its own groups' files into
+:func:`stage` with :func:`write_group`, then one rank calls :func:`commit` with the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..io import dumps_json, fsync_dir, fsync_tree, remove_temp_dirs, remove_tree
+
+LATEST, PREVIOUS, STAGING = "checkpoint", "checkpoint.prev", "checkpoint.new"
+DAMAGED = "checkpoint.damaged"  # a latest checkpoint set aside to resume from the previous one
+NAMES = (LATEST, PREVIOUS, STAGING, DAMAGED, "checkpoint.old")
+MANIFEST = "run_state.json"
+FORMAT = "gsae-train checkpoint"
+VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used. ``path`` is the damaged file or folder; ``previous`` the
+    manifest of an intact previous checkpoint to fall back on, if there is one."""
+
+    def __init__(self, message: str, path: Path | None = None, previous: dict | None = None):
+        super().__init__(message)
+        self.path, self.previous = path, previous
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, no permission); nothing was replaced."""
+
+
+# ---- writing
+
+
+def stage(out: Path) -> Path:
+    """A fresh, empty ``checkpoint.new`` to write into (after :func:`recover`)."""
+    recover(out)
+    staging = out / STAGING
+    remove_tree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def write_group(staging: Path, name: str, trainer) -> None:
+    """One group SAE's files (weights, config, optimiser and counters)."""
+    (staging / name).mkdir()
+    trainer.save_files(staging / name)
+
+
+def commit(out: Path, staging: Path, state: dict) -> None:
+    """Sync the staged files, write the manifest last, and swap the checkpoint in."""
+    fsync_tree(staging)
+    files = {
+        str(p.relative_to(staging)): p.stat().st_size
+        for p in sorted(staging.rglob("*"))
+        if p.is_file()
+    }
+    manifest = {"format": FORMAT, "version": VERSION, **state, "files": files}
+    with open(staging / MANIFEST, "w") as f:
+        f.write(dumps_json(manifest))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(staging)
+    _swap(out)
+
+
+def save(out: Path, state: dict, trainers: dict) -> None:
+    """One checkpoint of ``trainers`` (group name -> SaeTrainer) and the run's ``state`` (any
+    JSON: tokens, steps, the data position, ...). A failed write raises
+    :class:`CheckpointWriteError` and leaves the existing checkpoints as they were."""
+    out = Path(out)
+    try:
+        staging = stage(out)
+        for name, trainer in trainers.items():
+            write_group(staging, name, trainer)
+        commit(out, staging, state)
+    except OSError as err:
+        _discard_staging(out)
+        raise CheckpointWriteError(
+            err.errno, f"cannot write a checkpoint in {out}: {err.strerror or err}"
+        ) from err
+    except BaseException:
+        _discard_staging(out)  # e.g. a second Ctrl-C: an unfinished staging folder is useless
+        raise
+
+
+def _discard_staging(out: Path) -> None:
+    staging = out / STAGING
+    try:
+        if staging.exists() and not _complete(staging):
+            remove_tree(staging)
+    except OSError:
+        pass  # recover() will try again
+
+
+def _swap(out: Path) -> None:
+    """Steps of the swap, each one rename; run again from any point it finishes the swap."""
+    latest, previous, staging = out / LATEST, out / PREVIOUS, out / STAGING
+    if previous.exists() and latest.exists():
+        remove_tree(previous)  # renamed aside first, then deleted
+    if latest.exists():
+        os.replace(latest, previous)
+    os.replace(staging, latest)
+    fsync_dir(out)
+
+
+# ---- recovering, reading
+
+
+def recover(out: Path) -> None:
+    """Finish a swap whose ``checkpoint.new`` is complete, delete an incomplete one and any
+    half-deleted folder: afterwards ``checkpoint`` is the newest complete checkpoint."""
+    out = Path(out)
+    for name in NAMES:
+        remove_temp_dirs(out / name)
+    staging = out / STAGING
+    if staging.exists():
+        if _complete(staging):
+            _swap(out)
+        else:
+            remove_tree(staging)
+
+
+def exists(out: Path) -> bool:
+    return any((Path(out) / name).exists() for name in (LATEST, PREVIOUS, STAGING))
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError:
+        return False
+    return manifest is not None and not _damaged_files(folder, manifest)
+
+
+def _damaged_files(folder: Path, manifest: dict) -> list[str]:
+    wrong = []
+    for name, size in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            wrong.append(name)
+    return wrong
+
+
+def read_manifest(folder: Path, missing_ok: bool = False) -> dict | None:
+    """The run state of a checkpoint folder; None if there is none (with ``missing_ok``)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        if (folder / "run_state.pt").exists():
+            raise CheckpointError(
+                f"{folder} was written by an older gsae-train (pickle files, "
+                "which are never loaded: they could run code); start the run "
+                "again with --overwrite",
+                folder,
+            )
+        if missing_ok and not folder.exists():
+            return None
+        raise CheckpointError(f"{folder} holds no {MANIFEST}: not a complete checkpoint", folder)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is corrupted ({err})", path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a gsae-train checkpoint", path)
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {manifest.get('version')}, this "
+            f"gsae-train reads version {VERSION}",
+            path,
+        )
+    return manifest
+
+
+def load(out: Path, trainers: dict) -> dict:
+    """Recover, then load the latest checkpoint into ``trainers`` (group name -> SaeTrainer) and
+    return its run state. Raises :class:`CheckpointError` naming the damaged file, with the
+    previous checkpoint's state when that one is intact."""
+    out = Path(out)
+    recover(out)
+    folder = out / LATEST
+    try:
+        manifest = read_manifest(folder)
+        damaged = _damaged_files(folder, manifest)
+        if damaged:
+            raise CheckpointError(
+                f"{folder / damaged[0]} is missing or truncated (its size is not "
+                f"the one recorded in {MANIFEST})",
+                folder / damaged[0],
+            )
+        if sorted(manifest.get("groups", {})) != sorted(trainers):
+            raise CheckpointError(
+                f"{folder} holds the SAEs {sorted(manifest.get('groups', {}))}, "
+                f"not this run's {sorted(trainers)}",
+                folder,
+            )
+        for name, trainer in trainers.items():
+            try:
+                trainer.load_files(folder / name)
+            except (ValueError, FileNotFoundError) as err:
+                raise CheckpointError(str(err), _named_path(err, folder / name)) from None
+    except CheckpointError as err:
+        err.previous = _intact_previous(out)
+        raise
+    return manifest
+
+
+def _named_path(err: Exception, default: Path) -> Path:
+    """The file an error message starts with (sae.py names the file it could not read)."""
+    first = str(err).split(" ", 1)[0]
+    return Path(first) if first.startswith(str(default)) else default
+
+
+def _intact_previous(out: Path) -> dict | None:
+    folder = out / PREVIOUS
+    try:
+        manifest = read_manifest(folder, missing_ok=True)
+    except CheckpointError:
+        return None
+    if manifest is None or _damaged_files(folder, manifest):
+        return None
+    return manifest
+
+
+def use_previous(out: Path) -> dict:
+    """Set the latest checkpoint aside (as ``checkpoint.damaged``) and make the previous one the
+    latest; returns its manifest."""
+    out = Path(out)
+    recover(out)
+    previous = _intact_previous(out)
+    if previous is None:
+        raise CheckpointError(f"{out} has no intact previous checkpoint ({PREVIOUS})")
+    remove_tree(out / DAMAGED)
+    if (out / LATEST).exists():
+        os.replace(out / LATEST, out / DAMAGED)
+    os.replace(out / PREVIOUS, out / LATEST)
+    fsync_dir(out)
+    return previous

@@ -1,0 +1,65 @@
+"""Ctrl-C held to step boundaries, so that a checkpoint never holds half a step.
+
+Inside :meth:`StepGuard.step` a first SIGINT is remembered and raised as ``KeyboardInterrupt``
+when the step is done (every group updated, the token count and data position moved on); a
+second one raises at once and marks the guard ``broken``: the caller must then not save what is
+in memory (the last checkpoint stays). Outside a step (waiting for data, in the model forward)
+SIGINT raises at once, as usual: nothing has changed there yet.
+
+Signal handlers can only be set from the main thread; elsewhere the guard does nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StepGuard:
+    def __init__(self):
+        self.in_step = False
+        self.pending = False  # a Ctrl-C arrived inside the current step
+        self.broken = False  # a second one stopped a step half-way
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self) -> StepGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        # no printing here: the signal may land inside another write to the same stream
+        if not self.in_step:
+            raise KeyboardInterrupt
+        if self.pending:
+            self.broken = True
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def step(self) -> _Step:
+        """``with guard.step(): ...``: the block runs to its end before a Ctrl-C is raised."""
+        return _Step(self)
+
+
+class _Step:
+    __slots__ = ("guard",)
+
+    def __init__(self, guard: StepGuard):
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.guard.in_step = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        guard = self.guard
+        guard.in_step = False
+        if guard.pending and exc_type is None:
+            guard.pending = False
+            raise KeyboardInterrupt

@@ -1,0 +1,102 @@
+"""What a gsae-train run is: its settings, as ``run.json`` records them, and each group's
+:class:`~gsae.sae.SaeConfig`.
+
+Field names are the command's flag names (``ctx_len`` is ``--ctx-len``), so a message can name
+the flag of any setting. ``sae`` holds the :class:`~gsae.sae.SaeConfig` fields set by flags (all
+but ``d``, which comes from the model): a new SaeConfig field needs no change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+
+from ..activations import DEFAULT_DATASET
+from ..grouping import DEFAULT_THRESHOLD
+from ..sae import SaeConfig
+
+SETTINGS_VERSION = 2
+
+# what --resume may change: nothing that alters what is trained or how (the data order, the
+# model's numerics, the SAEs); --tokens extends or shortens the run, --repeat lets a finished
+# dataset cycle, --device moves it (CPU and GPU round differently: weights then differ in the
+# last bits), the rest only decides what is logged and when
+RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard")
+
+
+def sae_seed(seed: int, layers) -> int:
+    """The init seed of the SAE of ``layers`` in a run seeded ``seed``: SAEs of different layer
+    sets start from different random decoders, so that one of a Group-SAE run and one of a
+    per-layer run are not alike merely by their init (MMCS between runs would measure that)."""
+    return zlib.crc32(f"{seed}:{sorted(int(x) for x in layers)}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class RunSettings:
+    """Everything a run needs besides its output folder; defaults follow the paper."""
+
+    # model and data
+    model: str = "pythia-160m"
+    dataset: str = DEFAULT_DATASET
+    split: str = "train"
+    column: str = "text"
+    ctx_len: int | None = None  # None: 1024, capped at the model's position limit
+    batch_tokens: int = 32768
+    repeat: bool = False
+    device: str = "auto"
+    model_dtype: str | None = None  # None: bf16 on a GPU, fp32 on a CPU
+    # which layers share an SAE
+    groups: str = "auto"  # auto | N | per-layer | even:N
+    groups_file: str | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    include_last: bool = False
+    grouping_tokens: int = 10_000_000
+    # training
+    tokens: int = 1_000_000_000  # per SAE
+    layers_per_token: str = "one"  # one (the paper) | all
+    seed: int = 0
+    sae: dict = field(default_factory=dict)  # SaeConfig fields but d
+    # checkpoints and logs
+    save_every: int = 100_000_000
+    log_every: int = 20
+    wandb: bool = False
+    tensorboard: bool = False
+
+    def sae_config(self, d: int, layers_seed: int | None = None) -> SaeConfig:
+        """The SaeConfig of every group SAE of this run, for a model of width ``d``."""
+        kwargs = {**self.sae, "d": d}
+        if layers_seed is not None:
+            kwargs["seed"] = layers_seed
+        return SaeConfig(**kwargs).validate()
+
+    @property
+    def scale_mode(self) -> str:
+        return self.sae.get("scale_mode", SaeConfig.scale_mode)
+
+    @property
+    def scale_tokens(self) -> int:
+        return int(self.sae.get("scale_tokens", SaeConfig.scale_tokens))
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per forward (needs ``ctx_len`` resolved)."""
+        return max(1, self.batch_tokens // int(self.ctx_len or 1))
+
+    def flags(self) -> dict:
+        """Every setting by its flag's name (``--k`` is ``k``), the SAE's too."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**{k: v for k, v in values.items() if k != "sae"}, **self.sae}
+
+    def to_json(self) -> dict:
+        return {"version": SETTINGS_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSettings:
+        if not isinstance(data, dict) or data.get("version") != SETTINGS_VERSION:
+            raise ValueError("settings written by another version of gsae-train")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names - {"version"}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
