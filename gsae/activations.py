@@ -233,60 +233,40 @@ def load_model(name: str, dtype: str | torch.dtype | None = None, device: str = 
     hooks are the same either way."""
     device = resolve_device(device)
     dtype = parse_dtype(dtype if dtype is not None else default_dtype(device))
-    tried = []
-    asked = name
-    if name == "demo":
-        name = str(bundled_dir() / "model")
-    if Path(name).exists():
-        try:
-            model, tokenizer = _from_pretrained(name, dtype, lm_head)
-        except Exception as err:
-            raise ModelLoadError(f"could not load model from local path {name}: {err}") from err
-        source = str(Path(name).resolve())
-    else:
-        tried.append(f"no local directory {name!r}")
-        source = hub_id(name)
-        try:  # the local Hugging Face cache first: works offline, costs nothing
-            model, tokenizer = _from_pretrained(source, dtype, lm_head, local_files_only=True)
-        except Exception:
-            tried.append(f"{source!r} is not in the Hugging Face cache")
-            if not hub_reachable():
-                tried.append("the Hugging Face hub is unreachable (offline?)")
-                raise ModelLoadError(_load_message("model", name, tried, "--model")) from None
-            try:
-                model, tokenizer = _from_pretrained(source, dtype, lm_head)
-            except Exception as err:
-                tried.append(f"the hub refused {source!r}: {err}")
-                raise ModelLoadError(_load_message("model", name, tried, "--model")) from None
+
+    def load(source, **kwargs):
+        return _from_pretrained(source, dtype, lm_head, **kwargs)
+
+    (model, tokenizer), source = _lookup(name, load)
     model = model.to(device).eval().requires_grad_(False)
     has_head = lm_head and hasattr(model, "get_output_embeddings") and (
         model.get_output_embeddings() is not None)  # fmt: skip
     reason = "" if has_head or not lm_head else (
         f"{type(model).__name__} has no causal-LM head in {source}")  # fmt: skip
-    return LoadedModel(model, tokenizer, asked, source, find_layers(model), has_head, reason)
+    return LoadedModel(model, tokenizer, name, source, find_layers(model), has_head, reason)
 
 
-def _lookup(name: str, load: Callable[..., object]):
-    """``load(source, **kwargs)`` for the first source of ``name`` that works, as
-    :func:`load_model` looks: a local directory (``demo``: the bundled model), the Hugging Face
-    cache, the hub; one :class:`ModelLoadError` naming what was tried otherwise."""
-    source = str(bundled_dir() / "model") if name == "demo" else name
-    if Path(source).exists():
+def _lookup(name: str, load: Callable[..., object]) -> tuple[object, str]:
+    """``(load(source, **kwargs), source)`` for the first source of ``name`` that works: a local
+    directory (``demo``: the bundled model), the Hugging Face cache (works offline, costs
+    nothing), the hub; one :class:`ModelLoadError` naming what was tried otherwise."""
+    local = str(bundled_dir() / "model") if name == "demo" else name
+    if Path(local).exists():
         try:
-            return load(source)
+            return load(local), str(Path(local).resolve())
         except Exception as err:
-            raise ModelLoadError(f"could not load {source}: {err}") from None
+            raise ModelLoadError(f"could not load model from local path {local}: {err}") from err
     tried = [f"no local directory {name!r}"]
     source = hub_id(name)
-    try:  # the cache first: works offline
-        return load(source, local_files_only=True)
+    try:
+        return load(source, local_files_only=True), source
     except Exception:
         tried.append(f"{source!r} is not in the Hugging Face cache")
     if not hub_reachable():
         tried.append("the Hugging Face hub is unreachable (offline?)")
     else:
         try:
-            return load(source)
+            return load(source), source
         except Exception as err:
             tried.append(f"the hub refused {source!r}: {err}")
     raise ModelLoadError(_load_message("model", name, tried, "--model"))
@@ -297,17 +277,17 @@ def load_structure(name: str) -> LoadedModel:
     no tokenizer): layer names and sizes at no cost, e.g. for naming exported SAEs."""
     from transformers import AutoConfig, AutoModel
 
-    config = _lookup(name, AutoConfig.from_pretrained)
+    config, source = _lookup(name, AutoConfig.from_pretrained)
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    return LoadedModel(model, None, name, name, find_layers(model))
+    return LoadedModel(model, None, name, source, find_layers(model))
 
 
 def load_tokenizer(name: str):
     """The tokenizer of model ``name`` alone (looked up as :func:`load_model` does)."""
     from transformers import AutoTokenizer
 
-    return _lookup(name, AutoTokenizer.from_pretrained)
+    return _lookup(name, AutoTokenizer.from_pretrained)[0]
 
 
 def layer_prefix(loaded: LoadedModel) -> str:
