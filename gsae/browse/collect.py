@@ -32,9 +32,12 @@ from ..activations import (
     ActivationReader,
     LoadedModel,
     StreamPosition,
+    TextSource,
     TokenStream,
-    iter_texts,
+    context_length,
     load_model,
+    open_texts,
+    resolve_device,
 )
 from ..eval.evaluate import trim_mask
 from ..eval.runs import RunInfo, check_model, check_runs, load_run
@@ -282,12 +285,6 @@ class Collection:
         return out
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None = None,
             split: str | None = None, column: str | None = None, ctx_len: int | None = None,
             batch_tokens: int = 8192, device: str = "auto", model_dtype: str | None = None,
@@ -305,15 +302,11 @@ def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None
     if tokens <= 0:
         raise ValueError(f"--tokens must be > 0, got {tokens}")
     plan = _Plan.make(run_dir, baseline, dataset, split, column, ctx_len, model)
-    device = _device(device)
-    loaded = load_model(plan.model, model_dtype or ("bf16" if device != "cpu" else "fp32"),
-                        device)  # fmt: skip
+    device = resolve_device(device)
+    loaded = load_model(plan.model, model_dtype, device)  # bf16 on a GPU, fp32 on a CPU
     check_model([plan.run] + ([plan.base] if plan.base else []), loaded.num_layers,
                 loaded.d_model, loaded.name)  # fmt: skip
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit is not None and plan.ctx_len > int(limit):
-        raise ValueError(f"--ctx-len {plan.ctx_len} is longer than {loaded.name}'s {limit} "
-                         "positions")  # fmt: skip
+    context_length(loaded, plan.ctx_len)  # refuses one longer than the model's positions
     generator = torch.Generator(device).manual_seed(cfg.seed)
     collectors, notes = _collectors(plan, cfg, device, generator, jaccard_memory)
     seen = _stream(plan, loaded, collectors, cfg, tokens, batch_tokens, progress)
@@ -343,6 +336,7 @@ class _Plan:
     split: str
     column: str
     ctx_len: int
+    texts: TextSource
 
     @classmethod
     def make(cls, run_dir, baseline, dataset, split, column, ctx_len, model) -> _Plan:
@@ -354,10 +348,9 @@ class _Plan:
         ctx_len = int(ctx_len or run.arg("ctx_len"))
         if ctx_len < 2:
             raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
-        plan = cls(run, base, model or run.model, dataset, split or run.arg("split", "train"),
-                   column or run.arg("column", "text"), ctx_len)  # fmt: skip
-        iter_texts(plan.dataset, plan.split, plan.column)  # fails now if it cannot be opened
-        return plan
+        split, column = split or run.arg("split", "train"), column or run.arg("column", "text")
+        texts = open_texts(dataset, split, column)  # fails now if it cannot be opened
+        return cls(run, base, model or run.model, dataset, split, column, ctx_len, texts)
 
 
 def _collectors(plan: _Plan, cfg: CollectConfig, device, generator, jaccard_memory: int):
@@ -393,8 +386,7 @@ def _stream(plan: _Plan, loaded: LoadedModel, collectors: list[SaeCollector],
     layers = sorted({layer for c in collectors for layer in c.layers})
     reader = ActivationReader(loaded, layers)
     device = next(loaded.model.parameters()).device
-    stream = TokenStream(lambda: iter_texts(plan.dataset, plan.split, plan.column),
-                         loaded.tokenizer, ctx_len=plan.ctx_len,
+    stream = TokenStream(plan.texts, loaded.tokenizer, ctx_len=plan.ctx_len,
                          batch_size=max(1, batch_tokens // plan.ctx_len),
                          position=StreamPosition())  # fmt: skip
     seen = sequences = 0
