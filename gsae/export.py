@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from .activations import ModelLoadError, hub_id, layer_prefix, load_structure
 from .eval.runs import RunInfo, load_run
-from .io import atomic_dir
+from .io import atomic_dir, check_replaceable
 from .sae import SPARSIFY_NAMES, Sae
 
 FORMATS = ("sparsify", "saelens")
@@ -198,11 +198,6 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | 
 
 
 def _check_out(out: Path, run: RunInfo, overwrite: bool) -> None:
-    if (out / "run.json").exists() or out.resolve() == run.path.resolve():
-        raise ValueError(f"--out {out} holds a gsae-train run: it would be replaced; pick "
-                         "another --out")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not overwrite:
-        raise ValueError(f"--out {out} is a non-empty folder that gsae-export did not write; "
-                         "pick another --out or pass --overwrite to replace it")  # fmt: skip
+    if out.resolve() == run.path.resolve():
+        raise ValueError(f"--out {out} is the run itself: it would be replaced; pick another --out")
+    check_replaceable(out, MANIFEST, "gsae-export", overwrite)

@@ -182,3 +182,17 @@ def recover_dir(path: str | os.PathLike) -> None:
         else:
             os.replace(old, path)  # cut off between the renames: the old copy is the good one
     remove_temp_dirs(path)
+
+
+def check_replaceable(out: Path, marker: str, command: str, overwrite: bool) -> None:
+    """Refuse an output folder ``out`` that ``command`` would replace as a whole when it is a
+    gsae-train run, a file, or a non-empty folder without ``marker`` (the file ``command``
+    writes there: one it wrote before), unless ``overwrite``."""
+    if (out / "run.json").exists():
+        raise ValueError(f"--out {out} holds a gsae-train run: it would be replaced; pick "
+                         "another --out")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists() and not overwrite:
+        raise ValueError(f"--out {out} is a non-empty folder that {command} did not write; pick "
+                         "another --out or pass --overwrite to replace it")  # fmt: skip

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .browse import add_collect_args, check_out, collect_config
+from .browse import add_collect_args, collect_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,12 +66,13 @@ def main(argv=None) -> int:
     from ..browse.collect import Collection, collect
     from ..eval.report import add_autointerp
     from ..grouping import parse_count
+    from ..io import check_replaceable
     from ..progress import progress_bar
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None
     try:
-        check_out(out, "cache.jsonl", "gsae-autointerp", overwrite=True)  # adds files only
+        check_replaceable(out, "cache.jsonl", "gsae-autointerp", overwrite=True)  # adds files only
         if args.report and not (Path(args.report) / "report.html").exists():
             raise ValueError(f"--report {args.report} holds no gsae-eval report.html")
         cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()

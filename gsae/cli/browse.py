@@ -60,19 +60,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_out(out: Path, marker: str, command: str, overwrite: bool) -> None:
-    """Refuse an --out that is a gsae-train run, a file, or another program's non-empty
-    folder (it is replaced as a whole)."""
-    if (out / "run.json").exists():
-        raise ValueError(f"--out {out} holds a gsae-train run: it would be replaced; pick "
-                         "another --out")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists() and not overwrite:
-        raise ValueError(f"--out {out} is a non-empty folder that {command} did not write; pick "
-                         "another --out or pass --overwrite to replace it")  # fmt: skip
-
-
 def collect_config(args):
     from ..browse.collect import CollectConfig
 
@@ -87,12 +74,13 @@ def main(argv=None) -> int:
     from ..browse.collect import collect
     from ..browse.site import write_site
     from ..grouping import parse_count
+    from ..io import check_replaceable
     from ..progress import progress_bar
     from .eval import parse_bytes
 
     out = Path(args.out)
     try:
-        check_out(out, "index.html", "gsae-browse", args.overwrite)
+        check_replaceable(out, "index.html", "gsae-browse", args.overwrite)
         tokens = parse_count(args.tokens)
         config = collect_config(args)
         memory = parse_bytes(args.jaccard_memory)
