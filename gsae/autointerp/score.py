@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 from ..activations import TokenText
 from ..browse.collect import Collection
 from ..eval.metrics import pooled
-from ..io import atomic_path, write_json
+from ..io import atomic_path, finite, write_json
 from . import prompts
 from .client import ChatClient
 
@@ -311,20 +310,9 @@ def write_results(result: AutoInterpResult, out: str | Path) -> list[Path]:
     files = {"autointerp.jsonl": result.records, "skipped.jsonl": result.skipped}
     for name, rows in files.items():
         with atomic_path(out / name) as tmp:
-            tmp.write_text("".join(json.dumps(_clean(r)) + "\n" for r in rows))
-    write_json(out / "summary.json", _clean(result.summary))
+            tmp.write_text("".join(json.dumps(finite(r), allow_nan=False) + "\n" for r in rows))
+    write_json(out / "summary.json", result.summary)  # NaN (no score) as null
     return [out / name for name in files] + [out / "summary.json"]
-
-
-def _clean(value):
-    """JSON-safe: NaN becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def load_collection(run_dir: str | Path, collection: str | Path) -> Collection:
