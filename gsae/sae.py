@@ -286,9 +286,12 @@ class Sae(TopKSAE):
     layer 0: the fit (0.40) sits at the optimum. sparsify's SparseCoder (c = 0.577 by its
     nn.Linear init, b_dec mean) on the same batches: 0.124 ... 0.170, i.e. the default reaches
     0.89x of its FVU on average, below it on every layer (3 seeds agree within 1%).
-    "fit" is the default over "geometry", which matches it here, because real residual streams
-    are far from isotropic in larger models (a few outlier dimensions), where only the fit sees
-    the data.
+    On synthetic data (d=256, 64 true directions, 4 active, k=4, m=4096, 200 steps of 4096)
+    the fitted c is 0.88 and the default reaches 0.083 with every direction found, the paper's
+    c = 1 (b_dec mean) 0.078 (3 seeds agree): a 5% cost where the overshoot is small, against
+    2.3x gained on the demo model. "fit" is the default over "geometry", which matches it on
+    both, because real residual streams are far from isotropic in larger models (a few outlier
+    dimensions), where only the fit sees the data.
     """
 
     def __init__(self, cfg: SaeConfig, layers: Sequence[int] = (0,), device=None):

@@ -209,7 +209,7 @@ DEMO_LAYERS, STEPS, BATCH, HELD_OUT = (1, 4), 25, 2048, 16_384
 
 
 @pytest.fixture(scope="module")
-def demo_layers():
+def demo_layers(one_thread):
     """Residual streams of two demo-model layers: 25 batches of 2,048 tokens to train on, then
     16k later tokens to evaluate on, in stream order, scaled to mean squared norm 1."""
     from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model

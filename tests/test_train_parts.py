@@ -236,3 +236,17 @@ def test_each_layer_set_gets_its_own_init_seed():
     seeds = {tuple(layers): sae_seed(0, layers) for layers in ([0], [0, 1, 2], [1], [5])}
     assert len(set(seeds.values())) == len(seeds)
     assert sae_seed(0, [2, 1, 0]) == seeds[(0, 1, 2)] and sae_seed(1, [0]) != seeds[(0,)]
+
+
+def test_demo_defaults_all_take_effect():
+    """`gsae-train --model demo --dataset demo` (the README's main command) must get every demo
+    default: without --repeat the 482k-token corpus runs out before the 1M-token budget."""
+    from gsae.cli.train import DEMO_DEFAULTS, parser, settings_from_args
+
+    s = settings_from_args(parser().parse_args(["--model", "demo", "--dataset", "demo"]))
+    assert s.repeat is True and s.tokens == 1_000_000 and s.ctx_len == 128
+    flags = s.flags()
+    for key in DEMO_DEFAULTS:
+        assert key in flags, key
+    assert flags["k"] == 32 and s.batch_tokens == 2048
+    assert settings_from_args(parser().parse_args(["--model", "pythia-70m"])).repeat is False

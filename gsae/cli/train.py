@@ -180,11 +180,11 @@ def sae_fields(args: argparse.Namespace) -> dict:
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings: the flags given, then the demo's or the paper's defaults."""
     args = argparse.Namespace(**vars(args))
-    data_defaults(args)
     defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.model == "demo" else {})}
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
     for key in COUNTS:
         setattr(args, key, gp.parse_count(getattr(args, key)))
     run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
