@@ -344,11 +344,7 @@ class DistributedSteps:
 
     def metrics(self, outs: dict[str, StepOutput]) -> dict[str, dict]:
         """Every SAE's numbers, from its first owner (a collective: at log steps only)."""
-        mine = {
-            g.name: summarize(outs[g.name], g.trainer)
-            for g in self.writes()
-            if g.name in outs
-        }
+        mine = {g.name: summarize(outs[g.name], g.trainer) for g in self.writes() if g.name in outs}
         merged = {}
         for part in self.world.gather_objects(mine):
             merged.update(part)

@@ -85,7 +85,8 @@ class LayerSampler:
         picks = self.draws(step, n if positions is None else int(total))
         tokens = None
         batches = []
-        for group, rows, ids, pick in zip(self.groups, self.rows, self.layer_ids, picks, strict=True):
+        per_group = zip(self.groups, self.rows, self.layer_ids, picks, strict=True)
+        for group, rows, ids, pick in per_group:
             if len(group) == 1:  # nothing to draw: the layer's rows as they are, no copy
                 batches.append(GroupBatch(hidden[self.single_rows[group[0]]], group[0], n))
             elif self.every_layer:  # [|group| * N, d], layer-major
