@@ -48,8 +48,10 @@ class PeerFailed(RuntimeError):
 class World:
     """The processes of a run and this one's place among them (rank, size, device)."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, device="cpu"):
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, device="cpu",
+                 timeout: float = DEFAULT_TIMEOUT):  # fmt: skip
         self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.timeout = timeout  # seconds a collective waits for the others
         self.device = torch.device(device)  # where this process's tensors and collectives run
         self._groups: dict[tuple[int, ...], object] = {}
 
@@ -70,7 +72,10 @@ class World:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as err:  # torch.distributed's errors (DistError) are RuntimeErrors
-            raise CollectiveError(f"{name} failed on process {self.rank}: {err}") from err
+            raise CollectiveError(
+                f"{name} failed on process {self.rank}: another process stopped (its own error "
+                f"is above), or did not answer within --dist-timeout {self.timeout:g} s: {err}"
+            ) from err
 
     def all_reduce(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
         """Sum ``tensor`` in place over the processes (of ``group``, default all)."""
@@ -222,7 +227,7 @@ def init_world(device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> World:
         timeout=datetime.timedelta(seconds=timeout),
         device_id=here if backend == "nccl" else None,
     )
-    return World(rank, size, local, here)
+    return World(rank, size, local, here, timeout)
 
 
 # ---- which process trains which SAE (--distribute-saes)
