@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -269,7 +270,21 @@ def print_plan(run: TrainingRun) -> None:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    worlds: list = []
+    code = train(parser().parse_args(argv), worlds)
+    if worlds and worlds[0].distributed:
+        # one of several processes: end it here. Once torch.distributed is initialised,
+        # transformers' from_pretrained keeps a reference to the process group, whose gloo
+        # threads are then torn down among the interpreter's last destructors: now and then
+        # that aborts (SIGABRT) a run that succeeded. The process group is closed already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def train(args: argparse.Namespace, worlds: list) -> int:
+    """The run; appends its World to ``worlds`` as soon as there is one."""
     run, world = None, None
     try:
         if args.resume:
@@ -279,6 +294,7 @@ def main(argv=None) -> int:
         else:
             raise ValueError("--out is required (or --resume OUT)")
         world = init_world(settings.device, settings.dist_timeout)  # one process: no-op
+        worlds.append(world)
         set_progress(world.is_main)
         run = TrainingRun(
             out,
