@@ -292,3 +292,58 @@ def test_data_parallel_halves_sum_to_the_whole_batch_step():
     for (name, a), b in zip(whole.sae.state_dict().items(), halves.sae.state_dict().values(),
                             strict=True):  # fmt: skip
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_one_process_run_resumes_on_two(reference, tiny_model_dir, tiny_corpus, tmp_path,
+                                        offline, monkeypatch):  # fmt: skip
+    """A run of two shards started on one process (Ctrl-C after step 3), resumed on two."""
+    import signal
+
+    from gsae.train import loop
+
+    cut = tmp_path / "cut"
+    train_batch = loop.Run.train_batch
+
+    def ctrl_c_after_step_3(run, *a, **k):
+        train_batch(run, *a, **k)
+        if run.steps == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(loop.Run, "train_batch", ctrl_c_after_step_3)
+    assert train_main(args(tiny_model_dir, tiny_corpus, cut, "--data-shards", "2")) == 130
+    monkeypatch.undo()
+    assert json.loads((cut / "checkpoint" / "run_state.json").read_text())["steps"] == 3
+    ok(torchrun(["--resume", cut]))
+    assert json.loads((cut / "summary.json").read_text())["processes"] == 2
+    assert_same_saes(reference, cut)
+
+
+def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(tiny_model_dir, tiny_corpus,
+                                                                  tmp_path):  # fmt: skip
+    """Ctrl-C as a user gives it: SIGINT to torchrun, which passes it on to each process."""
+    import signal
+
+    out = tmp_path / "run"
+    argv = args(tiny_model_dir, tiny_corpus, out, "--log-every", "5")
+    argv[argv.index("--tokens") + 1] = "50M"  # longer than the test waits
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKER), *map(str, argv)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "interrupted: saving a checkpoint" in stdout + stderr, stderr[-3000:]
+    state = json.loads((out / "checkpoint" / "run_state.json").read_text())
+    assert state["steps"] >= 5 and len(state["positions"]) == 2
+    tokens = state["tokens"] + 1024  # two more steps, on one process
+    assert train_main(["--resume", str(out), "--tokens", str(tokens)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == state["steps"] + 2
