@@ -347,3 +347,26 @@ def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(tiny_model_dir
     tokens = state["tokens"] + 1024  # two more steps, on one process
     assert train_main(["--resume", str(out), "--tokens", str(tokens)]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == state["steps"] + 2
+
+
+@pytest.mark.parametrize("placement", ["replicated", "distribute-saes"])
+def test_data_running_out_stops_every_process_together(placement, tiny_model_dir, tiny_corpus,
+                                                       tmp_path, offline):  # fmt: skip
+    """Without --repeat the tiny corpus ends before 20k tokens: both processes stop at the
+    step where a shard cannot fill its part, as one process over two shards does, with a
+    checkpoint and the SAEs of what was trained."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    short = [a for a in args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2")
+             if a != "--repeat"]  # fmt: skip
+    short[short.index("--tokens") + 1] = "20k"
+    assert train_main(short) == 1
+    extra = ["--distribute-saes"] if placement != "replicated" else []
+    short[short.index("--out") + 1] = str(two)
+    result = torchrun([*short[:-2], *extra])  # the same, without --data-shards 2
+    assert short[-2:] == ["--data-shards", "2"]
+    assert result.returncode != 0
+    assert "the dataset ran out after" in result.stderr, result.stderr[-3000:]
+    for out in (one, two):
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["complete"] is False and summary["tokens"] < 20_000
+    assert_same_saes(one, two)

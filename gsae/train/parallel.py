@@ -297,9 +297,10 @@ class DistributedSteps:
         flag = torch.zeros(1, self.d, dtype=self.dtype, device=self.device)
         flag[0, 0], flag[0, 1] = float(exhausted), float(stop)
         if exhausted:  # nothing to send but the flags (zeros keep every size as agreed)
-            return torch.cat([torch.zeros(sum(self.send_rows) - len(self.send_rows), self.d,
-                                          dtype=self.dtype, device=self.device)]  # fmt: skip
-                             + [flag] * len(self.send_rows))  # fmt: skip
+            send = torch.zeros(sum(self.send_rows), self.d, dtype=self.dtype, device=self.device)
+            ends = torch.tensor(self.send_rows).cumsum(0) - 1  # each process's flag row: its last
+            send[ends.to(self.device)] = flag
+            return send
         batches = self.sampler.draw(hidden, step, self.positions, self.total)
         pieces = []
         for q_pieces in self.send_pieces:
