@@ -107,11 +107,13 @@ def test_two_processes_train_the_saes_of_one(placement, reference, tiny_model_di
     )
 
 
-def test_fewer_saes_than_processes_split_each_batch(tiny_model_dir, tiny_corpus, tmp_path,
-                                                    offline):  # fmt: skip
-    """One SAE for every layer on 2 processes: both own it, each trains on half the rows."""
+@pytest.mark.parametrize("per_token", ["one", "all"])
+def test_fewer_saes_than_processes_split_each_batch(per_token, tiny_model_dir, tiny_corpus,
+                                                    tmp_path, offline):  # fmt: skip
+    """One SAE for every layer on 2 processes: both own it, each trains on half the rows (with
+    --layers-per-token all: half of every layer's rows)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = ["--groups", "1", "--include-last"]
+    extra = ["--groups", "1", "--include-last", "--layers-per-token", per_token]
     assert train_main(args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra)) == 0
     ok(torchrun(args(tiny_model_dir, tiny_corpus, two, *extra, "--distribute-saes",
                      "--check-replicas")))  # fmt: skip

@@ -162,10 +162,11 @@ def parser() -> argparse.ArgumentParser:
     )
     add(
         "--distribute-saes",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="with several processes (torchrun): each process trains whole group SAEs and "
-        "receives the activations they need (default: every SAE on every process)",
+        "receives the activations they need (default: every SAE on every process; a resumed "
+        "run may switch)",
     )
     add(
         "--data-shards",
