@@ -3,10 +3,12 @@ tests/test_distributed.py: ``python -m torch.distributed.run ... tests/dist_work
 
 ``GSAE_TEST_FAULT=RANK:STEP:KIND`` makes process RANK, right after its training step STEP:
 ``sigint`` send itself a Ctrl-C, ``raise`` raise an error, ``hang`` stop answering (sleep),
-``perturb`` change its copy of the first SAE (the replicas then differ). Each process writes its
+``perturb`` change its copy of the first SAE (the replicas then differ), ``nospace`` find the
+disk full from then on (writing its SAEs into a checkpoint fails). Each process writes its
 pid into ``GSAE_TEST_PIDS`` (a folder), so that the test can check none is left running.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gsae.cli.train import main
-from gsae.train import loop
+from gsae.train import checkpoint, loop
 
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -34,6 +36,12 @@ def inject(rank: int, step: int, kind: str) -> None:
             raise RuntimeError(f"injected fault in process {RANK} after step {step}")
         elif kind == "hang":
             time.sleep(3600)
+        elif kind == "nospace":
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            checkpoint.write_group = full
         elif kind == "perturb":
             with torch.no_grad():
                 run.engine.held()[0].trainer.sae.b_dec.add_(1e-3)

@@ -372,3 +372,23 @@ def test_data_running_out_stops_every_process_together(placement, tiny_model_dir
         summary = json.loads((out / "summary.json").read_text())
         assert summary["complete"] is False and summary["tokens"] < 20_000
     assert_same_saes(one, two)
+
+
+def test_a_checkpoint_failing_on_one_process_fails_on_all_and_keeps_the_last(
+    reference, tiny_model_dir, tiny_corpus, tmp_path, offline
+):
+    """Process 1 owns SAEs and cannot write them (a full disk) at the checkpoint of step 4:
+    every process stops with the error, the checkpoint of step 2 stays whole, and the run
+    resumes from it to the SAEs of an uninterrupted run."""
+    out = tmp_path / "run"
+    argv = args(tiny_model_dir, tiny_corpus, out, "--distribute-saes", "--save-every", "1024")
+    result = torchrun(argv, env={"GSAE_TEST_FAULT": "1:3:nospace"})
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr, result.stderr[-3000:]
+    state = json.loads((out / "checkpoint" / "run_state.json").read_text())
+    assert state["steps"] == 2
+    for name in state["files"]:  # every SAE of the checkpoint, process 1's too
+        assert (out / "checkpoint" / name).stat().st_size == state["files"][name]
+    assert not (out / "checkpoint.new").exists()
+    assert train_main(["--resume", str(out)]) == 0
+    assert_same_saes(reference, out)

@@ -121,13 +121,15 @@ def _save_together(out: Path, state: dict, trainers: dict, world) -> None:
     staging = out / STAGING
 
     def check_in(err: OSError | None) -> None:
-        failed = [m for m in world.gather_objects(None if err is None else str(err)) if m]
+        mine = None if err is None else (err.errno, err.strerror or str(err))
+        failed = [(r, m) for r, m in enumerate(world.gather_objects(mine)) if m]
         if failed:
             if world.is_main:
                 _discard_staging(out)
-            raise CheckpointWriteError(
-                getattr(err, "errno", None), f"cannot write a checkpoint in {out}: {failed[0]}"
-            )
+            rank, (errno, message) = failed[0]
+            where = "" if rank == 0 else f" (process {rank})"
+            text = f"cannot write a checkpoint in {out}{where}: {message}"
+            raise CheckpointWriteError(errno, text)
 
     error = None
     if world.is_main:
