@@ -28,7 +28,7 @@ from . import checkpoint
 from .distributed import World, plan_owners
 from .groups import group_name
 from .interrupt import StepGuard
-from .log import JsonlLog, StepTimer, make_sinks
+from .log import JsonlLog, StepTimer, close_sinks, make_sinks
 from .parallel import DistributedSteps, Group, LocalSteps, ReplicatedSteps
 from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
@@ -194,6 +194,8 @@ class Run:
         finally:
             if self.log is not None:
                 self.log.close()
+            close_sinks(self.sinks)
+            self.sinks = []
 
     def _loop(self, batches, bar) -> None:
         s = self.settings
