@@ -597,13 +597,21 @@ class TokenStream:
     The last, partial chunk of a finite source is padded and masked. ``repeat=True`` cycles over
     a finite source (small local corpora). ``texts`` is a :class:`TextSource` or a function
     returning an iterator of documents. Iterate to get :class:`TokenBatch` objects.
+
+    ``shard=(i, n)`` packs only the documents whose number in each pass is ``i`` modulo ``n``
+    (the others are read but not tokenized): n such streams split the text between them, for
+    several processes. Positions are those of the whole text, so each shard resumes alone.
     """
 
     def __init__(self, texts: TextSource | Callable[[], Iterator[str]], tokenizer,
                  ctx_len: int = 1024, batch_size: int = 8, position: StreamPosition | None = None,
-                 repeat: bool = False, prefetch: int = 4, docs_per_call: int = 64):  # fmt: skip
+                 repeat: bool = False, prefetch: int = 4, docs_per_call: int = 64,
+                 shard: tuple[int, int] = (0, 1)):  # fmt: skip
         if ctx_len < 2 or batch_size < 1:
             raise ValueError(f"need ctx_len >= 2 and batch_size >= 1, got {ctx_len}, {batch_size}")
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+        self.shard = (int(shard[0]), int(shard[1]))
         self.source = texts if isinstance(texts, TextSource) else IterableSource(texts)
         self.tokenizer = tokenizer
         self.ctx_len, self.batch_size = ctx_len, batch_size
@@ -626,13 +634,15 @@ class TokenStream:
         """(epoch, documents before it in the epoch, source state before it, text) from the
         saved position on."""
         epoch, number, state = self.start.epoch, self.start.documents, self.start.source
+        index, count = self.shard
         while True:
-            read_any = False
+            read_any, whole_pass = False, state is None
             for text, after in self.source.read(state):
-                read_any = True
-                yield epoch, number, state, text
+                if number % count == index:
+                    read_any = True
+                    yield epoch, number, state, text
                 number, state = number + 1, after
-            if not self.repeat or (not read_any and state is None):  # the end, or no data at all
+            if not self.repeat or (whole_pass and not read_any):  # the end, or nothing to cycle
                 return
             epoch, number, state = epoch + 1, 0, None
 

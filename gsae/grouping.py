@@ -456,13 +456,19 @@ def parse_count(text: str | int) -> int:
 def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
                   repeat: bool = False, include_last: bool = False, center: bool = False,
                   cluster_space: str = "precomputed", threshold: float = DEFAULT_THRESHOLD,
-                  expansion_factor: int = 16, k: int = 128) -> Grouping:  # fmt: skip
+                  expansion_factor: int = 16, k: int = 128, batches=None,
+                  merge=None) -> Grouping:  # fmt: skip
     """Stream ``tokens`` tokens of ``texts`` through a loaded model, measure the mean angular
     distance between its layers (the last one too with ``include_last``) and group them.
 
     ``loaded`` is a :class:`gsae.activations.LoadedModel`; ``texts`` a
     :class:`gsae.activations.TextSource`. The result records the model (as named and where it
-    was loaded from), its depth and Delta(G) for gsae's sparse SAE step and a dense one."""
+    was loaded from), its depth and Delta(G) for gsae's sparse SAE step and a dense one.
+
+    For several processes, each measuring its own part of the data: ``batches(layers)`` is a
+    context manager of this process's ``[L, N, d]`` batches (``tokens`` is then its own budget,
+    and saying whether the data ran short is the caller's job), and ``merge(acc)`` returns the
+    accumulator of every process combined (:meth:`AngularDistances.merge`)."""
     import time
 
     from .activations import hidden_states
@@ -470,10 +476,15 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
     n = loaded.num_layers
     layers = list(range(n if include_last or n == 1 else n - 1))
     start = time.perf_counter()
-    with hidden_states(loaded, layers, texts, ctx_len, batch_size, repeat) as batches:
-        with progress_bar(tokens, "distances") as bar:
-            acc = measure_distances(batches, len(layers), tokens, center, bar.update)
-    if acc.count < tokens:
+    if batches is None:
+        source = hidden_states(loaded, layers, texts, ctx_len, batch_size, repeat)
+    else:
+        source = batches(layers)
+    with source as stream, progress_bar(tokens, "distances") as bar:
+        acc = measure_distances(stream, len(layers), tokens, center, bar.update)
+    if merge is not None:
+        acc = merge(acc)
+    elif acc.count < tokens:
         warnings.warn(f"the dataset ran out after {acc.count} of {tokens} tokens "
                       "(--repeat cycles over it)", RuntimeWarning, stacklevel=2)  # fmt: skip
     costs = model_costs(loaded, layers, ctx_len, expansion_factor, k, "sparse")

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+_ENABLED = True
+
+
+def set_progress(enabled: bool) -> None:
+    """Show progress bars in this process or not (with several processes, only the first)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
 
 def progress_bar(total: int, desc: str, unit: str = "tok"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=not _ENABLED,
+    )

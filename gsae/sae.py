@@ -131,15 +131,36 @@ class SaeConfig:
 
 
 def activation_scales(
-    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq"
+    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq", merge=None
 ) -> list[float]:
     """Per-source scales s with ``E||s x||^2 = 1`` (``mean_sq``) or ``E||s x|| = 1``
     (``mean_norm``), from the first ``tokens`` tokens of ``batches`` (each ``[L, N, d]``: L
     sources side by side). Streamed: each token's norm is taken in float32 (a bounded slice of
     tokens upcast at a time) and only the sums over tokens are float64, so no float64 copy of the
-    activations is ever made (8 GiB at Pythia-1B sizes)."""
+    activations is ever made (8 GiB at Pythia-1B sizes).
+
+    ``merge((sums [L] float64, tokens))`` combines the sums of several processes, each over its
+    own part of the data (distributed training), and returns the totals."""
     if mode not in SCALE_MODES:
         raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
+    total, seen = activation_norm_sums(batches, tokens, mode)
+    if merge is not None:
+        total, seen = merge((total, seen))
+    if total is None or seen == 0:
+        raise ValueError(f"cannot estimate an activation scale from {seen} tokens")
+    if mode == "none":
+        return [1.0] * len(total)
+    mean = total / seen
+    if not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
+        raise ValueError(f"cannot estimate an activation scale from {seen} tokens (means {mean})")
+    return (mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()).tolist()
+
+
+def activation_norm_sums(
+    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq"
+) -> tuple[torch.Tensor | None, int]:
+    """Per-source float64 sums of ``||x||^2`` (``mean_sq``) or ``||x||`` over the first
+    ``tokens`` tokens of ``batches [L, N, d]``, and the number of tokens summed (None: none)."""
     total, seen = None, 0
     for batch in batches:
         h = batch[:, : tokens - seen]  # [L, n, d]
@@ -149,17 +170,12 @@ def activation_scales(
             values = norms.square() if mode == "mean_sq" else norms  # [L, chunk]
             part = values.sum(1, dtype=torch.float64).cpu()  # [L]
             total = part if total is None else total + part
+        if total is None and h.shape[1] == 0:  # an empty part (distributed): sums of nothing
+            total = torch.zeros(h.shape[0], dtype=torch.float64)
         seen += h.shape[1]
         if seen >= tokens:
             break
-    if total is None or seen == 0:
-        raise ValueError(f"cannot estimate an activation scale from {seen} tokens")
-    if mode == "none":
-        return [1.0] * len(total)
-    mean = total / seen
-    if not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
-        raise ValueError(f"cannot estimate an activation scale from {seen} tokens (means {mean})")
-    return (mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()).tolist()
+    return total, seen
 
 
 def activation_scale(batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq") -> float:
@@ -199,13 +215,26 @@ def geometry_encoder_scale(d: int, m: int, k: int) -> float:
     return 1 / (1 + s - q / s)
 
 
-def geometric_median(x: torch.Tensor, iters: int = 50, tol: float = 1e-6) -> torch.Tensor:
-    """Geometric median of the rows of ``x [N, d]`` (Weiszfeld's iterations from the mean)."""
+def geometric_median(
+    x: torch.Tensor, iters: int = 50, tol: float = 1e-6, reduce=None
+) -> torch.Tensor:
+    """Geometric median of the rows of ``x [N, d]`` (Weiszfeld's iterations from the mean).
+
+    ``reduce(t)``: the sum of a float64 tensor over the processes that each hold some of the rows
+    (distributed training); every process then gets the median of all of them, iterating alike."""
     x = x.double()
-    y = x.mean(0)
+    if reduce is None:
+        y = x.mean(0)
+    else:
+        sums = reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        y = sums[:-1] / sums[-1]
     for _ in range(iters):
         w = (x - y).norm(dim=1).clamp_min(1e-12).reciprocal()  # [N]
-        new = (w[:, None] * x).sum(0) / w.sum()
+        if reduce is None:
+            new = (w[:, None] * x).sum(0) / w.sum()
+        else:
+            sums = reduce(torch.cat([(w[:, None] * x).sum(0), w.sum().view(1)]))
+            new = sums[:-1] / sums[-1]
         done = float((new - y).norm()) <= tol * max(float(y.norm()), 1e-12)
         y = new
         if done:
@@ -286,12 +315,19 @@ class Sae(TopKSAE):
                 self.W_enc.mul_(geometry_encoder_scale(cfg.d, cfg.m, cfg.k))
 
     @torch.no_grad()
-    def init_from_batch(self, x: torch.Tensor, layer=None) -> float | None:
+    def init_from_batch(self, x: torch.Tensor, layer=None, reduce=None) -> float | None:
         """The data-dependent part of the initialisation, from a first batch ``x [N, d]`` in
         model units: ``b_dec`` (``init_b_dec``), then the encoder scale (``init_encoder="fit"``).
         Returns the factor applied to ``W_enc`` (1.0 if none), or None, changing nothing, when
         the batch is not finite (NaN activations, or a layer id the SAE does not cover). One
-        host sync: it runs once per training."""
+        host sync: it runs once per training.
+
+        ``reduce(t)``, for data-parallel training: the sum of a float64 tensor over the processes
+        that train this SAE, each holding its part of the batch in ``x`` (possibly none). The
+        statistics are then those of the whole batch, so every replica gets the same init, the
+        one a single process would compute from the whole batch."""
+        if reduce is not None:
+            return self._init_from_parts(x, layer, reduce)
         xs = self.normalize(x, layer)  # [N, d], the SAE's units
         if xs.shape[0] == 0 or not bool(torch.isfinite(xs).all()):
             return None
@@ -307,6 +343,33 @@ class Sae(TopKSAE):
         num, den = float((e * r).sum()), float(r.pow(2).sum())
         if not (den > 0 and math.isfinite(num) and num > 0):
             return 1.0  # a degenerate batch (e.g. every row equals b_dec): keep c = 1
+        self.W_enc.mul_(num / den)
+        return num / den
+
+    def _init_from_parts(self, x: torch.Tensor, layer, reduce) -> float | None:
+        """:meth:`init_from_batch` from sums over every process's part (see there). Every
+        process makes the same ``reduce`` calls whatever its part holds."""
+        xs = self.normalize(x, layer).double()  # [n, d], the SAE's units (n may be 0)
+        sums = reduce(torch.cat([xs.sum(0), xs.new_tensor([xs.shape[0]])]))  # [d + 1]
+        count = float(sums[-1])
+        if count == 0 or not bool(torch.isfinite(sums).all()):
+            return None  # NaN/inf rows anywhere poison the sums: nobody initialises
+        if self.cfg.init_b_dec == "mean":
+            self.b_dec.copy_(sums[:-1] / count)
+        elif self.cfg.init_b_dec == "median":
+            self.b_dec.copy_(geometric_median(xs, reduce=reduce))
+        if self.cfg.init_encoder != "fit":
+            return 1.0
+        part = xs.new_zeros(2)
+        if xs.shape[0]:
+            xs32 = xs.float()
+            enc = super().encode(xs32)
+            r = (super().decode(enc.values, enc.indices) - self.b_dec).double()  # c = 1
+            e = (xs32 - self.b_dec).double()
+            part = torch.stack([(e * r).sum(), r.pow(2).sum()])
+        num, den = reduce(part).tolist()
+        if not (den > 0 and math.isfinite(num) and num > 0):
+            return 1.0
         self.W_enc.mul_(num / den)
         return num / den
 
@@ -570,11 +633,90 @@ class SaeTrainer:
         # integer index_add: deterministic, and no data-dependent shape (a mask index would sync)
         hits = torch.zeros_like(self.tokens_since_fired)
         hits.index_add_(0, latents.indices.reshape(-1), (latents.values > 0).reshape(-1).long())
+        self._advance_counters(hits, finite, n)
+
+    @torch.no_grad()
+    def _advance_counters(self, hits: torch.Tensor, finite: torch.Tensor, n: int) -> None:
+        """Reset the counter of every latent with ``hits > 0``, advance the others by ``n``."""
         since = torch.where(hits > 0, 0, self.tokens_since_fired + n)
         self.tokens_since_fired.copy_(torch.where(finite, since, self.tokens_since_fired))
         self.skipped_tokens += (~finite).to(torch.int64) * n
         self.tokens_seen += n
         self.steps += 1
+
+    # ---- data-parallel steps: each process holds a part of the batch
+
+    def part_stats_size(self) -> int:
+        """Length of the ``stats`` vector :meth:`backward_part` fills (see there)."""
+        return self.sae.d + 6
+
+    def backward_part(
+        self, x: torch.Tensor, layer, hits: torch.Tensor, stats: torch.Tensor
+    ) -> None:
+        """The first half of a data-parallel :meth:`step`, on this process's part ``x [n, d]``
+        (n may be 0) of a batch split over processes.
+
+        The FVU and AuxK of the whole batch share one denominator, the batch's total variance
+        ``V = sum ||x - mean||^2``, which depends on the data only: so their gradient is the sum
+        over parts of the gradients of the *unnormalised* terms, divided by the whole batch's V.
+        This accumulates those unnormalised gradients into the parameters' ``.grad`` (which the
+        caller zeroed, typically views into one buffer it all-reduces), counts the latents that
+        fired into ``hits [m]`` and writes into ``stats`` (zeroed, length
+        :meth:`part_stats_size`) what the whole batch's V, losses and L0 are combined from:
+        ``[n, n * mean (d), n * |mean|^2, n * var, FVU * n var, AuxK * n var, active latents]``.
+        Sum ``hits`` and ``stats`` (and the gradients) over processes, then call
+        :meth:`apply_reduced`. The init (:meth:`Sae.init_from_batch` with ``reduce``) is the
+        caller's, on the first step."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        sae, d = self.sae, self.sae.d
+        xs = sae.normalize(x, layer)  # [n, d], the SAE's units
+        dead = self.dead_mask()
+        k_aux, any_dead = self._k_aux(dead)
+        out = TopKSAE.forward(sae, xs, dead if k_aux else None, k_aux)  # the same kernels
+        with torch.no_grad():
+            var, mean = torch.var_mean(xs.double(), dim=0, correction=0)  # [d], float64
+            within = var.sum() * n  # this part's own total variance
+        auxk = out.loss.auxk if any_dead is None else out.loss.auxk * any_dead
+        loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
+        # FVU * V_part = the part's squared error: its gradient is the unnormalised one
+        (loss * within.float()).backward()
+        with torch.no_grad():
+            latents = out.latents
+            fired = (latents.values > 0).reshape(-1)
+            hits.index_add_(0, latents.indices.reshape(-1), fired.to(hits.dtype))
+            stats[0] = n
+            stats[1 : d + 1] = mean * n
+            stats[d + 1] = mean.dot(mean) * n
+            stats[d + 2] = within
+            stats[d + 3] = out.loss.fvu.double() * within
+            stats[d + 4] = auxk.double() * within
+            stats[d + 5] = fired.sum()
+
+    @torch.no_grad()
+    def apply_reduced(self, hits: torch.Tensor, stats: torch.Tensor, tokens: int) -> StepOutput:
+        """The second half of a data-parallel step, given ``hits`` and ``stats`` summed over the
+        processes' parts (and the ``.grad`` of the unnormalised terms too): divide the gradients
+        by the whole batch's total variance, update (skipped on the device if the loss is not
+        finite, as :meth:`step` does) and count ``tokens`` for the dead-latent counters. Every
+        process that applies the same sums makes the same update, bit for bit."""
+        d = self.sae.d
+        s = stats.double()
+        n, mean_sum = s[0], s[1 : d + 1]
+        # total variance of the whole batch: within the parts, plus between their means
+        var = s[d + 2] + s[d + 1] - mean_sum.dot(mean_sum) / n.clamp_min(1)
+        fvu, auxk = s[d + 3] / var, s[d + 4] / var
+        loss = (fvu + self.cfg.auxk_alpha * auxk).float()
+        dead = self.dead_mask()
+        for p in self.sae.parameters():
+            if p.grad is not None:
+                p.grad.div_(var.float())
+        finite = torch.isfinite(loss)
+        self._update(finite)
+        self._advance_counters(hits, finite, tokens)
+        l0 = (s[d + 5] / n.clamp_min(1)).float()
+        return StepOutput(loss, fvu.float(), auxk.float(), l0, dead.float().mean())
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """Inside the block the SAE holds the weights to evaluate and save: the running average

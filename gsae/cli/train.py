@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
 
 from .. import grouping as gp
 from ..activations import DatasetLoadError, ModelLoadError
+from ..progress import set_progress
 from ..sae import B_DEC_INITS, ENCODER_INITS, OPTIMIZERS
 from ..train import (
     RESUMABLE,
@@ -27,6 +29,7 @@ from ..train import (
     RunSettings,
     TrainingRun,
 )
+from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
 from .common import add_data_args, data_defaults, flag
 
@@ -54,6 +57,9 @@ DEFAULTS = {
     "include_last": False,
     "wandb": False,
     "tensorboard": False,
+    "distribute_saes": False,
+    "dist_timeout": 600.0,
+    "check_replicas": False,
 }
 DEMO_DEFAULTS = {
     "tokens": "1M",
@@ -154,6 +160,32 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="remove the run in --out first, then start a new one",
     )
+    add(
+        "--distribute-saes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with several processes (torchrun): each process trains whole group SAEs and "
+        "receives the activations they need (default: every SAE on every process; a resumed "
+        "run may switch)",
+    )
+    add(
+        "--data-shards",
+        type=int,
+        help="split the text into this many shards, a part of every step's batch each (default: "
+        "the number of processes; fixed for the run: it decides the batches)",
+    )
+    add(
+        "--dist-timeout",
+        type=float,
+        help="seconds a process waits for the others in a collective before the job stops "
+        "(default: 600)",
+    )
+    add(
+        "--check-replicas",
+        action="store_true",
+        default=None,
+        help="at each log step, check that every copy of each SAE is identical (debugging)",
+    )
     add("--wandb", action="store_true", default=None, help="log to Weights & Biases if installed")
     add("--tensorboard", action="store_true", default=None, help="log to TensorBoard if installed")
     return p
@@ -239,8 +271,22 @@ def print_plan(run: TrainingRun) -> None:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    run = None
+    worlds: list = []
+    code = train(parser().parse_args(argv), worlds)
+    if worlds and worlds[0].distributed:
+        # one of several processes: end it here. Once torch.distributed is initialised,
+        # transformers' from_pretrained keeps a reference to the process group, whose gloo
+        # threads are then torn down among the interpreter's last destructors: now and then
+        # that aborts (SIGABRT) a run that succeeded. The process group is closed already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def train(args: argparse.Namespace, worlds: list) -> int:
+    """The run; appends its World to ``worlds`` as soon as there is one."""
+    run, world = None, None
     try:
         if args.resume:
             settings, out = resumed_settings(args), args.resume
@@ -248,16 +294,21 @@ def main(argv=None) -> int:
             settings, out = settings_from_args(args), args.out
         else:
             raise ValueError("--out is required (or --resume OUT)")
+        world = init_world(settings.device, settings.dist_timeout)  # one process: no-op
+        worlds.append(world)
+        set_progress(world.is_main)
         run = TrainingRun(
             out,
             settings,
             resume=bool(args.resume),
             overwrite=bool(args.overwrite),
             previous_checkpoint=bool(args.previous_checkpoint),
+            world=world,
         )
         run.prepare()
         run.resolve_groups()
-        print_plan(run)
+        if world.is_main:
+            print_plan(run)
         run.estimate_scales()
         summary = run.train()
     except KeyboardInterrupt:
@@ -270,9 +321,15 @@ def main(argv=None) -> int:
             else ""
         )
         return stopped(run, f"{err}{hint}", 1)
-    except CheckpointError as err:
+    except PeerFailed:  # another process failed and printed its own error
+        return 1
+    except CollectiveError as err:  # another process died, or the timeout passed
         print(f"gsae-train: error: {err}", file=sys.stderr)
-        if err.previous is not None:
+        world = None  # the process group is broken: tearing it down could wait for the dead
+        return 1
+    except CheckpointError as err:
+        error(world, err)
+        if err.previous is not None and _main(world):
             print(
                 f"the previous checkpoint ({err.previous['tokens']:,} tokens, step "
                 f"{err.previous['steps']}) is intact: continue from it with gsae-train "
@@ -281,19 +338,34 @@ def main(argv=None) -> int:
             )
         return 2
     except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
-        print(f"gsae-train: error: {err}", file=sys.stderr)
+        error(world, err)
         return 2
     except OSError as err:  # a full disk, no permission
         if run is None or not run.written:
-            print(f"gsae-train: error: {err}", file=sys.stderr)
+            error(world, err)
             return 2
         return stopped(run, f"cannot write in {run.out}: {err}", 1)
-    names = ", ".join(summary["groups"])
-    print(
-        f"done: {summary['tokens']:,} tokens in {summary['steps']} steps; SAEs ({names}) and "
-        f"summary.json in {run.out}"
-    )
+    finally:
+        if world is not None:
+            world.close()
+    if world.is_main:
+        names = ", ".join(summary["groups"])
+        print(
+            f"done: {summary['tokens']:,} tokens in {summary['steps']} steps; SAEs ({names}) and "
+            f"summary.json in {run.out}"
+        )
     return 0
+
+
+def _main(world) -> bool:
+    return world is None or world.is_main
+
+
+def error(world, err: BaseException) -> None:
+    """An error this process met: every process that meets it says so, naming itself when
+    there are several (the same error on all of them: rank 0 alone)."""
+    where = f" (process {world.rank})" if world is not None and world.distributed else ""
+    print(f"gsae-train: error{where}: {err}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -310,7 +382,10 @@ def held_ctrl_c():
 
 
 def stopped(run: TrainingRun | None, why: str, code: int) -> int:
-    """Say why the run stopped and, truthfully, what is on disk to continue from."""
+    """Say why the run stopped and, truthfully, what is on disk to continue from (with several
+    processes: the first one says it)."""
+    if run is not None and not run.world.is_main:
+        return code
     if run is None or not run.written:
         stage = f" while {run.stage}" if run else ""
         print(

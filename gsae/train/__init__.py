@@ -7,6 +7,9 @@
 - ``checkpoint.py``: JSON + safetensors, one atomic swap, recovery, the previous checkpoint
 - ``interrupt.py``: :class:`StepGuard`, Ctrl-C held to step boundaries
 - ``log.py``: ``log.jsonl``, TensorBoard, W&B and the time split
+- ``shards.py``: the text split into shards, a part of every step's batch each (several processes)
+- ``distributed.py``: :class:`World`, torchrun's processes and the collectives, SAE owners
+- ``parallel.py``: one step of every SAE on one process, replicated or distributed over several
 - ``loop.py``: :class:`Run`, the training loop
 - ``pipeline.py``: :class:`TrainingRun`, a whole run stage by stage (what gsae-train calls)
 """

@@ -17,8 +17,13 @@ an interruption at any instant (Ctrl-C, a kill, a power cut after the fsyncs) re
 newest complete checkpoint. A failed write (a full disk) deletes ``checkpoint.new`` and leaves
 the others as they were.
 
-For several processes (distributed training): every rank writes its own groups' files into
-:func:`stage` with :func:`write_group`, then one rank calls :func:`commit` with the manifest.
+For several processes (distributed training, ``world`` given): rank 0 recovers and stages,
+every process writes the groups it owns into ``checkpoint.new`` (replicated SAEs: rank 0 alone
+writes them), they check in (:meth:`gsae.train.distributed.World.agree`), and rank 0 writes the
+manifest and swaps: the same single swap, so the checkpoint is the old one or the new one, never
+a mix. A write failing on any process fails the save on every process and leaves the previous
+checkpoint. On resume, rank 0 recovers, then every process reads the groups it holds: the
+checkpoint is one folder per group whoever wrote it, so it resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -85,11 +90,14 @@ def commit(out: Path, staging: Path, state: dict) -> None:
     _swap(out)
 
 
-def save(out: Path, state: dict, trainers: dict) -> None:
+def save(out: Path, state: dict, trainers: dict, world=None) -> None:
     """One checkpoint of ``trainers`` (group name -> SaeTrainer) and the run's ``state`` (any
     JSON: tokens, steps, the data position, ...). A failed write raises
-    :class:`CheckpointWriteError` and leaves the existing checkpoints as they were."""
+    :class:`CheckpointWriteError` and leaves the existing checkpoints as they were. With a
+    distributed ``world``: a collective; ``trainers`` are the groups this process writes."""
     out = Path(out)
+    if world is not None and world.distributed:
+        return _save_together(out, state, trainers, world)
     try:
         staging = stage(out)
         for name, trainer in trainers.items():
@@ -97,12 +105,51 @@ def save(out: Path, state: dict, trainers: dict) -> None:
         commit(out, staging, state)
     except OSError as err:
         _discard_staging(out)
-        raise CheckpointWriteError(
-            err.errno, f"cannot write a checkpoint in {out}: {err.strerror or err}"
-        ) from err
+        raise _write_error(out, err) from err
     except BaseException:
         _discard_staging(out)  # e.g. a second Ctrl-C: an unfinished staging folder is useless
         raise
+
+
+def _write_error(out: Path, err: OSError) -> CheckpointWriteError:
+    return CheckpointWriteError(err.errno, f"cannot write a checkpoint in {out}: "
+                                           f"{err.strerror or err}")  # fmt: skip
+
+
+def _save_together(out: Path, state: dict, trainers: dict, world) -> None:
+    """:func:`save` by every process: rank 0 stages, each writes its groups, rank 0 commits."""
+    staging = out / STAGING
+
+    def check_in(err: OSError | None) -> None:
+        mine = None if err is None else (err.errno, err.strerror or str(err))
+        failed = [(r, m) for r, m in enumerate(world.gather_objects(mine)) if m]
+        if failed:
+            if world.is_main:
+                _discard_staging(out)
+            rank, (errno, message) = failed[0]
+            where = "" if rank == 0 else f" (process {rank})"
+            text = f"cannot write a checkpoint in {out}{where}: {message}"
+            raise CheckpointWriteError(errno, text)
+
+    error = None
+    if world.is_main:
+        try:
+            stage(out)
+        except OSError as err:
+            error = err
+    check_in(error)
+    try:
+        for name, trainer in trainers.items():
+            write_group(staging, name, trainer)
+    except OSError as err:
+        error = err
+    check_in(error)
+    if world.is_main:
+        try:
+            commit(out, staging, state)
+        except OSError as err:
+            error = err
+    check_in(error)
 
 
 def _discard_staging(out: Path) -> None:
@@ -193,36 +240,49 @@ def read_manifest(folder: Path, missing_ok: bool = False) -> dict | None:
     return manifest
 
 
-def load(out: Path, trainers: dict) -> dict:
+def load(out: Path, trainers: dict, names: list[str] | None = None, world=None) -> dict:
     """Recover, then load the latest checkpoint into ``trainers`` (group name -> SaeTrainer) and
-    return its run state. Raises :class:`CheckpointError` naming the damaged file, with the
-    previous checkpoint's state when that one is intact."""
+    return its run state. ``names``: every group of the run, when ``trainers`` holds only some
+    (the ones this process trains). Raises :class:`CheckpointError` naming the damaged file,
+    with the previous checkpoint's state when that one is intact. With a distributed ``world``
+    a collective: rank 0 recovers, then every process reads its own groups."""
     out = Path(out)
-    recover(out)
-    folder = out / LATEST
+    together = world is not None and world.distributed
+    if together:
+        world.checked(recover, out) if world.is_main else world.agree()
+    else:
+        recover(out)
     try:
-        manifest = read_manifest(folder)
-        damaged = _damaged_files(folder, manifest)
-        if damaged:
-            raise CheckpointError(
-                f"{folder / damaged[0]} is missing or truncated (its size is not "
-                f"the one recorded in {MANIFEST})",
-                folder / damaged[0],
-            )
-        if sorted(manifest.get("groups", {})) != sorted(trainers):
-            raise CheckpointError(
-                f"{folder} holds the SAEs {sorted(manifest.get('groups', {}))}, "
-                f"not this run's {sorted(trainers)}",
-                folder,
-            )
-        for name, trainer in trainers.items():
-            try:
-                trainer.load_files(folder / name)
-            except (ValueError, FileNotFoundError) as err:
-                raise CheckpointError(str(err), _named_path(err, folder / name)) from None
+        manifest = _read_into(out / LATEST, trainers, sorted(names or trainers))
     except CheckpointError as err:
         err.previous = _intact_previous(out)
+        if together:
+            world.agree(err)
         raise
+    if together:
+        world.agree()
+    return manifest
+
+
+def _read_into(folder: Path, trainers: dict, names: list[str]) -> dict:
+    manifest = read_manifest(folder)
+    damaged = _damaged_files(folder, manifest)
+    if damaged:
+        raise CheckpointError(
+            f"{folder / damaged[0]} is missing or truncated (its size is not "
+            f"the one recorded in {MANIFEST})",
+            folder / damaged[0],
+        )
+    if sorted(manifest.get("groups", {})) != names:
+        raise CheckpointError(
+            f"{folder} holds the SAEs {sorted(manifest.get('groups', {}))}, not this run's {names}",
+            folder,
+        )
+    for name, trainer in trainers.items():
+        try:
+            trainer.load_files(folder / name)
+        except (ValueError, FileNotFoundError) as err:
+            raise CheckpointError(str(err), _named_path(err, folder / name)) from None
     return manifest
 
 

@@ -119,9 +119,13 @@ def resolve(
     texts: TextSource,
     ctx_len: int,
     from_file: gp.Grouping | None = None,
+    batches=None,
+    merge=None,
+    tokens: int | None = None,
 ) -> gp.Grouping:
     """The run's grouping, with ``extra["g_trained"]`` the G it trains (``g_hat`` stays the
-    AMAD choice when distances were measured)."""
+    AMAD choice when distances were measured). ``batches``, ``merge`` and ``tokens`` (this
+    process's budget): a measurement shared by several processes (see gp.measure_model)."""
     kind, g = parse_spec(settings.groups)
     layers = grouped_layers(model.num_layers, settings.include_last)
     if from_file is not None:
@@ -131,7 +135,7 @@ def resolve(
         grouping = gp.measure_model(
             model,
             texts,
-            tokens=settings.grouping_tokens,
+            tokens=settings.grouping_tokens if tokens is None else tokens,
             ctx_len=ctx_len,
             batch_size=settings.batch_size,
             repeat=settings.repeat,
@@ -139,6 +143,8 @@ def resolve(
             threshold=settings.threshold,
             expansion_factor=template.m // template.d,
             k=template.k,
+            batches=batches,
+            merge=merge,
         )
     else:
         labels = list(range(len(layers))) if kind == "per-layer" else gp.even_groups(len(layers), g)

@@ -6,6 +6,11 @@ second one raises at once and marks the guard ``broken``: the caller must then n
 in memory (the last checkpoint stays). Outside a step (waiting for data, in the model forward)
 SIGINT raises at once, as usual: nothing has changed there yet.
 
+With several processes (``deferred=True``) a first SIGINT is only remembered, wherever it
+lands: the training loop says so in the next step's collective and every process stops after
+that same step (torchrun passes a Ctrl-C on to every process, each at its own moment). A second
+one still raises at once.
+
 Signal handlers can only be set from the main thread; elsewhere the guard does nothing.
 """
 
@@ -16,7 +21,8 @@ import threading
 
 
 class StepGuard:
-    def __init__(self):
+    def __init__(self, deferred: bool = False):
+        self.deferred = deferred  # remember a first Ctrl-C anywhere; the caller raises
         self.in_step = False
         self.pending = False  # a Ctrl-C arrived inside the current step
         self.broken = False  # a second one stopped a step half-way
@@ -36,7 +42,7 @@ class StepGuard:
 
     def _handle(self, signum, frame) -> None:
         # no printing here: the signal may land inside another write to the same stream
-        if not self.in_step:
+        if not self.in_step and not self.deferred:
             raise KeyboardInterrupt
         if self.pending:
             self.broken = True
@@ -60,6 +66,6 @@ class _Step:
     def __exit__(self, exc_type, exc, tb) -> None:
         guard = self.guard
         guard.in_step = False
-        if guard.pending and exc_type is None:
+        if guard.pending and exc_type is None and not guard.deferred:
             guard.pending = False
             raise KeyboardInterrupt

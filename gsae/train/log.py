@@ -107,8 +107,13 @@ def make_sinks(tensorboard: bool, wandb: bool, out: Path, config: dict) -> list:
             print("gsae-train: --tensorboard: tensorboard is not installed", file=sys.stderr)
         else:
             writer = SummaryWriter(str(out / "tensorboard"))
-            add = writer.add_scalar
-            sinks.append(lambda r: [add(k, v, r["tokens"]) for k, v in flat(r).items()])
+
+            def to_tensorboard(r: dict) -> None:
+                for k, v in flat(r).items():
+                    writer.add_scalar(k, v, r["tokens"])
+
+            to_tensorboard.close = writer.close
+            sinks.append(to_tensorboard)
     if wandb:
         try:
             import wandb as wb
@@ -116,5 +121,19 @@ def make_sinks(tensorboard: bool, wandb: bool, out: Path, config: dict) -> list:
             print("gsae-train: --wandb: wandb is not installed", file=sys.stderr)
         else:
             wb.init(project="gsae", dir=str(out), config=config)
-            sinks.append(lambda r: wb.log(flat(r), step=r["tokens"]))
+
+            def to_wandb(r: dict) -> None:
+                wb.log(flat(r), step=r["tokens"])
+
+            to_wandb.close = wb.finish
+            sinks.append(to_wandb)
     return sinks
+
+
+def close_sinks(sinks: list) -> None:
+    """Flush and close the loggers of :func:`make_sinks` (a process of several ends without
+    running the interpreter's exit handlers, so nothing may be left to them)."""
+    for sink in sinks:
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()

@@ -5,27 +5,35 @@ A step is atomic with respect to Ctrl-C (see interrupt.py): the SAE updates, the
 the data position, the log line and a due checkpoint happen together or not at all. Every stop
 leaves a checkpoint of what was trained: Ctrl-C, the data running out, a non-finite loss; a
 write that fails (a full disk) leaves the previous checkpoint as it was.
+
+With several processes (torchrun) every process runs this loop on its own shards of the text
+(shards.py) and the step is parallel.py's: they take part in the same collectives, step after
+step; they stop together (the data of one running out, a Ctrl-C, a non-finite loss) because
+those are decided from what every process says in the step's collective; checkpoints, logs and
+outputs are written as checkpoint.py and distributed.py describe.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..activations import ActivationReader, LoadedModel, StreamPosition, TextSource, TokenStream
+from ..activations import ActivationReader, LoadedModel, StreamPosition, TextSource
 from ..io import write_json
 from ..progress import progress_bar
 from ..sae import Sae, SaeTrainer, StepOutput
 from . import checkpoint
+from .distributed import World, plan_owners
 from .groups import group_name
 from .interrupt import StepGuard
-from .log import JsonlLog, StepTimer, make_sinks
+from .log import JsonlLog, StepTimer, close_sinks, make_sinks
+from .parallel import DistributedSteps, Group, LocalSteps, ReplicatedSteps
 from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
 from .settings import RunSettings, sae_seed
+from .shards import ShardLayout, ShardStreams, furthest
 
 
 class DataExhausted(Exception):
@@ -34,15 +42,6 @@ class DataExhausted(Exception):
 
 class NonFiniteLoss(FloatingPointError):
     """Some steps had a non-finite loss; they changed nothing (a checkpoint is saved)."""
-
-
-@dataclass
-class Group:
-    """One group SAE of the run: its name (its output folder), model layers and trainer."""
-
-    name: str
-    layers: list[int]
-    trainer: SaeTrainer
 
 
 class Run:
@@ -56,22 +55,33 @@ class Run:
         groups: list[list[int]],
         scales: dict[int, float],
         ctx_len: int,
+        world: World | None = None,
+        layout: ShardLayout | None = None,
     ):
         self.out = Path(out)
         self.settings = settings
         self.loaded = loaded
         self.ctx_len = ctx_len
+        self.world = world or World()
+        self.layout = layout or ShardLayout(1, settings.batch_size, ctx_len)
         self.device = next(loaded.model.parameters()).device
         self.layers = sorted({layer for g in groups for layer in g})  # rows of the activations
-        self.groups = [self._group(layers, scales) for layers in groups]
         every = settings.layers_per_token == "all"
+        self.owners = self._owners(groups, every)
+        rank = self.world.rank
+        self.groups = [
+            Group(group_name(layers), list(layers),
+                  self._trainer(layers, scales) if rank in owners else None)
+            for layers, owners in zip(groups, self.owners, strict=True)
+        ]  # fmt: skip
         self.sampler = LayerSampler(groups, self.layers, settings.seed, self.device, every)
+        self.engine = self._engine()
         self.reader = ActivationReader(loaded, self.layers)
         self.timer = StepTimer(self.device)
-        self.guard = StepGuard()
+        self.guard = StepGuard(deferred=self.world.distributed)
         self.tokens = 0  # tokens of text trained on (each once, whatever the layers per token)
         self.steps = 0
-        self.position: StreamPosition | None = None  # the data position after the last step
+        self.positions: dict[int, StreamPosition] = {}  # per shard read here, after the last step
         self.seconds = 0.0  # training time of earlier sessions of this run
         self.log_bytes = 0  # log.jsonl's length at the last checkpoint
         self.saved_steps = -1  # steps at the last checkpoint
@@ -79,34 +89,87 @@ class Run:
         self.log: JsonlLog | None = None
         self.sinks: list = []
 
-    def _group(self, layers: list[int], scales: dict[int, float]) -> Group:
+    def _owners(self, groups: list[list[int]], every: bool) -> list[list[int]]:
+        """The processes that hold each group SAE: all of them, unless --distribute-saes."""
+        size = self.world.size
+        if not (self.world.distributed and self.settings.distribute_saes):
+            return [list(range(size)) for _ in groups]
+        m = self.settings.sae_config(self.loaded.d_model).m
+        return plan_owners([m * (len(g) if every else 1) for g in groups], size)
+
+    def _trainer(self, layers: list[int], scales: dict[int, float]) -> SaeTrainer:
         cfg = self.settings.sae_config(self.loaded.d_model, sae_seed(self.settings.seed, layers))
         sae = Sae(cfg, layers, device=self.device)
         for layer in layers:
             sae.set_scale(layer, scales[layer])
-        return Group(group_name(layers), list(layers), SaeTrainer(sae))
+        return SaeTrainer(sae)
+
+    def _engine(self):
+        if not self.world.distributed:
+            return LocalSteps(self.groups, self.sampler, self.layout)
+        if not self.settings.distribute_saes:
+            return ReplicatedSteps(self.world, self.groups, self.sampler, self.layout)
+        dtype = next(self.loaded.model.parameters()).dtype
+        return DistributedSteps(self.world, self.groups, self.owners, self.sampler, self.layout,
+                                dtype, self.loaded.d_model)  # fmt: skip
+
+    @property
+    def main(self) -> bool:
+        return self.world.is_main
 
     # ---- checkpoints
 
+    def all_positions(self) -> dict[int, dict]:
+        """Every shard's position (from every process: a collective when distributed)."""
+        mine = {s: p.to_dict() for s, p in self.positions.items()}
+        merged: dict[int, dict] = {}
+        for part in self.world.gather_objects(mine):
+            merged.update(part)
+        return merged
+
     def state(self) -> dict:
-        """The run's own state, as the checkpoint's manifest holds it."""
-        return {
+        """The run's own state, as the checkpoint's manifest holds it (a collective)."""
+        positions = self.all_positions()
+        state = {
             "tokens": self.tokens,
             "steps": self.steps,
-            "position": self.position.to_dict() if self.position else None,
+            "position": positions.get(0),
             "seconds": round(self.seconds + self._session_seconds(), 3),
             "log_bytes": self.log.size if self.log else self.log_bytes,
             "groups": {g.name: g.layers for g in self.groups},
         }
+        if self.layout.strict:  # one position per shard; "position": where unread text begins
+            shards = [positions.get(s) for s in range(self.layout.shards)]
+            state.update(position=furthest(shards), data_shards=self.layout.shards,
+                         positions=shards)  # fmt: skip
+        return state
 
     def save_checkpoint(self) -> None:
-        checkpoint.save(self.out, self.state(), {g.name: g.trainer for g in self.groups})
+        """Every process writes the SAEs it owns (replicas: rank 0 writes them all), rank 0
+        commits (see checkpoint.py); a collective when distributed."""
+        state = self.state()
+        trainers = {g.name: g.trainer for g in self.engine.writes()}
+        checkpoint.save(self.out, state, trainers, world=self.world)
         self.saved_steps = self.steps
 
     def load_checkpoint(self) -> dict:
-        state = checkpoint.load(self.out, {g.name: g.trainer for g in self.groups})
+        held = {g.name: g.trainer for g in self.groups if g.trainer is not None}
+        names = [g.name for g in self.groups]
+        state = checkpoint.load(self.out, held, names=names, world=self.world)
         self.tokens, self.steps = int(state["tokens"]), int(state["steps"])
-        self.position = StreamPosition.from_dict(state["position"]) if state["position"] else None
+        shards = state.get("positions")
+        if shards is None:  # written by a run of one shard
+            shards = [state.get("position")]
+        if len(shards) != self.layout.shards:
+            raise checkpoint.CheckpointError(
+                f"{self.out / checkpoint.LATEST} holds the positions of {len(shards)} data "
+                f"shard(s); this run reads {self.layout.shards}"
+            )
+        self.positions = {
+            s: StreamPosition.from_dict(shards[s])
+            for s in self.layout.owned(self.world.rank)
+            if shards[s]
+        }
         self.seconds, self.log_bytes = float(state["seconds"]), int(state["log_bytes"])
         self.saved_steps = self.steps
         return state
@@ -116,11 +179,12 @@ class Run:
     def train(self, texts: TextSource, resumed: bool = False) -> dict:
         """Train until the token budget; returns the final FVU (see :meth:`final_fvu`)."""
         s = self.settings
-        self.log = JsonlLog(self.out / LOG_FILE, truncate_to=self.log_bytes if resumed else None)
-        self.sinks = make_sinks(s.tensorboard, s.wandb, self.out, s.to_json())
-        stream = TokenStream(
-            texts, self.loaded.tokenizer, self.ctx_len, s.batch_size, self.position, s.repeat
-        )
+        if self.main:
+            truncate = self.log_bytes if resumed else None
+            self.log = JsonlLog(self.out / LOG_FILE, truncate_to=truncate)
+            self.sinks = make_sinks(s.tensorboard, s.wandb, self.out, s.to_json())
+        stream = ShardStreams(texts, self.loaded.tokenizer, self.layout, self.world.rank,
+                              self.positions, s.repeat)  # fmt: skip
         try:
             with self.guard, stream, progress_bar(s.tokens, "train") as bar:
                 bar.update(min(self.tokens, s.tokens))
@@ -128,7 +192,10 @@ class Run:
                 self._loop(batches, bar)
                 return self.final_fvu(next(batches, None))
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
+            close_sinks(self.sinks)
+            self.sinks = []
 
     def _loop(self, batches, bar) -> None:
         s = self.settings
@@ -137,18 +204,17 @@ class Run:
             while self.tokens < s.tokens:
                 self.timer.waiting()
                 batch = next(batches, None)
-                if batch is None:
-                    raise DataExhausted(
-                        f"the dataset ran out after {self.tokens:,} tokens of {s.tokens:,}"
-                    )
-                self.train_batch(batch, bar)
+                if batch is None and not self.world.distributed:
+                    raise self._exhausted()
+                self.train_batch(batch, bar)  # distributed: all stop together, in the step
             self.check_finite()
         except KeyboardInterrupt:
             if not self.guard.broken and self.saved_steps != self.steps:
-                bar.write(
-                    f"interrupted: saving a checkpoint at {self.tokens:,} tokens (Ctrl-C "
-                    "again stops at once, keeping the previous one)"
-                )
+                if self.main:
+                    bar.write(
+                        f"interrupted: saving a checkpoint at {self.tokens:,} tokens (Ctrl-C "
+                        "again stops at once, keeping the previous one)"
+                    )
                 self.save_checkpoint()
             raise
         except (DataExhausted, NonFiniteLoss):
@@ -158,44 +224,67 @@ class Run:
         if self.saved_steps != self.steps:
             self.save_checkpoint()
 
+    def _exhausted(self) -> DataExhausted:
+        return DataExhausted(
+            f"the dataset ran out after {self.tokens:,} tokens of {self.settings.tokens:,}"
+        )
+
+    def hidden(self, batch) -> torch.Tensor:
+        """The activations ``[L, N, d]`` of a batch (of none: ``[L, 0, d]``)."""
+        if batch is None or batch.input_ids.shape[0] == 0:
+            dtype = next(self.loaded.model.parameters()).dtype
+            return torch.zeros(len(self.layers), 0, self.loaded.d_model, dtype=dtype,
+                               device=self.device)  # fmt: skip
+        return self.reader(batch.input_ids, batch.attention_mask)
+
     def train_batch(self, batch, bar=None) -> None:
         """One training step. The forward may be interrupted (nothing has changed yet); from
         there on Ctrl-C waits until every SAE is updated, the counters and the data position
-        moved on, the log line written and a due checkpoint saved."""
+        moved on, the log line written and a due checkpoint saved. With several processes a
+        Ctrl-C is only noted, and every process stops after the step in whose collective one
+        of them said so; ``batch`` None: this process's data ran out (every process then stops
+        before updating anything)."""
         s = self.settings
         self.timer.mark()
-        hidden = self.reader(batch.input_ids, batch.attention_mask)  # [L, N, d]
+        hidden = self.hidden(batch)  # [L, N, d]
         self.timer.mark()
         with self.guard.step():
-            outs = self.step(hidden)
+            result = self.step(hidden, exhausted=batch is None, stop=self.guard.pending)
+            if result.exhausted:
+                raise self._exhausted()
             self.timer.mark()
-            self.tokens += hidden.shape[1]
+            n = self.layout.tokens if self.layout.strict else hidden.shape[1]
+            self.tokens += n
             self.steps += 1
-            self.position = batch.position
+            self.positions.update(batch.positions)
             if bar is not None:
-                bar.update(hidden.shape[1])
+                bar.update(n)
             if self.steps % s.log_every == 0:
-                text = self.log_step(outs)
+                text = self.log_step(result.outs)
                 if bar is not None:
                     bar.set_postfix_str(text)
-            if self.tokens // s.save_every > (self.tokens - hidden.shape[1]) // s.save_every:
+            if self.tokens // s.save_every > (self.tokens - n) // s.save_every:
                 self.save_checkpoint()
+        if result.stop and self.world.distributed:  # a Ctrl-C, on some process: all stop here
+            raise KeyboardInterrupt
 
-    def step(self, hidden: torch.Tensor) -> list[StepOutput]:
-        """Every group SAE's step on its layers' activations, from ``hidden [L, N, d]``."""
-        batches = self.sampler.draw(hidden, self.steps)
-        return [
-            g.trainer.step(b.x, b.layer, check_finite=False, tokens=b.tokens)
-            for g, b in zip(self.groups, batches, strict=True)
-        ]
+    def step(self, hidden: torch.Tensor, exhausted: bool = False, stop: bool = False):
+        """Every group SAE's step on its layers' activations, from ``hidden [L, N, d]`` (this
+        process's part of the batch); a :class:`gsae.train.parallel.StepResult`."""
+        return self.engine.step(hidden, self.steps, exhausted, stop)
 
     # ---- reporting
 
     def _session_seconds(self) -> float:
         return time.perf_counter() - self.session_start[0] if self.session_start[0] else 0.0
 
-    def log_step(self, outs: list[StepOutput]) -> str:
-        """Write a log record (a GPU sync, once per --log-every steps); stop on skipped steps."""
+    def log_step(self, outs: dict[str, StepOutput]) -> str:
+        """Write a log record (a GPU sync, once per --log-every steps; with --distribute-saes a
+        gather of every SAE's numbers); stop on skipped steps. With ``--check-replicas``, also
+        check that every copy of each SAE is identical."""
+        metrics = self.engine.metrics(outs)
+        if self.settings.check_replicas:
+            self.engine.check_replicas(self.steps)
         elapsed = self._session_seconds()
         record = {
             "step": self.steps,
@@ -205,21 +294,25 @@ class Run:
             "seconds": {k: round(v, 3) for k, v in self.timer.totals().items()},
             "groups": {},
         }
-        for group, out in zip(self.groups, outs, strict=True):
+        for group in self.groups:
+            m = metrics[group.name]
             record["groups"][group.name] = {
-                "fvu": round(float(out.fvu), 5),
-                "auxk": round(float(out.auxk), 5),
-                "l0": round(float(out.l0), 2),
-                "dead": round(float(out.dead_fraction), 4),
+                "fvu": round(m["fvu"], 5),
+                "auxk": round(m["auxk"], 5),
+                "l0": round(m["l0"], 2),
+                "dead": round(m["dead"], 4),
             }
-        self.log.write(record)
+        if self.log is not None:
+            self.log.write(record)
         for sink in self.sinks:
             sink(record)
-        self.check_finite()
+        self.check_finite({name: m["skipped"] for name, m in metrics.items()})
         return " ".join(f"{g.name}:{record['groups'][g.name]['fvu']:.3f}" for g in self.groups)
 
-    def check_finite(self) -> None:
-        skipped = {g.name: int(g.trainer.skipped_steps) for g in self.groups}
+    def check_finite(self, skipped: dict[str, int] | None = None) -> None:
+        """Raise :class:`NonFiniteLoss` if any SAE skipped a step (every process alike)."""
+        if skipped is None:
+            skipped = self.group_counts("skipped_steps")
         bad = {name: n for name, n in skipped.items() if n}
         if bad:
             raise NonFiniteLoss(
@@ -227,53 +320,90 @@ class Run:
                 " those steps were skipped and changed nothing"
             )
 
+    def group_counts(self, what: str) -> dict[str, int]:
+        """``skipped_steps`` or ``tokens_trained`` of every SAE, from the process that writes
+        it (a collective when distributed)."""
+        if not (self.world.distributed and self.settings.distribute_saes):
+            return {g.name: int(getattr(g.trainer, what)) for g in self.groups}  # all held here
+        merged: dict[str, int] = {}
+        mine = {g.name: int(getattr(g.trainer, what)) for g in self.engine.writes()}
+        for part in self.world.gather_objects(mine):
+            merged.update(part)
+        return merged
+
     @torch.no_grad()
     def final_fvu(self, batch) -> dict:
         """Every SAE's FVU on each of its layers for the batch after the last trained one:
         ``held_out`` says whether that text was unseen (not when ``--repeat`` cycled the data:
-        then every token had been trained on)."""
-        if batch is None:
+        then every token had been trained on). With several processes, each SAE is measured
+        where it is written, on that process's next batch (a collective)."""
+        groups, tokens, held_out = {}, 0, True
+        if batch is not None and batch.input_ids.shape[0] > 0:
+            hidden = self.hidden(batch)
+            tokens = int(hidden.shape[1])
+            held_out = all(p.epoch == 0 for p in batch.positions.values())
+            row = {layer: i for i, layer in enumerate(self.layers)}
+            for group in self.engine.writes():
+                per_layer = {}
+                with group.trainer.averaged():  # signum: the averaged weights are the model
+                    for layer in group.layers:
+                        out = group.trainer.sae(hidden[row[layer]].float(), layer=layer)
+                        per_layer[str(layer)] = round(float(out.loss.fvu), 5)
+                groups[group.name] = {
+                    "fvu": round(sum(per_layer.values()) / len(per_layer), 5),
+                    "fvu_per_layer": per_layer,
+                }
+        parts = self.world.gather_objects((groups, tokens, held_out))
+        groups = {name: v for part, _, _ in parts for name, v in part.items()}
+        tokens = max(t for _, t, _ in parts)
+        if not groups:
             return {}
-        hidden = self.reader(batch.input_ids, batch.attention_mask)
-        row = {layer: i for i, layer in enumerate(self.layers)}
-        groups = {}
-        for group in self.groups:
-            per_layer = {}
-            with group.trainer.averaged():  # signum: the averaged weights are the model
-                for layer in group.layers:
-                    out = group.trainer.sae(hidden[row[layer]].float(), layer=layer)
-                    per_layer[str(layer)] = round(float(out.loss.fvu), 5)
-            groups[group.name] = {
-                "fvu": round(sum(per_layer.values()) / len(per_layer), 5),
-                "fvu_per_layer": per_layer,
-            }
-        held_out = batch.position.epoch == 0
+        held_out = all(h for _, t, h in parts if t)
         note = (
             "text after the last trained batch, never trained on"
             if held_out
             else "text already trained on: --repeat cycled the data"
         )
         return {
-            "tokens": int(hidden.shape[1]),
+            "tokens": tokens,
             "held_out": held_out,
             "note": note,
             "groups": groups,
         }
 
     def save_outputs(self, final: dict, complete: bool, stopped: str | None = None) -> None:
-        """Every SAE in ``OUT/<group>/`` and ``summary.json``."""
-        for group in self.groups:
-            with group.trainer.averaged():  # signum: the averaged weights are the model
-                group.trainer.sae.save(self.out / group.name)
+        """Every SAE in ``OUT/<group>/`` (by the process that writes it) and ``summary.json``
+        (by rank 0); a collective when distributed."""
+        error = None
+        try:
+            for group in self.engine.writes():
+                with group.trainer.averaged():  # signum: the averaged weights are the model
+                    group.trainer.sae.save(self.out / group.name)
+        except OSError as err:
+            error = err
+        self.world.agree(error)
+        trained = self.group_counts("tokens_trained")
+        skipped = self.group_counts("skipped_steps")
+        positions = self.all_positions()
+        error = None
+        if self.main:
+            try:
+                self._write_summary(final, complete, stopped, trained, skipped, positions)
+            except OSError as err:
+                error = err
+        self.world.agree(error)
+
+    def _write_summary(self, final, complete, stopped, trained, skipped, positions) -> None:
         seconds = self.seconds + self._session_seconds()
         final_groups = final.get("groups", {})
+        shards = [positions.get(s) for s in range(self.layout.shards)]
         summary = {
             "model": self.settings.model,
             "complete": complete,
             "stopped": stopped,
             "tokens": self.tokens,
             "steps": self.steps,
-            "position": self.position.to_dict() if self.position else None,
+            "position": furthest(shards) if self.layout.strict else positions.get(0),
             "seconds": round(seconds, 2),
             "tokens_per_second": round(self.tokens / max(seconds, 1e-9), 1),
             "seconds_split": {k: round(v, 3) for k, v in self.timer.totals().items()},
@@ -281,11 +411,18 @@ class Run:
             "groups": {
                 g.name: {
                     "layers": g.layers,
-                    "tokens_trained": g.trainer.tokens_trained,
-                    "skipped_steps": int(g.trainer.skipped_steps),
+                    "tokens_trained": trained[g.name],
+                    "skipped_steps": skipped[g.name],
                     **final_groups.get(g.name, {}),
                 }
                 for g in self.groups
             },
         }
+        if self.layout.strict:
+            summary["data_shards"] = self.layout.shards
+            summary["positions"] = shards
+        if self.world.distributed:
+            summary["processes"] = self.world.size
+            summary["placement"] = "distributed" if self.settings.distribute_saes else "replicated"
+            summary["owners"] = {g.name: o for g, o in zip(self.groups, self.owners, strict=True)}
         write_json(self.out / SUMMARY_FILE, summary)

@@ -8,15 +8,27 @@ stage the run reached:
 2. :meth:`TrainingRun.resolve_groups`: ``groups.json``;
 3. :meth:`TrainingRun.estimate_scales`: ``scales.json``;
 4. :meth:`TrainingRun.train`: the loop, checkpointing; then the SAEs and ``summary.json``.
+
+With several processes (``world``) every stage runs on each, on its own shards of the text:
+the grouping pass and the scale pass each take whole steps' batches and sum what every process
+measured, so every process gets the same groups and scales; rank 0 alone writes the run's files,
+and a stage that fails on any process stops every process at the end of that stage
+(:meth:`gsae.train.distributed.World.agree`). ``OUT`` must be a folder every process can read
+and write (one shared filesystem for a multi-node run): that is checked before training.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .. import grouping as gp
 from ..activations import (
+    ActivationReader,
     ContextLength,
     LoadedModel,
     TextSource,
@@ -29,9 +41,11 @@ from ..activations import (
 from ..progress import progress_bar
 from ..sae import activation_scales
 from . import checkpoint, groups
+from .distributed import World
 from .loop import DataExhausted, NonFiniteLoss, Run
-from .rundir import GROUPS_FILE, RunDir, RunDirError
+from .rundir import GROUPS_FILE, RUN_FILE, RunDir, RunDirError
 from .settings import RunSettings
+from .shards import ShardLayout, ShardStreams
 
 
 class TrainingRun:
@@ -46,6 +60,7 @@ class TrainingRun:
         resume: bool = False,
         overwrite: bool = False,
         previous_checkpoint: bool = False,
+        world: World | None = None,
     ):
         if resume and overwrite:
             raise ValueError("--resume continues a run and --overwrite replaces it: pick one")
@@ -53,6 +68,8 @@ class TrainingRun:
             raise ValueError("--previous-checkpoint goes with --resume")
         self.dir = RunDir(out)
         self.settings = settings
+        self.world = world or World()
+        self.layout: ShardLayout | None = None  # how each step's batch is split (prepare)
         self.resume = resume
         self.overwrite = overwrite
         self.previous_checkpoint = previous_checkpoint
@@ -73,34 +90,77 @@ class TrainingRun:
     # ---- 1. everything checked before anything is written
 
     def prepare(self) -> None:
-        s = self.settings
+        s, w = self.settings, self.world
         self.stage = "checking the output folder"
-        self._check_out_dir()
+        if w.is_main:
+            w.checked(self._check_out_dir)
+        else:
+            w.agree()
+            self.written = self.resume
         self.stage = "loading the model"
-        dtype = s.model_dtype or default_dtype(s.device)
-        self.loaded = load_model(s.model, dtype, s.device)
+        dtype = s.model_dtype or default_dtype(self.device)
+        self.loaded = w.checked(load_model, s.model, dtype, self.device)
         self.stage = "opening the dataset"
-        self.texts = open_texts(s.dataset, s.split, s.column)
+        self.texts = w.checked(open_texts, s.dataset, s.split, s.column)
         self.stage = "checking the settings"
+        w.checked(self._check_settings, dtype)
+        if w.is_main:
+            w.checked(self._write_settings)
+        else:
+            w.agree()
+        if w.distributed:
+            self._check_shared()
+        self.written = True
+
+    @property
+    def device(self) -> str:
+        """This process's device: --device, or with several processes the one it was given."""
+        return str(self.world.device) if self.world.distributed else self.settings.device
+
+    def _check_settings(self, dtype: str) -> None:
+        s = self.settings
         self.ctx = context_length(self.loaded, s.ctx_len)
         s.ctx_len, s.model_dtype = self.ctx.tokens, dtype
         s.sae_config(self.loaded.d_model)  # k > m and friends
+        if s.data_shards is None:  # a new run: one shard per process
+            s.data_shards = self.world.size
+        self.layout = ShardLayout(s.data_shards, s.batch_size, s.ctx_len, self.world.size)
         if not (self.resume and self.dir.file(GROUPS_FILE).exists()):
             self.groups_file = groups.check_spec(s, self.loaded.num_layers)
             if self.groups_file is not None:
                 groups.check_file(self.groups_file, s.groups_file, self.loaded, s.include_last)
+
+    def _write_settings(self) -> None:
         if self.overwrite:
             self.stage = "removing the old run (--overwrite)"
             self.dir.clear()
         self.stage = "writing run.json"
         try:
             self.dir.path.mkdir(parents=True, exist_ok=True)
-            self.dir.write_settings(s)  # on resume: the flags it may change, changed for good
+            self.dir.write_settings(self.settings)  # on resume: the flags it may change, for good
         except OSError as err:
             raise PermissionError(
                 f"cannot write the run to {self.dir.path}: {err.strerror or err}"
             ) from err
-        self.written = True
+
+    def _check_shared(self) -> None:
+        """Every process must see the run.json rank 0 wrote: one folder, shared by all."""
+        self.stage = "checking that every process sees the output folder"
+        path = self.dir.file(RUN_FILE)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if self.world.is_main else None
+        digest = self.world.broadcast_object(digest)
+        error = None
+        try:
+            mine = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            mine = None
+        if mine != digest:
+            error = RunDirError(
+                f"process {self.world.rank} cannot see the {RUN_FILE} that process 0 wrote in "
+                f"{self.dir.path}: with several nodes, --out must be a folder every node "
+                "shares (a network filesystem)"
+            )
+        self.world.agree(error)
 
     def _check_out_dir(self) -> None:
         d = self.dir
@@ -130,42 +190,102 @@ class TrainingRun:
 
     def resolve_groups(self) -> list[list[int]]:
         self.stage = "grouping the layers"
-        grouping = self.dir.read_groups() if self.resume else None
+        w = self.world
+        grouping = w.checked(self.dir.read_groups) if self.resume else None
         if grouping is None:
-            grouping = groups.resolve(
-                self.settings, self.loaded, self.texts, self.ctx.tokens, self.groups_file
-            )
-            self.dir.write_groups(grouping)
+            passes = {}
+            if self.layout.strict:  # every process measures its shards; the sums are merged
+                passes = dict(batches=self._pass_batches, merge=self._merge_distances,
+                              tokens=self._pass_tokens(self.settings.grouping_tokens))  # fmt: skip
+            grouping = w.checked(
+                groups.resolve, self.settings, self.loaded, self.texts, self.ctx.tokens,
+                self.groups_file, **passes,
+            )  # fmt: skip
+            if w.is_main:
+                w.checked(self.dir.write_groups, grouping)
+            else:
+                w.agree()
         else:
-            groups.check_file(
-                grouping, str(self.dir.file(GROUPS_FILE)), self.loaded, self.settings.include_last
-            )
+            w.checked(
+                groups.check_file,
+                grouping, str(self.dir.file(GROUPS_FILE)), self.loaded, self.settings.include_last,
+            )  # fmt: skip
         self.grouping = grouping
         self.groups = groups.trained_groups(grouping, self.loaded.num_layers)
         return self.groups
+
+    # ---- several shards or processes: grouping and scales over whole steps' batches
+
+    def _pass_steps(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.layout.tokens))
+
+    def _pass_tokens(self, tokens: int) -> int:
+        """This process's tokens of a pass over ``tokens`` tokens, in whole steps' batches."""
+        return self._pass_steps(tokens) * self.layout.local_tokens(self.world.rank)
+
+    @contextmanager
+    def _pass_batches(self, layers: list[int], tokens: int | None = None):
+        """This process's ``[L, N, d]`` activations of ``layers`` over the first steps' batches
+        covering ``tokens`` (default: the grouping budget)."""
+        s = self.settings
+        steps = self._pass_steps(s.grouping_tokens if tokens is None else tokens)
+        reader = ActivationReader(self.loaded, layers)
+        stream = ShardStreams(self.texts, self.loaded.tokenizer, self.layout, self.world.rank,
+                              None, s.repeat)  # fmt: skip
+        with stream:
+            yield (
+                reader(b.input_ids, b.attention_mask)
+                for b in itertools.islice(stream, steps)
+                if b.input_ids.shape[0] > 0
+            )
+
+    def _merge_distances(self, acc: gp.AngularDistances) -> gp.AngularDistances:
+        merged = gp.AngularDistances(acc.num_layers, acc.center)
+        for sums, count in self.world.gather_objects((acc.sums, acc.count)):
+            merged.sums += sums
+            merged.count += count
+        return merged
+
+    def _merge_sums(self, local: tuple) -> tuple:
+        total, seen = None, 0
+        for sums, count in self.world.gather_objects(local):
+            if sums is not None:
+                total = sums.clone() if total is None else total + sums
+            seen += count
+        return total, seen
 
     # ---- 3. scales
 
     def estimate_scales(self) -> dict[int, float]:
         self.stage = "estimating activation scales"
-        s = self.settings
+        s, w = self.settings, self.world
         needed = sorted({layer for g in self.groups for layer in g})
-        scales = self.dir.read_scales() if self.resume else None
+        scales = w.checked(self.dir.read_scales) if self.resume else None
         if scales is None or sorted(scales) != needed:
             if s.scale_mode == "none":  # nothing to measure: skip the pass over the data
                 scales = dict.fromkeys(needed, 1.0)
             else:
-                with (
-                    hidden_states(
-                        self.loaded, needed, self.texts, self.ctx.tokens, s.batch_size, s.repeat
-                    ) as batches,
-                    progress_bar(s.scale_tokens, "scales") as bar,
-                ):
-                    values = activation_scales(_counted(batches, bar), s.scale_tokens, s.scale_mode)
-                scales = dict(zip(needed, values, strict=True))
-            self.dir.write_scales(scales, s.scale_mode, s.scale_tokens)
+                scales = w.checked(self._measure_scales, needed)
+            if w.is_main:
+                w.checked(self.dir.write_scales, scales, s.scale_mode, s.scale_tokens)
+            else:
+                w.agree()
         self.scales = scales
         return scales
+
+    def _measure_scales(self, needed: list[int]) -> dict[int, float]:
+        s = self.settings
+        if self.layout.strict:
+            tokens, merge = self._pass_tokens(s.scale_tokens), self._merge_sums
+            source = self._pass_batches(needed, s.scale_tokens)
+        else:
+            tokens, merge = s.scale_tokens, None
+            source = hidden_states(
+                self.loaded, needed, self.texts, self.ctx.tokens, s.batch_size, s.repeat
+            )
+        with source as batches, progress_bar(tokens, "scales") as bar:
+            values = activation_scales(_counted(batches, bar), tokens, s.scale_mode, merge)
+        return dict(zip(needed, values, strict=True))
 
     # ---- 4. training and outputs
 
@@ -174,10 +294,14 @@ class TrainingRun:
         summary. Raises :class:`DataExhausted` or :class:`NonFiniteLoss` after saving a
         checkpoint and the SAEs of what was trained."""
         self.stage = "training"
+        w = self.world
         out = self.dir.path
-        run = Run(out, self.settings, self.loaded, self.groups, self.scales, self.ctx.tokens)
+        run = w.checked(
+            Run, out, self.settings, self.loaded, self.groups, self.scales, self.ctx.tokens,
+            w, self.layout,
+        )  # fmt: skip
         self.run = run
-        resumed = self.resume and checkpoint.exists(out)
+        resumed = w.broadcast_object(self.resume and checkpoint.exists(out))
         if resumed:
             run.load_checkpoint()
         try:
@@ -190,7 +314,7 @@ class TrainingRun:
         self.stage = "writing the SAEs"
         run.save_outputs(final, complete=True)
         self.outputs_written = True
-        self.summary = self.dir.read_summary()
+        self.summary = w.broadcast_object(self.dir.read_summary() if w.is_main else None)
         return self.summary
 
     @property

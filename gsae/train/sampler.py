@@ -56,14 +56,37 @@ class LayerSampler:
         self.every_layer = every_layer
         self.generator = torch.Generator(device=self.device)
 
-    def draw(self, hidden: torch.Tensor, step: int) -> list[GroupBatch]:
-        """Each group's batch from the activations ``hidden [L, N, d]`` of training step
-        ``step``."""
-        n = hidden.shape[1]
+    def draws(self, step: int, n: int) -> list[torch.Tensor | None]:
+        """Per group, the position in the group of the layer drawn for each of ``n`` tokens at
+        ``step`` (``[n]``), or None where nothing is drawn (a one-layer group, every layer)."""
         self.generator.manual_seed(step_seed(self.seed, step))
+        picks = []
+        for rows in self.rows:
+            if len(rows) == 1 or self.every_layer:
+                picks.append(None)
+            else:
+                picks.append(
+                    torch.randint(len(rows), (n,), generator=self.generator, device=self.device)
+                )
+        return picks
+
+    def draw(
+        self,
+        hidden: torch.Tensor,
+        step: int,
+        positions: torch.Tensor | None = None,
+        total: int | None = None,
+    ) -> list[GroupBatch]:
+        """Each group's batch from the activations ``hidden [L, N, d]`` of training step
+        ``step``. With several processes (or data shards), ``hidden`` holds some tokens of a
+        batch of ``total``: ``positions [N]`` says which, so that each token gets the layer it
+        would get in one process holding the whole batch (draws depend on the batch position)."""
+        n = hidden.shape[1]
+        picks = self.draws(step, n if positions is None else int(total))
         tokens = None
         batches = []
-        for group, rows, ids in zip(self.groups, self.rows, self.layer_ids, strict=True):
+        per_group = zip(self.groups, self.rows, self.layer_ids, picks, strict=True)
+        for group, rows, ids, pick in per_group:
             if len(group) == 1:  # nothing to draw: the layer's rows as they are, no copy
                 batches.append(GroupBatch(hidden[self.single_rows[group[0]]], group[0], n))
             elif self.every_layer:  # [|group| * N, d], layer-major
@@ -71,6 +94,7 @@ class LayerSampler:
             else:
                 if tokens is None:
                     tokens = torch.arange(n, device=self.device)
-                pick = torch.randint(len(rows), (n,), generator=self.generator, device=self.device)
+                if positions is not None:
+                    pick = pick[positions]
                 batches.append(GroupBatch(hidden[rows[pick], tokens], ids[pick], n))  # [N, d]
         return batches

@@ -22,7 +22,10 @@ SETTINGS_VERSION = 2
 # model's numerics, the SAEs); --tokens extends or shortens the run, --repeat lets a finished
 # dataset cycle, --device moves it (CPU and GPU round differently: weights then differ in the
 # last bits), the rest only decides what is logged and when
-RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard")
+RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard",
+             "distribute_saes", "dist_timeout", "check_replicas")  # fmt: skip
+# several processes: where the SAEs live, the collectives' timeout and a debugging check change
+# nothing that is computed (placements agree to float rounding); --data-shards fixes the batches
 
 
 def sae_seed(seed: int, layers) -> int:
@@ -57,6 +60,11 @@ class RunSettings:
     layers_per_token: str = "one"  # one (the paper) | all
     seed: int = 0
     sae: dict = field(default_factory=dict)  # SaeConfig fields but d
+    # several processes (torchrun)
+    data_shards: int | None = None  # None: the number of processes when the run starts
+    distribute_saes: bool = False  # each SAE on its owners (default: replicated on every one)
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other processes
+    check_replicas: bool = False  # compare the copies of every SAE at each log step
     # checkpoints and logs
     save_every: int = 100_000_000
     log_every: int = 20
@@ -99,4 +107,5 @@ class RunSettings:
         unknown = set(data) - names - {"version"}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
+        data = {"data_shards": 1, **data}  # a run saved before several processes: one shard
         return cls(**{k: v for k, v in data.items() if k in names})
