@@ -213,16 +213,19 @@ def test_quality_demo_layers(benchmark, report, demo_activations):
             q = results[name][layer]
             report(f"demo layer {layer}, {tokens:,} tokens", name,
                    f"FVU {q.fvu:.4f}  L0 {q.l0:.1f}  dead {q.dead:.3f}")  # fmt: skip
-    pairs = (("gsae (default: adam, init fit, b_dec mean)", "sparsify SparseCoder, adam"),
-             ("gsae --optimizer signum", "sparsify SparseCoder, signum"))  # fmt: skip
-    for ours, theirs in pairs:
+    # the targets are the default's (Adam); signum is compared for information
+    pairs = (("gsae (default: adam, init fit, b_dec mean)", "sparsify SparseCoder, adam",
+              "  max (target <= 1) / mean (target <= 0.9)"),
+             ("gsae --optimizer signum", "sparsify SparseCoder, signum",
+              "  max / mean (no target)"))  # fmt: skip
+    for ours, theirs, label in pairs:
         if theirs not in results:
             report("demo", f"{ours} / sparsify", "skipped: eai-sparsify not installed")
             continue
         ratios = [results[ours][la].fvu / results[theirs][la].fvu for la in layers]
         case = f"demo, {len(layers)} layers"
         report(case, f"FVU {ours} / {theirs}", " ".join(f"{r:.3f}" for r in ratios))
-        report(case, "  max (target <= 1) / mean (target <= 0.9)",
+        report(case, label,
                f"{max(ratios):.3f} / {sum(ratios) / len(ratios):.3f}")  # fmt: skip
     old = "gsae --init paper --init-b-dec zeros"
     gain = [results[old][la].fvu / results[names[0]][la].fvu for la in layers]
