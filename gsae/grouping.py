@@ -480,7 +480,8 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
         source = hidden_states(loaded, layers, texts, ctx_len, batch_size, repeat)
     else:
         source = batches(layers)
-    with source as stream, progress_bar(tokens, "distances") as bar:
+    label = "distances" if merge is None else "distances, own shards"  # tokens: this process's
+    with source as stream, progress_bar(tokens, label) as bar:
         acc = measure_distances(stream, len(layers), tokens, center, bar.update)
     if merge is not None:
         acc = merge(acc)

@@ -283,7 +283,8 @@ class TrainingRun:
             source = hidden_states(
                 self.loaded, needed, self.texts, self.ctx.tokens, s.batch_size, s.repeat
             )
-        with source as batches, progress_bar(tokens, "scales") as bar:
+        label = "scales" if merge is None else "scales, own shards"  # tokens: this process's
+        with source as batches, progress_bar(tokens, label) as bar:
             values = activation_scales(_counted(batches, bar), tokens, s.scale_mode, merge)
         return dict(zip(needed, values, strict=True))
 
