@@ -7,19 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_run_data_args
+
 
 def add_collect_args(p: argparse.ArgumentParser, tokens: str = "1M") -> None:
     """The flags of the streamed collection (shared by gsae-browse and gsae-autointerp)."""
     p.add_argument("--tokens", default=tokens, help="tokens to stream (default: %(default)s)")
-    p.add_argument("--dataset", default=None, help="default: the run's own")
-    p.add_argument("--split", default=None, help="default: the run's own")
-    p.add_argument("--column", default=None, help="text column (default: the run's own)")
-    p.add_argument("--ctx-len", type=int, default=None, help="default: the run's own")
-    p.add_argument("--batch-tokens", type=int, default=8192,
-                   help="tokens per forward (default: %(default)s)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
+    add_run_data_args(p)
     p.add_argument("--window", type=int, default=32,
                    help="tokens per example window (default: %(default)s, the "
                    "paper's)")  # fmt: skip

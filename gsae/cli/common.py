@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..activations import DEFAULT_CTX_LEN, DEFAULT_DATASET
-
 DEFAULT_MODEL = "pythia-160m"
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--model, --dataset, --split, --column, --ctx-len, --repeat, --device, --model-dtype."""
+    from ..activations import DEFAULT_CTX_LEN, DEFAULT_DATASET  # torch: not for the light commands
+
     p.add_argument(
         "--model",
         default=None,
@@ -46,8 +46,24 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
+    """The data flags of a command that reads a finished run (gsae-eval, gsae-browse,
+    gsae-autointerp): each defaults to the run's own setting. ``whose``: "run's" or "runs'"."""
+    p.add_argument("--dataset", default=None, help=f"default: the {whose} own")
+    p.add_argument("--split", default=None, help=f"default: the {whose} own")
+    p.add_argument("--column", default=None, help=f"text column (default: the {whose} own)")
+    p.add_argument("--ctx-len", type=int, default=None, help=f"default: the {whose} own")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="tokens per forward (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
+
+
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the data flags that were not given."""
+    from ..activations import DEFAULT_DATASET
+
     defaults = {
         "model": DEFAULT_MODEL,
         "dataset": DEFAULT_DATASET,

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import add_run_data_args
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -23,17 +25,9 @@ def parser() -> argparse.ArgumentParser:
                    help="a gsae-train --groups per-layer run of the same model: MMCS, MMCO and "
                    "the star of the figures")  # fmt: skip
     p.add_argument("--tokens", default="1M", help="held-out tokens (default: %(default)s)")
-    p.add_argument("--dataset", default=None, help="default: the runs' own")
-    p.add_argument("--split", default=None, help="default: the runs' own")
-    p.add_argument("--column", default=None, help="text column (default: the runs' own)")
-    p.add_argument("--ctx-len", type=int, default=None, help="default: the runs' own")
-    p.add_argument("--batch-tokens", type=int, default=8192,
-                   help="tokens per forward (default: %(default)s)")  # fmt: skip
+    add_run_data_args(p, "runs'")
     p.add_argument("--model", default=None, help="evaluate with this model instead of the runs' "
                    "(e.g. a local copy of it)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate even when held-out text cannot be guaranteed (e.g. a --repeat "
                    "run that went round its corpus)")  # fmt: skip
