@@ -1,7 +1,14 @@
-"""The shape of the code (issue 9): data flows one way."""
+"""The shape of the code: data flows one way, and nothing at the root shadows another package."""
 
 import ast
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +58,55 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
             assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     finally:
         matplotlib.use(before)
+
+
+# run from the repository root, where `python -m`, notebooks and scripts put it first on sys.path
+_SHADOW_PROBE = """
+import importlib.metadata, importlib.util, json, os, sys
+root = os.path.realpath(os.getcwd())
+owned = importlib.metadata.packages_distributions()
+found = {}
+for entry in sorted(os.listdir(root)):
+    name = entry[:-3] if entry.endswith(".py") else entry
+    if not name.isidentifier():
+        continue
+    spec = importlib.util.find_spec(name)
+    origin = spec and spec.origin and os.path.realpath(spec.origin)
+    mine = os.path.join(root, entry)  # the root's own file or folder, not a venv inside it
+    found[name] = {"origin": origin, "at_root": bool(origin and (origin == mine
+                                                                 or origin.startswith(mine + os.sep))),
+                   "owners": owned.get(name, [])}
+print(json.dumps(found))
+"""
+
+
+def test_nothing_at_the_root_is_importable_under_another_packages_name():
+    """A root folder with an ``__init__.py`` hides any installed package of the same name from
+    code run at the root: ``kernels/`` once hid Hugging Face's ``kernels``, which transformers
+    imports, and every model load failed under ``python -m pytest``. Only ``gsae`` may be a
+    module or package at the root; every name an installed distribution owns resolves to it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = [sys.executable, "-c", _SHADOW_PROBE]
+    out = subprocess.run(probe, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout)
+    assert not {n: f for n, f in found.items() if f["at_root"] and n != "gsae"}
+    assert found["kernels"]["origin"] is None or not found["kernels"]["at_root"]
+    for name, f in found.items():
+        if f["owners"] and name != "gsae":
+            assert not f["at_root"], (name, f)
+
+
+def test_import_kernels_at_the_root_gets_hugging_faces_package():
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed")
+    code = "import kernels, sys; print(kernels.__file__); print(kernels.__spec__.origin)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.splitlines()[0]).resolve()
+    assert ROOT / "kernels" not in path.parents, path
+    # and transformers' own import of it works from here
+    code = "from transformers.integrations import hub_kernels"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
