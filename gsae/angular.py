@@ -1,4 +1,5 @@
-"""Sums of angular distances between layers: the C++ extension in ``csrc/gsae_csrc/`` and its torch path.
+"""Sums of angular distances between layers: the C++ extension (``csrc/gsae_csrc/``) and its
+torch path.
 
 ``angular_distance_sums(hidden [L, N, d]) -> (sums [L, L] float64, count)`` where
 ``sums[i, j] = sum_n arccos(cos(hidden[i, n], hidden[j, n])) / pi``. This module is the only one
@@ -45,9 +46,9 @@ NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 
 
 def build_extension(name: str, arch_flags: tuple[str, ...] = NATIVE_FLAGS) -> None:
-    """Compile (or load the cached build of) ``csrc/gsae_csrc/angular.cpp`` under ``name``, which registers
-    ``torch.ops.gsae.angular_distance_sums``. Without AVX-512 in ``arch_flags`` the portable
-    ``omp simd`` kernel is compiled instead of the intrinsics one (the tests build both)."""
+    """Compile (or load the cached build of) ``csrc/gsae_csrc/angular.cpp`` under ``name``, which
+    registers ``torch.ops.gsae.angular_distance_sums``. Without AVX-512 in ``arch_flags`` the
+    portable ``omp simd`` kernel is compiled instead of the intrinsics one (tests build both)."""
     from torch.utils import cpp_extension
 
     source = importlib.resources.files("gsae_csrc") / "angular.cpp"

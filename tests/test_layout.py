@@ -73,9 +73,8 @@ for entry in sorted(os.listdir(root)):
     spec = importlib.util.find_spec(name)
     origin = spec and spec.origin and os.path.realpath(spec.origin)
     mine = os.path.join(root, entry)  # the root's own file or folder, not a venv inside it
-    found[name] = {"origin": origin, "at_root": bool(origin and (origin == mine
-                                                                 or origin.startswith(mine + os.sep))),
-                   "owners": owned.get(name, [])}
+    at_root = bool(origin) and (origin == mine or origin.startswith(mine + os.sep))
+    found[name] = {"origin": origin, "at_root": at_root, "owners": owned.get(name, [])}
 print(json.dumps(found))
 """
 
