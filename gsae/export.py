@@ -23,21 +23,23 @@ scale that was folded in.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 from .activations import ModelLoadError, hub_id, layer_prefix, load_structure
 from .eval.runs import RunInfo, load_run
-from .io import atomic_dir, check_replaceable
+from .io import atomic_dir, save_safetensors
+from .outdir import claim, write_marker
 from .sae import SPARSIFY_NAMES, Sae
 
 FORMATS = ("sparsify", "saelens")
 MANIFEST = "gsae_export.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_VERSION = "6.0.0"  # the config layout written here: SAELens 6 (metadata block)
+PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # a dotted module name, no path
 
 
 class Folded(NamedTuple):
@@ -134,35 +136,53 @@ class Exported(NamedTuple):
     scale: float
 
 
-def hookpoint_prefix(run: RunInfo, model: str | None = None) -> str:
-    """sparsify's hookpoint prefix for the run's model (``layers``, ``h``, ...), read from the
-    model's config without loading its weights."""
-    return layer_prefix(load_structure(model or run.model))
-
-
 def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | None = None,
                model: str | None = None, overwrite: bool = False) -> list[Exported]:  # fmt: skip
     """Write every SAE of the gsae-train run ``run_dir`` in ``fmt`` (``sparsify`` or
     ``saelens``) into ``out``, one folder per model layer, replacing ``out`` as a whole.
 
-    ``prefix``: sparsify's hookpoint prefix (default: from the model's config, see
-    :func:`hookpoint_prefix`; ``model`` names another copy of the model to read it from).
-    ``out`` may be a previous export (it is replaced); any other non-empty folder is refused
-    unless ``overwrite``."""
+    ``prefix``: sparsify's hookpoint prefix (default: the model's layer list, read from its
+    config without its weights; ``model`` names another copy of the model, which must have the
+    run's layers and width). ``out`` may be a previous export (it is replaced); see
+    :func:`gsae.outdir.check_out` for the folders refused."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if prefix and not PREFIX.fullmatch(prefix):  # "" names the hookpoints by number
+        raise ValueError(
+            f"--hookpoint-prefix {prefix!r} is not a module name (letters, digits, "
+            "_ and - between dots, e.g. layers or gpt_neox.layers)"
+        )
     run = load_run(run_dir)
     out = Path(out)
-    _check_out(out, run, overwrite)
-    if fmt == "sparsify" and prefix is None:
-        try:
-            prefix = hookpoint_prefix(run, model)
-        except ModelLoadError as err:
-            raise ModelLoadError(
-                f"{err} (gsae-export reads only the model's config, to name "
-                "the hookpoints: pass --hookpoint-prefix, e.g. layers for "
-                "GPT-NeoX and Llama, h for GPT-2)"
-            ) from None
+    with claim(out, "gsae-export", inputs=[run.path], overwrite=overwrite):
+        structure = _check_model(run, model) if model else None
+        if fmt == "sparsify" and prefix is None:
+            try:
+                prefix = layer_prefix(structure or load_structure(run.model))
+            except ModelLoadError as err:
+                raise ModelLoadError(
+                    f"{err} (gsae-export reads only the model's config, to name "
+                    "the hookpoints: pass --hookpoint-prefix, e.g. layers for "
+                    "GPT-NeoX and Llama, h for GPT-2)"
+                ) from None
+        return _write(run, fmt, out, prefix)
+
+
+def _check_model(run: RunInfo, model: str):
+    """``model``'s structure, refused unless it has the run's layers and width."""
+    structure = load_structure(model)
+    widths = {e.d for e in run.saes}
+    if structure.num_layers != run.num_model_layers or {structure.d_model} != widths:
+        raise ValueError(
+            f"--model {model} has {structure.num_layers} layers of width "
+            f"{structure.d_model}; the run's model {run.model} has "
+            f"{run.num_model_layers} of width {', '.join(map(str, sorted(widths)))}: "
+            "not a copy of it"
+        )
+    return structure
+
+
+def _write(run: RunInfo, fmt: str, out: Path, prefix: str | None) -> list[Exported]:
     metadata = {"model_name": hub_id(run.model), "context_size": int(run.arg("ctx_len", 0)),
                 "prepend_bos": False, "dataset_path": run.arg("dataset"),
                 "model_from_pretrained_kwargs": {}}  # fmt: skip
@@ -182,7 +202,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | 
                     weights = SAELENS_WEIGHTS
                 folder = tmp / name
                 folder.mkdir()
-                save_file(tensors, str(folder / weights))
+                save_safetensors(tensors, folder / weights)
                 (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
                 exported.append(Exported(name, layer, entry.name, float(sae.scale_for(layer))))
         manifest = {
@@ -194,10 +214,5 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | 
                            for e in exported},
         }  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_marker(tmp, "gsae-export")
     return exported
-
-
-def _check_out(out: Path, run: RunInfo, overwrite: bool) -> None:
-    if out.resolve() == run.path.resolve():
-        raise ValueError(f"--out {out} is the run itself: it would be replaced; pick another --out")
-    check_replaceable(out, MANIFEST, "gsae-export", overwrite)

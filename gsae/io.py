@@ -32,12 +32,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
     fsync_file(path)
 
 
-TEMP_NAME = re.compile(r"\.(?P<of>.+)\.[0-9a-f]{8}\.(tmp|trash)")
+TEMP_NAME = re.compile(r"\.(?P<of>.+)\.(?P<token>[0-9a-f]{8})\.(?P<tag>tmp|trash|old|swap)")
 
 
-def temp_name(path: Path, tag: str = "tmp") -> Path:
-    """A fresh hidden name beside ``path``: ``.NAME.<8 hex digits>.<tag>`` (tmp or trash)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{tag}")
+def temp_name(path: Path, tag: str = "tmp", token: str | None = None) -> Path:
+    """A fresh hidden name beside ``path``: ``.NAME.<8 hex digits>.<tag>`` (tmp, trash, old or
+    swap); ``token``: those 8 digits (default: random)."""
+    return path.with_name(f".{path.name}.{token or secrets.token_hex(4)}.{tag}")
 
 
 def temp_origin(name: str) -> str | None:
@@ -146,50 +147,67 @@ def fsync_tree(path: Path) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes ``path`` as a whole.
 
-    The old ``path`` is moved aside to ``path.old`` before the new one is renamed in, so at every
-    instant one complete copy exists; :func:`recover_dir` undoes a swap cut off between the two
-    renames. On any error the temporary directory is removed and ``path`` is untouched.
+    Every name this touches besides ``path`` is made for this call (``.NAME.<token>.tmp`` for the
+    new copy, ``.NAME.<token>.old`` for the old one on its way out) and recorded first in a
+    journal, ``.NAME.<token>.swap``: :func:`recover_dir` finishes or undoes a swap cut off by a
+    crash from the journal alone, so no folder a user made (``NAME.old``, ``NAME.bak``) is ever
+    renamed or deleted. At every instant one complete copy exists. On any error the temporary
+    directory is removed and ``path`` is untouched.
     """
     path = Path(path)
     recover_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    tmp.mkdir()  # mode: 0777 & ~umask
+    token = secrets.token_hex(4)
+    tmp, old, journal = (temp_name(path, tag, token) for tag in ("tmp", "old", "swap"))
+    _write_journal(journal, path, token, "writing")
     try:
+        tmp.mkdir()  # mode: 0777 & ~umask
         yield tmp
         fsync_tree(tmp)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
+        _write_journal(journal, path, token, "swapping")  # from here on tmp is whole
+        if path.exists() or path.is_symlink():
             os.replace(path, old)
         os.replace(tmp, path)
         fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
+        if not tmp.exists():  # swapped in (or never made): the old copy goes
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.exists() and not path.exists():
+            os.replace(old, path)  # failed between the renames: the old copy comes back
         shutil.rmtree(tmp, ignore_errors=True)
+        journal.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+
+def _write_journal(journal: Path, path: Path, token: str, state: str) -> None:
+    write_json(journal, {"gsae_swap": path.name, "token": token, "state": state})
 
 
 def recover_dir(path: str | os.PathLike) -> None:
-    """Finish or roll back an :func:`atomic_dir` swap that was interrupted, and delete the
-    temporary folders of interrupted writes."""
+    """Finish an :func:`atomic_dir` swap cut off by a crash, or drop its unfinished copy; only
+    the names its journal records are touched."""
     path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old)  # the new copy landed; only the clean-up was missed
-        else:
-            os.replace(old, path)  # cut off between the renames: the old copy is the good one
-    remove_temp_dirs(path)
-
-
-def check_replaceable(out: Path, marker: str, command: str, overwrite: bool) -> None:
-    """Refuse an output folder ``out`` that ``command`` would replace as a whole when it is a
-    gsae-train run, a file, or a non-empty folder without ``marker`` (the file ``command``
-    writes there: one it wrote before), unless ``overwrite``."""
-    if (out / "run.json").exists():
-        raise ValueError(f"--out {out} holds a gsae-train run: it would be replaced; pick "
-                         "another --out")  # fmt: skip
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / marker).exists() and not overwrite:
-        raise ValueError(f"--out {out} is a non-empty folder that {command} did not write; pick "
-                         "another --out or pass --overwrite to replace it")  # fmt: skip
+    if not path.parent.is_dir():
+        return
+    for journal in path.parent.iterdir():
+        match = TEMP_NAME.fullmatch(journal.name)
+        if not match or match["tag"] != "swap" or match["of"] != path.name:
+            continue
+        try:
+            record = json.loads(journal.read_text())
+        except (OSError, ValueError):
+            continue  # not a journal this module wrote
+        if record.get("gsae_swap") != path.name or record.get("token") != match["token"]:
+            continue
+        tmp, old = (temp_name(path, tag, match["token"]) for tag in ("tmp", "old"))
+        if record.get("state") == "swapping" and tmp.is_dir():  # the new copy is whole
+            if path.exists() and not old.exists():
+                os.replace(path, old)
+            if not path.exists():
+                os.replace(tmp, path)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new copy was not whole: the old one stays
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        journal.unlink(missing_ok=True)

@@ -114,6 +114,7 @@ class ChatClient:
         self.limiter = RateLimiter(rate)
         self.cache = cache if cache is not None else AnswerCache(None)  # (an empty one is falsy)
         self.sent = 0  # requests that reached the wire, retries included
+        self.unreadable = 0  # answers the caller could not read: not cached, asked again later
         self._count = threading.Lock()
 
     def key(self, messages: list[dict]) -> str:
@@ -122,24 +123,40 @@ class ChatClient:
                            "max_tokens": self.max_tokens}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def complete(self, messages: list[dict]) -> str:
-        """One answer (from the cache when it holds one)."""
+    def complete(self, messages: list[dict], readable: Callable[[str], bool] | None = None) -> str:
+        """One answer (from the cache when it holds one). An answer that ``readable`` refuses
+        is returned but not cached (a later run asks again) and counted in ``unreadable``."""
         key = self.key(messages)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
         answer = self._post(messages)
-        self.cache.put(key, answer)
+        if readable is None or readable(answer):
+            self.cache.put(key, answer)
+        else:
+            with self._count:
+                self.unreadable += 1
         return answer
 
     def complete_many(self, requests: Sequence[list[dict]],
-                      done: Callable[[int], None] | None = None) -> list[str]:  # fmt: skip
+                      done: Callable[[int], None] | None = None,
+                      readable: Callable[[int, str], bool] | None = None
+                      ) -> list[str]:  # fmt: skip
         """Answers to every request, asked concurrently (cached ones are not asked). The first
-        :class:`EndpointError` stops the run; answers received before it stay cached."""
+        :class:`EndpointError` stops the run; answers received before it stay cached.
+        ``readable(i, answer)``: whether the answer to request ``i`` can be read (see
+        :meth:`complete`)."""
         if not requests:
             return []
+
+        def check(i: int):
+            return None if readable is None else (lambda answer: readable(i, answer))
+
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="gsae-chat") as pool:
-            futures = [pool.submit(self.complete, messages) for messages in requests]
+            futures = [
+                pool.submit(self.complete, messages, check(i))
+                for i, messages in enumerate(requests)
+            ]
             answers = []
             try:
                 for future in futures:

@@ -234,10 +234,11 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
         return step
 
     answers = explainer.complete_many([explanation_request(t, vocab) for t in tasks],
-                                      tick("explain", len(tasks)))  # fmt: skip
+                                      tick("explain", len(tasks)),
+                                      lambda i, a: _explanation(a) is not None)  # fmt: skip
     for task, answer in zip(tasks, answers, strict=True):
         task.answers["explanation"] = answer
-        task.explanation = prompts.parse_explanation(answer) or _last_line(answer)
+        task.explanation = _explanation(answer)
     scored = [t for t in tasks if t.explanation]
     for t in tasks:
         if not t.explanation:
@@ -248,7 +249,11 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
         detection, fuzzing, truth = score_requests(task, vocab, cfg.seed)
         requests += [detection, fuzzing]
         labels.append(truth)
-    answers = scorer.complete_many(requests, tick("score", len(requests)))
+    answers = scorer.complete_many(
+        requests,
+        tick("score", len(requests)),
+        lambda i, a: prompts.parse_labels(a, len(labels[i // 2])) is not None,
+    )
     records = []
     for n, task in enumerate(scored):
         det, fuzz = answers[2 * n], answers[2 * n + 1]
@@ -261,7 +266,15 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
                          "active": [w.where for w in task.active],
                          "inactive": [w.where for w in task.inactive]},
         })  # fmt: skip
-    return AutoInterpResult(records, skipped, summarize(records, col))
+    summary = summarize(records, col)
+    summary["unreadable_answers"] = explainer.unreadable + (
+        scorer.unreadable if scorer is not explainer else 0
+    )
+    return AutoInterpResult(records, skipped, summary)
+
+
+def _explanation(answer: str) -> str | None:
+    return prompts.parse_explanation(answer) or _last_line(answer)
 
 
 def _last_line(answer: str) -> str | None:

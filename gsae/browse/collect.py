@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..activations import (
     ActivationReader,
@@ -42,7 +42,7 @@ from ..activations import (
 from ..eval.evaluate import trim_mask
 from ..eval.runs import RunInfo, check_model, check_runs, load_run
 from ..eval.similarity import CoOccurrence, feature_distribution, mmcs, nearest
-from ..io import atomic_dir
+from ..io import atomic_dir, save_safetensors
 from ..sae import Sae
 from .heap import WindowHeap, window_candidates
 
@@ -246,10 +246,15 @@ class Collection:
     def save(self, directory: str | Path) -> None:
         """``directory/collection.json`` and one ``<group>.safetensors`` per SAE, as a whole."""
         with atomic_dir(directory) as tmp:
-            for name, tensors in self.saes.items():
-                save_file({k: v.contiguous() for k, v in tensors.items()},
-                          str(tmp / f"{name}.safetensors"))  # fmt: skip
-            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+            self.save_files(tmp)
+
+    def save_files(self, directory: Path) -> None:
+        """The files of :meth:`save` into an existing folder (the caller makes it atomic)."""
+        for name, tensors in self.saes.items():
+            save_safetensors(
+                {k: v.contiguous() for k, v in tensors.items()}, directory / f"{name}.safetensors"
+            )
+        (directory / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> Collection:

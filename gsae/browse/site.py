@@ -29,6 +29,7 @@ import torch
 
 from ..activations import TokenText
 from ..io import atomic_dir
+from ..outdir import write_marker
 from .collect import HIST_BINS, Collection, log_bin_edges
 
 SHARD = 256
@@ -120,7 +121,8 @@ def latent_records(col: Collection, name: str, text: TokenText) -> tuple[list[di
 
 
 def write_site(col: Collection, tokenizer, out: str | Path) -> list[Path]:
-    """Write the browser for ``col`` into ``out`` (replaced as a whole). Returns the pages."""
+    """Write the browser for ``col`` and ``col`` itself (``out/collection``, for
+    gsae-autointerp) into ``out``, replaced as a whole. Returns the pages."""
     out = Path(out)
     groups = list(col.saes)
     index_rows = []
@@ -145,6 +147,9 @@ def write_site(col: Collection, tokenizer, out: str | Path) -> list[Path]:
                 "hist_bins": HIST_BINS}  # fmt: skip
         (tmp / "index.html").write_text(_page("index", site, index_rows))
         (tmp / "latent.html").write_text(_page("latent", site, None))
+        (tmp / "collection").mkdir()
+        col.save_files(tmp / "collection")
+        write_marker(tmp, "gsae-browse")
     return [out / "index.html", out / "latent.html"]
 
 

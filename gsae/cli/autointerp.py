@@ -4,6 +4,7 @@ scorer LLM behind any OpenAI-compatible chat endpoint (Paulo et al.'s pipeline, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -64,17 +65,26 @@ def main(argv=None) -> int:
     from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
-    from ..eval.report import add_autointerp
+    from ..eval.report import add_autointerp, check_report_run
+    from ..eval.runs import load_run
     from ..grouping import parse_count
-    from ..io import check_replaceable
+    from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None
+    held = contextlib.ExitStack()
     try:
-        check_replaceable(out, "cache.jsonl", "gsae-autointerp", overwrite=True)  # adds files only
-        if args.report and not (Path(args.report) / "report.html").exists():
+        run = load_run(args.run)  # names RUN when it is not a run
+        inputs = [run.path] + ([args.collection] if args.collection else [])
+        held.enter_context(claim(out, "gsae-autointerp", inputs=inputs, replaced=False))
+        if args.report and owner(args.report) != "gsae-eval":
             raise ValueError(f"--report {args.report} holds no gsae-eval report.html")
+        if args.report:
+            check_report_run(args.report, str(run.path.resolve()))
+        collected = collect_settings(args, run.path)
+        if not args.collection and (out / "collection").exists():  # reused: as asked?
+            check_settings(out, collected)
         cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()
         settings = collect_config(args)
         tokens = parse_count(args.tokens)
@@ -97,11 +107,18 @@ def main(argv=None) -> int:
                               batch_tokens=args.batch_tokens, device=args.device,
                               model_dtype=args.model_dtype, config=settings,
                               progress=bar.update)  # fmt: skip
+            write_marker(out, "gsae-autointerp", collected)  # first: what it is collected with
             col.save(out / "collection")
+        if not (out / MARKER).exists():
+            write_marker(out, "gsae-autointerp")
         tokenizer = load_tokenizer(col.meta["model"])
     except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+        held.close()
         print(f"gsae-autointerp: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        held.close()
+        return _interrupted(out)
     assert isinstance(col, Collection)
     print(f"{len(cache)} answers cached in {out / 'cache.jsonl'}")
     start = time.perf_counter()
@@ -116,6 +133,12 @@ def main(argv=None) -> int:
 
     try:
         result = run_autointerp(col, tokenizer, explainer, scorer, cfg, progress)
+        written = write_results(result, out)
+        if args.report:
+            with locked(args.report, "gsae-autointerp --report"):
+                written += add_autointerp(args.report, result.summary)
+    except KeyboardInterrupt:
+        return _interrupted(out)
     except EndpointError as err:
         print(f"gsae-autointerp: error: {err}\n(answers so far are cached in "
               f"{out / 'cache.jsonl'}: run the same command again to resume)",
@@ -124,16 +147,45 @@ def main(argv=None) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    written = write_results(result, out)
-    if args.report:
-        written += add_autointerp(args.report, result.summary)
+        held.close()  # the lock on --out
     seconds = time.perf_counter() - start
     overall = result.summary["overall"]
     print(f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
           f"detection {_pm(overall['detection'])}, fuzzing {_pm(overall['fuzzing'])}")  # fmt: skip
+    if result.summary["unreadable_answers"]:
+        print(
+            f"{result.summary['unreadable_answers']} answers could not be read: not cached, "
+            "they are asked again when the same command runs again"
+        )
     print(f"{explainer.sent + scorer.sent} requests sent, {seconds:.1f} s; wrote "
           f"{', '.join(str(p) for p in written)}")  # fmt: skip
     return 0
+
+
+def _interrupted(out: Path) -> int:
+    print(
+        f"\ngsae-autointerp: interrupted; {out} keeps the answers received so far "
+        "(cache.jsonl): run the same command again to resume",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def collect_settings(args, run: Path) -> dict:
+    """What makes the collection in --out: a rerun into it must ask for the same."""
+    return {
+        "run": str(run.resolve()),
+        "dataset": args.dataset,
+        "split": args.split,
+        "column": args.column,
+        "ctx_len": args.ctx_len,
+        "tokens": args.tokens,
+        "window": args.window,
+        "top": args.top,
+        "random": args.random,
+        "pool": args.pool,
+        "seed": args.seed,
+    }
 
 
 def _pm(stat: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -68,13 +69,15 @@ def main(argv=None) -> int:
     from ..browse.collect import collect
     from ..browse.site import write_site
     from ..grouping import parse_count
-    from ..io import check_replaceable
+    from ..outdir import claim, kept_words
     from ..progress import progress_bar
     from .eval import parse_bytes
 
     out = Path(args.out)
+    existed, held = out.is_dir(), contextlib.ExitStack()
+    inputs = [args.run] + ([args.baseline] if args.baseline else [])
     try:
-        check_replaceable(out, "index.html", "gsae-browse", args.overwrite)
+        held.enter_context(claim(out, "gsae-browse", inputs=inputs, overwrite=args.overwrite))
         tokens = parse_count(args.tokens)
         config = collect_config(args)
         memory = parse_bytes(args.jaccard_memory)
@@ -85,12 +88,16 @@ def main(argv=None) -> int:
                           batch_tokens=args.batch_tokens, device=args.device,
                           model_dtype=args.model_dtype, baseline=args.baseline, config=config,
                           jaccard_memory=memory, progress=bar.update)  # fmt: skip
+        seconds = time.perf_counter() - start
+        write_site(col, load_tokenizer(col.meta["model"]), out)  # and the collection, at once
     except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
         print(f"gsae-browse: error: {err}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
-    write_site(col, load_tokenizer(col.meta["model"]), out)
-    col.save(out / "collection")
+    except KeyboardInterrupt:
+        print(f"\ngsae-browse: interrupted; {kept_words(out, existed)}", file=sys.stderr)
+        return 130
+    finally:
+        held.close()  # the lock on --out
     for note in col.meta["notes"]:
         print(f"note: {note}")
     latents = sum(v["m"] for v in col.meta["saes"].values())

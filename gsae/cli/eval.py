@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -64,12 +65,14 @@ def main(argv=None) -> int:
     from ..eval import prepare, run_plan
     from ..eval.report import write_report
     from ..grouping import parse_count
+    from ..outdir import claim, kept_words
     from ..progress import progress_bar
 
+    out = Path(args.out)
+    existed, held = out.is_dir(), contextlib.ExitStack()
     try:
-        if (Path(args.out) / "run.json").exists():
-            raise ValueError(f"--out {args.out} holds a gsae-train run: its files would be "
-                             "replaced; pick another --out")  # fmt: skip
+        inputs = [*args.runs, *([args.baseline] if args.baseline else [])]
+        held.enter_context(claim(out, "gsae-eval", inputs=inputs))  # until the outputs are in
         tokens = parse_count(args.tokens)
         plan = prepare(
             args.runs, baseline=args.baseline, tokens=tokens, dataset=args.dataset,
@@ -79,17 +82,22 @@ def main(argv=None) -> int:
             downstream=not args.no_downstream, pairs=args.mmco_pairs,
             mmco_memory=parse_bytes(args.mmco_memory),
         )  # fmt: skip
+        print(f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
+              f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}")  # fmt: skip
+        for note in plan.notes:
+            print(f"  {note}")
+        start = time.perf_counter()
+        with progress_bar(tokens, "eval") as bar:
+            result = run_plan(plan, progress=bar.update)
+        written = write_report(result, plan, out)  # all at once, or nothing
     except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
         print(f"gsae-eval: error: {err}", file=sys.stderr)
         return 2
-    print(f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
-          f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}")  # fmt: skip
-    for note in plan.notes:
-        print(f"  {note}")
-    start = time.perf_counter()
-    with progress_bar(tokens, "eval") as bar:
-        result = run_plan(plan, progress=bar.update)
-    written = write_report(result, plan, Path(args.out))
+    except KeyboardInterrupt:
+        print(f"\ngsae-eval: interrupted; {kept_words(out, existed)}", file=sys.stderr)
+        return 130
+    finally:
+        held.close()
     seconds = time.perf_counter() - start
     print((Path(args.out) / "table1.md").read_text())
     for note in result.notes[len(plan.notes) :]:

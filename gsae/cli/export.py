@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,13 +34,18 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from ..activations import ModelLoadError
     from ..export import export_run
+    from ..outdir import kept_words
 
+    existed = Path(args.out).is_dir()
     try:
         exported = export_run(args.run, args.format, args.out, prefix=args.hookpoint_prefix,
                               model=args.model, overwrite=args.overwrite)  # fmt: skip
     except (ModelLoadError, ValueError, FileNotFoundError) as err:
         print(f"gsae-export: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngsae-export: interrupted; {kept_words(Path(args.out), existed)}", file=sys.stderr)
+        return 130
     for e in exported:
         print(f"  {e.name:<28} layer {e.layer:>3}  from {e.group} (scale {e.scale:.4g} folded in)")
     loader = ("sparsify.SparseCoder.load_many(OUT, local=True)" if args.format == "sparsify"

@@ -5,6 +5,7 @@ with a heatmap and an AMAD plot."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..activations import (
     load_model,
     open_texts,
 )
+from ..outdir import claim, write_marker
 from .common import add_data_args, data_defaults
 
 
@@ -97,12 +99,17 @@ def write_outputs(g: gp.Grouping, out: Path) -> None:
     plots.distance_heatmap(g.distances, g.layers, out / "distances.png", title)
     amads = {num: p.amad for num, p in g.partitions.items()}
     plots.amad_curve(amads, g.g_hat, g.threshold, out / "amad.png", title)
+    write_marker(out, "gsae-groups")
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    out = None
+    out, held, written = None, contextlib.ExitStack(), False
     try:
+        if not args.from_matrix:
+            data_defaults(args)
+        out = Path(args.out or f"groups-{Path(str(args.model or 'matrix')).name}")
+        held.enter_context(claim(out, "gsae-groups", replaced=False))  # checked before any work
         if args.from_matrix:  # no model: the file records none unless --model names one
             result = gp.group_layers(
                 gp.read_matrix(args.from_matrix),
@@ -112,7 +119,6 @@ def main(argv=None) -> int:
                 extra={"source": str(args.from_matrix)},
             )
         else:
-            data_defaults(args)
             tokens = gp.parse_count(args.tokens)
             loaded = load_model(args.model, args.model_dtype, args.device)
             texts = open_texts(args.dataset, args.split, args.column)
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
                 expansion_factor=args.expansion_factor,
                 k=args.k,
             )
-        out = Path(args.out or f"groups-{Path(str(result.model or 'matrix')).name}")
+        written = True
         write_outputs(result, out)  # groups.json first, then the figures
     except (
         ModelLoadError,
@@ -148,12 +154,14 @@ def main(argv=None) -> int:
         print(f"gsae-groups: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f"while writing to {out}" if out else "before anything was written"
+        where = f"while writing to {out}" if written else "before anything was written"
         print(f"\ngsae-groups: interrupted {where}", file=sys.stderr)
         return 130
     except OSError as err:
         print(f"gsae-groups: error: cannot write the outputs: {err}", file=sys.stderr)
         return 1
+    finally:
+        held.close()  # the lock on --out
     print(format_table(result))
     print(f"wrote {out / 'groups.json'}, {out / 'distances.png'}, {out / 'amad.png'}")
     return 0

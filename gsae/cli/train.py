@@ -346,6 +346,8 @@ def train(args: argparse.Namespace, worlds: list) -> int:
             return 2
         return stopped(run, f"cannot write in {run.out}: {err}", 1)
     finally:
+        if run is not None:
+            run.close()  # the lock on the output folder
         if world is not None:
             world.close()
     if world.is_main:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import grouping as gp
-from ..io import atomic_path, write_json
+from ..io import atomic_dir, atomic_path, write_json
+from ..outdir import write_marker
 from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
 from .runs import RunInfo
@@ -330,11 +331,26 @@ def group_summary(result: EvalResult) -> dict:
 
 
 def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Path]:
-    """Write every output of gsae-eval into ``out``; returns the files written."""
+    """Write every output of gsae-eval into ``out``, replaced as a whole (an interruption leaves
+    the earlier outputs; nothing of an earlier evaluation survives beside the new one but the
+    auto-interp scores of the runs evaluated again). Returns the files written."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        kept = [e for e in read_autointerp(out) if _same_run(e.get("run_path"), plan.runs)]
+        if kept:
+            _write_autointerp(tmp, kept)
+        written = _write_files(result, plan, tmp)
+        write_marker(tmp, "gsae-eval")
+    return [out / path.name for path in written]
+
+
+def _same_run(path: str | None, runs: list[RunInfo]) -> bool:
+    return path is not None and Path(path).resolve() in {r.path.resolve() for r in runs}
+
+
+def _write_files(result: EvalResult, plan: EvalPlan, out: Path) -> list[Path]:
     from . import figures
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(result, plan)
     layers = table_layers(plan.runs)
     rows = records(result, plan, summaries)
@@ -348,7 +364,7 @@ def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Pa
     write_json(out / "summary.json", _jsonable({
         "eval": plan.config(), "tokens": result.tokens, "positions": result.positions,
         "seconds": round(result.seconds, 2), "passes": result.passes, "notes": result.notes,
-        "runs": {s.run.name: {"path": str(s.run.path), "approach": s.approach,
+        "runs": {s.run.name: {"path": str(s.run.path.resolve()), "approach": s.approach,
                               "groups": s.num_groups, "amad": s.amad,
                               "flops_fraction": s.flops_fraction,
                               **{k: v._asdict() for k, v in s.metrics.items()}}
@@ -485,15 +501,35 @@ def add_autointerp(out: str | Path, summary: dict) -> list[Path]:
     if not (out / "report.html").exists():
         raise FileNotFoundError(f"{out} holds no gsae-eval report (no report.html): run gsae-eval "
                                 f"--out {out} first")  # fmt: skip
+    check_report_run(out, summary.get("run_path"))
     kept = [s for s in read_autointerp(out) if s.get("run_path") != summary.get("run_path")]
-    entries = kept + [summary]
-    with atomic_path(out / AUTOINTERP_FILE) as tmp:
-        tmp.write_text("".join(json.dumps(_jsonable(e)) + "\n" for e in entries))
+    _write_autointerp(out, kept + [summary])
     page = _with_autointerp((out / "report.html").read_text(), out)
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
     written = [out / AUTOINTERP_FILE, out / "report.html"]
     return written + ([out / AUTOINTERP_FIGURE] if (out / AUTOINTERP_FIGURE).exists() else [])
+
+
+def check_report_run(out: str | Path, run_path: str | None) -> None:
+    """Refuse to add the scores of a run that the gsae-eval report in ``out`` did not evaluate:
+    they would be shown as that report's."""
+    out = Path(out)
+    try:
+        runs = json.loads((out / "summary.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--report {out}: no gsae-eval summary.json there") from None
+    paths = {Path(r.get("path", "")).resolve() for r in runs.values() if isinstance(r, dict)}
+    if run_path is None or Path(run_path).resolve() not in paths:
+        raise ValueError(
+            f"--report {out} evaluated {', '.join(runs) or 'no run'}, not the run "
+            f"{run_path}: evaluate it there first (gsae-eval ... --out {out})"
+        )
+
+
+def _write_autointerp(out: Path, entries: list[dict]) -> None:
+    with atomic_path(out / AUTOINTERP_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(_jsonable(e)) + "\n" for e in entries))
 
 
 def _with_autointerp(page: str, out: Path) -> str:

@@ -38,12 +38,13 @@ from ..activations import (
     load_model,
     open_texts,
 )
+from ..outdir import acquire
 from ..progress import progress_bar
 from ..sae import activation_scales
 from . import checkpoint, groups
 from .distributed import World
 from .loop import DataExhausted, NonFiniteLoss, Run
-from .rundir import GROUPS_FILE, RUN_FILE, RunDir, RunDirError
+from .rundir import GROUPS_FILE, RUN_FILE, SUMMARY_FILE, RunDir, RunDirError
 from .settings import RunSettings
 from .shards import ShardLayout, ShardStreams
 
@@ -86,6 +87,13 @@ class TrainingRun:
         self.run: Run | None = None
         self.outputs_written = False  # the SAEs and summary.json of this session
         self.summary: dict | None = None
+        self._lock = None  # rank 0: the writer lock on the output folder (see close)
+
+    def close(self) -> None:
+        """Release the output folder's lock (the process's end does too, however it ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # ---- 1. everything checked before anything is written
 
@@ -164,6 +172,10 @@ class TrainingRun:
 
     def _check_out_dir(self) -> None:
         d = self.dir
+        existing = next(p for p in (d.path, *d.path.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write to {existing} (permission denied)")
+        self._lock = self._lock or acquire(d.path, "gsae-train")  # one writer per run
         d.finish_clearing()  # an --overwrite cut off half-way: the old run goes, as asked
         if self.resume:
             if not d.file("run.json").exists():
@@ -172,6 +184,13 @@ class TrainingRun:
             if self.previous_checkpoint:  # the latest is damaged: set aside, kept for a look
                 checkpoint.use_previous(d.path)
             self.resumed_from = d.describe()
+            if not checkpoint.exists(d.path) and d.file(SUMMARY_FILE).exists():
+                raise RunDirError(
+                    f"--resume {d.path}: its SAEs are trained (summary.json) but its "
+                    f"checkpoint ({d.path / checkpoint.LATEST}) is missing: resuming would "
+                    "train new SAEs from zero over them. Put the checkpoint back to train "
+                    "further, or start a new run (another --out)"
+                )
         elif d.holds_run() and not self.overwrite:
             raise RunDirError(
                 f"{d.path} already holds a gsae-train run: pass --resume {d.path} "
@@ -182,9 +201,6 @@ class TrainingRun:
                 f"{d.path} is not empty and holds no gsae-train run; pick another "
                 "--out or pass --overwrite"
             )
-        existing = next(p for p in (d.path, *d.path.parents) if p.exists())
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot write to {existing} (permission denied)")
 
     # ---- 2. groups
 

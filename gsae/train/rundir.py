@@ -156,6 +156,8 @@ class RunDir:
         """Remove the run in this folder, leaving other files alone. ``run.json`` goes first,
         all at once, so an interruption leaves no resumable half of the old run; the rest is
         moved into one folder and deleted. :meth:`finish_clearing` completes a cut-off one."""
+        if not self.path.is_dir():
+            return  # nothing to clear: --overwrite of a folder not made yet
         trash = self.file(OVERWRITING)
         trash.mkdir(exist_ok=True)
         entries = self.own_entries()
