@@ -181,12 +181,15 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no temp files left behind
 
 
-def test_swap_cut_between_renames_is_recovered(tmp_path):
+def test_a_users_folder_named_like_an_old_copy_is_left_alone(tmp_path):
+    """Swaps are recovered from their journal only (tests/test_outputs.py kills one half-way):
+    a folder ``sae.old`` of the user's is neither taken for the SAE nor deleted."""
     sae = Sae(small_config())
     sae.save(tmp_path / "sae")
-    os.replace(tmp_path / "sae", tmp_path / "sae.old")  # as if killed right after moving aside
-    back = Sae.load(tmp_path / "sae")
-    assert torch.equal(back.W_dec, sae.W_dec)
+    os.replace(tmp_path / "sae", tmp_path / "sae.old")  # the user's copy
+    with pytest.raises(FileNotFoundError):
+        Sae.load(tmp_path / "sae")
+    assert (tmp_path / "sae.old" / "cfg.json").exists()
     with atomic_dir(tmp_path / "x") as d:
         (d / "f").write_text("1")
     assert (tmp_path / "x" / "f").read_text() == "1"
