@@ -518,17 +518,10 @@ def test_autointerp_rerun_with_other_settings_is_refused_by_name(trained_runs, t
 
 def test_autointerp_names_a_missing_run(tmp_path, capsys):
     missing = tmp_path / "no-such-run"
-    argv = [
-        missing,
-        "--endpoint",
-        "http://127.0.0.1:9/v1",
-        "--model",
-        "m",
-        "--out",
-        tmp_path / "ai",
-    ]
-    assert call(autointerp_main, argv) == 2
-    assert str(missing) in capsys.readouterr().err
+    endpoint = ["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", tmp_path / "ai"]
+    for extra in ([], ["--collection", tmp_path / "no-collection"]):
+        assert call(autointerp_main, [missing, *endpoint, *extra]) == 2
+        assert f"{missing}: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "ai").exists()
 
 
