@@ -30,6 +30,7 @@ from .io import write_json
 MARKER = ".gsae-output.json"  # {"command": "gsae-eval", "settings": {...}}
 LOCK_SUFFIX = ".gsae-lock"
 RUN_FILE = "run.json"
+REPLACED = ("gsae-export", "gsae-browse", "gsae-eval")  # the commands that swap in a new folder
 SCAN_LIMIT = 20_000  # entries looked at when searching a folder for gsae outputs
 
 # what a folder written before MARKER existed holds, per command (the first match wins)
@@ -111,14 +112,15 @@ def check_out(
     command: str,
     *,
     inputs: Iterable = (),
-    overwrite: bool = False,
+    overwrite: bool | None = False,
     replaced: bool = True,
 ) -> None:
     """Refuse ``out`` for ``command`` before any work (see the module's docstring).
 
     ``inputs``: the folders the command reads (runs, collections): ``out`` may be none of them
-    nor a folder above one. ``replaced``: the command replaces ``out`` as a whole (otherwise it
-    only adds its own files to it, and a non-empty folder of the user's is fine)."""
+    nor a folder above one. ``overwrite``: None for a command without that flag. ``replaced``:
+    the command replaces ``out`` as a whole (otherwise it only adds its own files to it, and a
+    non-empty folder of the user's is fine)."""
     out = Path(out)
     check_writable(out)
     target = out.resolve()
@@ -129,6 +131,12 @@ def check_out(
             raise OutDirError(
                 f"--out {out} {what} {source}, which {command} reads: it would be "
                 "replaced; pick another --out"
+            )
+    for above in target.parents:
+        if owner(above) in REPLACED:
+            raise OutDirError(
+                f"--out {out} is inside {above}, {owner(above)}'s outputs, which "
+                "are replaced as a whole: pick another --out"
             )
     if not out.is_dir():
         return
@@ -145,9 +153,10 @@ def check_out(
     if who == command or not replaced or not any(out.iterdir()):
         return
     if not overwrite:
+        how = "empty it" if overwrite is None else "pass --overwrite to replace it"
         raise OutDirError(
             f"--out {out} is a non-empty folder that {command} did not write; "
-            "pick another --out or pass --overwrite to replace it"
+            f"pick another --out or {how}"
         )
     inside = gsae_outputs_inside(out)
     if inside is not None:
@@ -232,7 +241,7 @@ def claim(
     command: str,
     *,
     inputs: Iterable = (),
-    overwrite: bool = False,
+    overwrite: bool | None = False,
     replaced: bool = True,
 ) -> Iterator[None]:
     """``out`` checked (:func:`check_out`) and locked for ``command`` for the block."""

@@ -139,6 +139,9 @@ def main(argv=None) -> int:
                 written += add_autointerp(args.report, result.summary)
     except KeyboardInterrupt:
         return _interrupted(out)
+    except ValueError as err:  # --report: another process writes that folder now
+        print(f"gsae-autointerp: error: {err} (the scores are in {out})", file=sys.stderr)
+        return 2
     except EndpointError as err:
         print(f"gsae-autointerp: error: {err}\n(answers so far are cached in "
               f"{out / 'cache.jsonl'}: run the same command again to resume)",

@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     existed, held = out.is_dir(), contextlib.ExitStack()
     try:
         inputs = [*args.runs, *([args.baseline] if args.baseline else [])]
-        held.enter_context(claim(out, "gsae-eval", inputs=inputs))  # until the outputs are in
+        held.enter_context(
+            claim(out, "gsae-eval", inputs=inputs, overwrite=None)
+        )  # until the outputs are in
         tokens = parse_count(args.tokens)
         plan = prepare(
             args.runs, baseline=args.baseline, tokens=tokens, dataset=args.dataset,
