@@ -173,6 +173,15 @@ def test_export_never_touches_a_users_dot_old_folder(trained_runs, tmp_path):
     assert (exp / "only" / "x" / "gsae_export.json").exists()
 
 
+def test_out_inside_a_folder_that_is_replaced_as_a_whole_is_refused(trained_runs, tmp_path, capsys):
+    run, exp = trained_runs["grouped"], tmp_path / "exp"
+    assert call(export_main, [run, "--format", "saelens", "--out", exp]) == 0
+    before = tree(exp)
+    assert call(export_main, [run, "--format", "saelens", "--out", exp / "inner"]) == 2
+    assert "replaced as a whole" in capsys.readouterr().err
+    assert tree(exp) == before
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_a_swap_killed_between_its_renames_is_recovered_from_its_journal(tmp_path, crash_at):
     """A process killed (os._exit: no clean-up runs) right after its crash_at-th rename; the
