@@ -166,9 +166,13 @@ def main(argv=None) -> int:
 
 
 def _interrupted(out: Path) -> int:
+    kept = (
+        f"{out} keeps the answers received so far (cache.jsonl)"
+        if (out / "cache.jsonl").exists()
+        else "no answer was received yet"
+    )
     print(
-        f"\ngsae-autointerp: interrupted; {out} keeps the answers received so far "
-        "(cache.jsonl): run the same command again to resume",
+        f"\ngsae-autointerp: interrupted; {kept}: run the same command again to resume",
         file=sys.stderr,
     )
     return 130
