@@ -597,3 +597,18 @@ def test_exported_and_collected_files_follow_the_umask(trained_runs, tmp_path):
     assert any(p.suffix == ".safetensors" for p in files)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in files}
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_torchrun_job_on_a_locked_folder_is_refused_on_every_process(
+    tiny_model_dir, tiny_corpus, tmp_path
+):
+    from test_distributed import args, torchrun
+
+    from gsae.outdir import locked
+
+    out = tmp_path / "run"
+    with locked(out, "another gsae command"):  # process 0 takes the lock for the job
+        result = torchrun(args(tiny_model_dir, tiny_corpus, out), timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "being written by another process" in output, output[-3000:]
+    assert not out.exists()
