@@ -175,11 +175,11 @@ class TrainingRun:
         existing = next(p for p in (d.path, *d.path.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write to {existing} (permission denied)")
+        if self.resume and not d.file("run.json").exists():
+            raise RunDirError(f"--resume {d.path}: no gsae-train run there (no run.json)")
         self._lock = self._lock or acquire(d.path, "gsae-train")  # one writer per run
         d.finish_clearing()  # an --overwrite cut off half-way: the old run goes, as asked
         if self.resume:
-            if not d.file("run.json").exists():
-                raise RunDirError(f"--resume {d.path}: no gsae-train run there (no run.json)")
             self.written = True
             if self.previous_checkpoint:  # the latest is damaged: set aside, kept for a look
                 checkpoint.use_previous(d.path)
