@@ -9,8 +9,8 @@ one command's folder taken by another.
   it from the files of folders written before there was a marker.
 - :func:`locked`: one writer per output folder. An ``fcntl.flock`` on ``.NAME.gsae-lock`` beside
   the folder, held for as long as the command writes: the kernel releases it when the process
-  ends in any way (a crash or ``kill -9`` cannot leave it stuck). The lock file is left in place:
-  deleting it would let a waiting process lock a file no longer on disk.
+  ends in any way (a crash or ``kill -9`` cannot leave it stuck; the file it leaves is taken
+  over by the next writer). The file is removed when the command ends.
 - The commands that replace their folder as a whole write it aside and swap it in
   (:func:`gsae.io.atomic_dir`): a crash or Ctrl-C leaves the earlier outputs, whole.
 """
@@ -192,32 +192,57 @@ def lock_path(out: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def locked(out: str | os.PathLike, command: str) -> Iterator[None]:
     """Hold ``out``'s writer lock for the block; refuse at once when another process holds it."""
-    with acquire(out, command):
+    lock = acquire(out, command)
+    try:
         yield
+    finally:
+        lock.close()
 
 
-def acquire(out: str | os.PathLike, command: str):
-    """Take ``out``'s writer lock; returns the open lock file that holds it (closing it, or the
-    process ending, releases it)."""
+class Lock:
+    """A held writer lock: :meth:`close` removes its file and releases it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        # removed while still held: a process that opened the file meanwhile finds, once it
+        # gets the lock, that the name no longer points to it, and starts again (acquire)
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def acquire(out: str | os.PathLike, command: str) -> Lock:
+    """Take ``out``'s writer lock (``.NAME.gsae-lock`` beside it); closing it, or the process
+    ending in any way, releases it."""
     import fcntl
 
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        os.close(fd)
-        if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        holder = _holder(path)
-        raise OutDirError(
-            f"{out} is being written by another process{holder}: wait for it to "
-            "end, or pick another --out"
-        ) from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise OutDirError(
+                f"{out} is being written by another process{_holder(path)}: wait for it to "
+                "end, or pick another --out"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the file is still the one under the name: the lock is ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it as we opened it: take the new one
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {command}\n".encode())
-    return os.fdopen(fd, "rb+", buffering=0)
+    return Lock(path, fd)
 
 
 def _holder(path: Path) -> str:

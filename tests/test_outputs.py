@@ -160,7 +160,7 @@ def test_export_never_touches_a_users_dot_old_folder(trained_runs, tmp_path):
     for _ in range(2):  # a first export, then one that replaces it
         assert call(export_main, [run, "--format", "saelens", "--out", exp / "bk"]) == 0
         assert (exp / "bk.old" / "mine.txt").read_text() == "keep"
-    assert sorted(p.name for p in exp.iterdir() if not p.name.endswith(".gsae-lock")) == [
+    assert sorted(p.name for p in exp.iterdir()) == [
         "bk",
         "bk.old",
     ]
@@ -316,6 +316,7 @@ def test_a_lock_is_released_when_its_holder_is_killed(tmp_path):
         holder.wait()
     with outdir.locked(out, "me"):  # a kill -9 left nothing stuck
         pass
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock
 
 
 # ---- 6: whole or nothing, nothing stale
@@ -389,7 +390,7 @@ def test_ctrl_c_in_export_and_browse(trained_runs, tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert f"gsae-{command}: interrupted" in err and "earlier outputs" in err
     assert tree(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.gsae-lock", "out"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary names, no lock
 
 
 def test_ctrl_c_in_autointerp_keeps_the_answers(trained_runs, tmp_path, capsys, monkeypatch):
