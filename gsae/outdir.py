@@ -101,7 +101,9 @@ def check_writable(out: Path) -> None:
         if not os.access(out, os.W_OK | os.X_OK):
             raise OutDirError(f"--out {out}: cannot write there (permission denied)")
     existing = next((p for p in out.absolute().parents if p.exists()), None)
-    if existing is None or not existing.is_dir():
+    if existing is None:  # the root folder
+        return
+    if not existing.is_dir():
         raise OutDirError(f"--out {out}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutDirError(f"--out {out}: cannot write in {existing} (permission denied)")
@@ -149,6 +151,10 @@ def check_out(
         raise OutDirError(
             f"--out {out} holds the outputs of {who}: {command} would replace or "
             f"mix with them; pick another --out"
+        )
+    if who is None and owner(target.parent) == "gsae-train" and any(out.iterdir()):
+        raise OutDirError(
+            f"--out {out} is a folder of the gsae-train run {target.parent}: pick another --out"
         )
     if who == command or not replaced or not any(out.iterdir()):
         return

@@ -219,6 +219,10 @@ def test_groups_refuses_a_training_run(trained_runs, tmp_path, capsys, monkeypat
     no_work(monkeypatch, gsae.cli.groups, "load_model")
     assert call(groups_main, ["--model", trained_runs["model"], "--out", run]) == 2
     assert "gsae-train run" in capsys.readouterr().err
+    for sae in (run / "layers_1-2", run / "checkpoint"):  # nor a folder inside it
+        assert call(groups_main, ["--model", trained_runs["model"], "--out", sae]) == 2
+        assert call(browse_main, [trained_runs["grouped"], "--out", sae, "--overwrite"]) == 2
+        assert "a folder of the gsae-train run" in capsys.readouterr().err
     assert tree(run) == before
 
 
