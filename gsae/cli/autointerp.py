@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
     from ..eval.report import add_autointerp
+    from ..eval.runs import load_run
     from ..grouping import parse_count
     from ..io import check_replaceable
     from ..progress import progress_bar
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
         if args.report and not (Path(args.report) / "report.html").exists():
             raise ValueError(f"--report {args.report} holds no gsae-eval report.html")
         cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()
+        cfg.check_sizes({sae.name: sae.m for sae in load_run(args.run).saes})
         settings = collect_config(args)
         tokens = parse_count(args.tokens)
         cache = AnswerCache(out / "cache.jsonl")

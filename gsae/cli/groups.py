@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     out = None
     try:
+        gp.check_threshold(args.threshold)  # before the model loads
         if args.from_matrix:  # no model: the file records none unless --model names one
             result = gp.group_layers(
                 gp.read_matrix(args.from_matrix),
