@@ -74,6 +74,11 @@ def build_extension(name: str, arch_flags: tuple[str, ...] = NATIVE_FLAGS) -> No
     clear_stale_lock(folder)
     owner = folder / f"{OWNER_PREFIX}{socket.gethostname()}.{os.getpid()}"
     owner.touch()
+    if not (folder / f"{name}.so").exists():  # the first build is silent and takes a while
+        print(
+            f"gsae: compiling the C++ angular-distance extension into {folder} (once)",
+            file=sys.stderr,
+        )
     source = importlib.resources.files("gsae_csrc") / "angular.cpp"
     try:
         with importlib.resources.as_file(source) as path:
