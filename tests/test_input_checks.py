@@ -19,7 +19,6 @@ import torch
 from gsae.activations import (
     DatasetLoadError,
     StreamPosition,
-    demo_texts,
     open_texts,
     resolve_device,
 )
@@ -232,6 +231,8 @@ def test_train_names_a_binary_dataset(tmp_path, capsys):
 
 
 def test_the_demo_corpus_has_a_test_split_training_never_reads():
+    from gsae.activations import demo_texts
+
     train = list(demo_texts("train").texts())
     test = list(demo_texts("test").texts())
     whole = list(open_texts(str(Path(demo_texts().name))).texts())  # the file itself
