@@ -174,7 +174,7 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     assert main([grouped, "--out", str(out), "--tokens", "0"]) == 2
     assert "an evaluation set of 0 tokens" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
-    fails([grouped, "--dataset", str(tmp_path / "empty.txt")], "the evaluation set is empty")
+    fails([grouped, "--dataset", str(tmp_path / "empty.txt")], "empty.txt holds no text")
     # no final data position recorded (summary nor checkpoint): the text trained on is unknown
     lost = _copy(runs["grouped"], tmp_path / "lost")
     shutil.rmtree(lost / "checkpoint")

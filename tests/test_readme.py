@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -42,6 +44,7 @@ BUDGETS = {
 }
 
 
+@pytest.mark.slow
 def test_the_first_hour_flows(tmp_path, monkeypatch, offline, one_thread, capsys):
     """The quick start as a new user runs it: the main command's gsae-train, then each command
     of the first-hour block as written (on small budgets): every step works on its defaults and
