@@ -490,6 +490,8 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
     from .activations import hidden_states
 
     check_threshold(threshold)  # before the measurement, not after it
+    if tokens < 1:
+        raise ValueError(f"--tokens {tokens}: the distances need at least 1 token")
     n = loaded.num_layers
     layers = list(range(n if include_last or n == 1 else n - 1))
     start = time.perf_counter()

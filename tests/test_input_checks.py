@@ -114,6 +114,9 @@ def test_a_bad_device_under_torchrun_fails_before_the_process_group(monkeypatch)
         (["--batch-tokens", "-4096"], ["--batch-tokens -4096"]),
         (["--threshold", "-1"], ["--threshold -1"]),
         (["--threshold", "0"], ["--threshold 0"]),
+        (["--log-every", "0"], ["--log-every 0"]),
+        (["--grouping-tokens", "0"], ["--grouping-tokens 0"]),
+        (["--scale-tokens", "0"], ["--scale-tokens 0"]),
     ],
 )
 def test_train_refuses_settings_that_train_nothing(flags, words, tmp_path, capsys):
@@ -132,6 +135,12 @@ def test_groups_refuses_a_negative_threshold_before_loading(tmp_path, capsys, mo
     argv = ["--model", "demo", "--dataset", "demo", "--out", str(tmp_path / "g")]
     assert groups.main([*argv, "--threshold", "-1"]) == 2
     one_line_error(capsys, "gsae-groups", "--threshold -1")
+
+
+def test_groups_refuses_a_budget_of_no_tokens(tmp_path, capsys):
+    argv = ["--model", "demo", "--dataset", "demo", "--out", str(tmp_path / "g")]
+    assert groups.main([*argv, "--tokens", "0"]) == 2
+    one_line_error(capsys, "gsae-groups", "--tokens 0")
 
 
 def test_groups_from_a_file_that_is_not_a_matrix(tmp_path, capsys):

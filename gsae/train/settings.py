@@ -88,6 +88,22 @@ class RunSettings:
                 f"--batch-tokens {self.batch_tokens}: need at least 1 token per "
                 "step (default 32768)"
             )
+        measured = self.groups == "auto" or str(self.groups).isdigit()
+        if measured and not self.groups_file:
+            if self.grouping_tokens < 1:
+                raise ValueError(
+                    f"--grouping-tokens {self.grouping_tokens}: --groups "
+                    f"{self.groups} measures the layer distances on at least 1 token"
+                )
+        if self.scale_mode != "none" and self.scale_tokens < 1:
+            raise ValueError(
+                f"--scale-tokens {self.scale_tokens}: the activation scales need "
+                "at least 1 token (or --scale-mode none)"
+            )
+        if self.log_every < 1:
+            raise ValueError(
+                f"--log-every {self.log_every}: need at least 1 step between log lines"
+            )
         check_threshold(self.threshold)  # --groups N records G_hat beside G too
         return self
 
