@@ -384,12 +384,12 @@ def _number(value) -> float:
 
 
 def check_threshold(threshold: float) -> float:
-    """An AMAD threshold: AMAD lies in [0, 1] (distances are angles over pi), so one at or
-    below 0 is met by no G and one above 1 by every G."""
-    if not 0 < threshold <= 1:
+    """An AMAD threshold: AMAD lies in [0, 1] (distances are angles over pi), so one below 0
+    or above 1 means nothing (0 itself: no G qualifies, G_hat falls back to the largest)."""
+    if not 0 <= threshold <= 1:
         raise ValueError(
-            f"--threshold {threshold}: AMAD lies between 0 and 1, so the threshold "
-            f"must be > 0 and <= 1 (default {DEFAULT_THRESHOLD})"
+            f"--threshold {threshold}: AMAD lies between 0 and 1, so the threshold must too "
+            f"(default {DEFAULT_THRESHOLD})"
         )
     return threshold
 

@@ -113,7 +113,7 @@ def test_a_bad_device_under_torchrun_fails_before_the_process_group(monkeypatch)
         (["--batch-tokens", "0"], ["--batch-tokens 0"]),
         (["--batch-tokens", "-4096"], ["--batch-tokens -4096"]),
         (["--threshold", "-1"], ["--threshold -1"]),
-        (["--threshold", "0"], ["--threshold 0"]),
+        (["--threshold", "1.5"], ["--threshold 1.5"]),
         (["--log-every", "0"], ["--log-every 0"]),
         (["--grouping-tokens", "0"], ["--grouping-tokens 0"]),
         (["--scale-tokens", "0"], ["--scale-tokens 0"]),
