@@ -55,6 +55,14 @@ def test_device_names_are_checked(monkeypatch):
     assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
 
 
+@pytest.mark.gpu
+def test_the_gpus_there_are_are_accepted_and_no_others():
+    assert resolve_device("cuda") == "cuda" and resolve_device("cuda:0") == "cuda:0"
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"has {count} cuda device"):
+        resolve_device(f"cuda:{count}")
+
+
 def test_every_command_refuses_a_bad_device_in_one_line(
     trained_runs, tmp_path, capsys, monkeypatch
 ):
