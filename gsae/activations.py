@@ -32,9 +32,12 @@ for every layer, the last one included (as the paper's sparsify-based code does)
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
 import gzip
 import json
+import math
 import os
 import queue
 import threading
@@ -97,9 +100,33 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def resolve_device(name: str) -> str:
-    """``auto``: the GPU when there is one (CUDA or ROCm), else the CPU; other names as given."""
+    """``auto``: the GPU when there is one (CUDA or ROCm), else the CPU; other names as given,
+    once checked: a name torch does not know, or a GPU this torch cannot use (a CPU-only build,
+    no driver, an index beyond the GPUs there are), is a ValueError naming it, before any work."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu
+    if backend is None or not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {name}: gsae runs on cpu or a GPU (cuda, cuda:N)")
+    if not backend.is_available():
+        cpu_build = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+        why = "it is a CPU-only build" if cpu_build else "it finds no GPU or driver"
+        raise ValueError(
+            f"--device {name}: this torch cannot use a {device.type} device "
+            f"({why}); pass --device cpu, or auto"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: this machine has {count} {device.type} device(s) "
+            f"({device.type}:0..{device.type}:{count - 1})"
+        )
     return name
 
 
@@ -348,22 +375,61 @@ class _LineFile(TextSource):
     """A ``.txt`` (documents separated by blank lines, newlines inside kept) or ``.jsonl`` file,
     optionally gzipped; the state is a byte offset into the (uncompressed) text."""
 
-    def __init__(self, path: Path, kind: str, column: str):
+    SNIFF = 1 << 20  # bytes checked when the file is opened
+
+    def __init__(self, path: Path, kind: str, column: str, start: int = 0, end: int | None = None):
+        """``start``/``end``: the byte offsets of a part of the file (a split of the demo)."""
         self.path, self.kind, self.column = path, kind, column
+        self.start, self.end = start, end
         self.name = str(path)
+        self._check()
 
     def _open(self):
         return gzip.open(self.path, "rb") if self.path.suffix == ".gz" else open(self.path, "rb")
 
+    def _check(self) -> None:
+        """Refuse, naming the file, one that is empty, not gzip though named .gz, binary or not
+        UTF-8, judged on its first MiB (a bad byte further on is named when it is read)."""
+        try:
+            with self._open() as f:
+                head = f.read(self.SNIFF)
+        except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+            raise DatasetLoadError(f"cannot read {self.path}: {err}") from None
+        if not head.strip():
+            raise DatasetLoadError(
+                f"{self.path} holds no text (it is empty or blank): pass a "
+                "file with documents as --dataset"
+            )
+        if b"\0" in head:
+            raise DatasetLoadError(
+                f"{self.path} is a binary file, not {self.kind} text "
+                f"(a NUL byte at byte {head.index(0)})"
+            )
+        try:  # incremental: a character cut at the end of the sniffed part is not an error
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as err:
+            raise DatasetLoadError(self._not_utf8(err.start)) from None
+
+    def _not_utf8(self, offset: int) -> str:
+        return (
+            f"{self.path} is not UTF-8 text (an invalid byte at byte {offset}); convert it, "
+            "e.g. iconv -f latin1 -t utf-8"
+        )
+
     def read(self, state=None):
-        offset = int(state["offset"]) if state else 0
+        offset = int(state["offset"]) if state else self.start
         with self._open() as f:
             if offset:
                 f.seek(offset)  # a gzip file decompresses up to it, reading nothing else
             lines: list[str] = []
             for raw in f:
+                if self.end is not None and offset >= self.end:
+                    break  # the end of this part: a document starts there
                 start, offset = offset, offset + len(raw)
-                line = raw.decode("utf-8").replace("\r\n", "\n")
+                try:
+                    line = raw.decode("utf-8").replace("\r\n", "\n")
+                except UnicodeDecodeError as err:
+                    raise DatasetLoadError(self._not_utf8(start + err.start)) from None
                 if self.kind == "jsonl":
                     if line.strip():
                         yield self._record(line, start), {"offset": offset}
@@ -405,7 +471,10 @@ class _Rows(TextSource):
 def _parquet_rows(path: Path, column: str) -> _Rows:
     import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path)
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow's errors name a buffer, not the file
+        raise DatasetLoadError(f"{path} is not a parquet file ({err})") from None
     if column not in file.schema_arrow.names:
         raise DatasetLoadError(f"{path} has no column {column!r} (it has "
                                f"{file.schema_arrow.names}); pass it with --column")  # fmt: skip
@@ -466,11 +535,44 @@ class IterableSource(TextSource):
                 yield text, {"documents": number}
 
 
+# the demo corpus's last tenth of documents is its "test" split: "train" (what gsae-train reads
+# by default, cycling with --repeat) never includes it, so gsae-eval always has held-out text
+DEMO_HELDOUT = 0.1
+DEMO_SPLITS = ("train", "test")
+
+
+@functools.cache
+def _demo_boundary() -> int:
+    """The byte offset (in the uncompressed corpus) where the demo's test split begins."""
+    corpus = _LineFile(bundled_dir() / "corpus.txt.gz", "txt", "text")
+    ends = [int(state["offset"]) for _, state in corpus.read()]
+    return ends[len(ends) - math.ceil(len(ends) * DEMO_HELDOUT) - 1]
+
+
+def demo_texts(split: str = "train") -> TextSource:
+    """The bundled demo corpus: ``train`` (its first nine tenths of documents) or ``test``."""
+    if split not in DEMO_SPLITS:
+        raise DatasetLoadError(
+            f"the demo dataset has the splits {' and '.join(DEMO_SPLITS)} (held out), not {split!r}"
+        )
+    path, boundary = bundled_dir() / "corpus.txt.gz", _demo_boundary()
+    if split == "train":
+        return _LineFile(path, "txt", "text", end=boundary)
+    return _LineFile(path, "txt", "text", start=boundary)
+
+
+def heldout_split(dataset: str, split: str) -> str | None:
+    """The split of ``dataset`` that training on ``split`` never reads, when it has one by
+    construction (the demo's test split), else None."""
+    return "test" if dataset == "demo" and split == "train" else None
+
+
 def open_texts(dataset: str, split: str = "train", column: str = "text") -> TextSource:
-    """The documents of ``dataset``: a local file or directory, ``demo``, or a hub dataset id
-    (streamed). Opened once here; fails now, with one message, if it cannot be."""
+    """The documents of ``dataset``: a local file or directory, ``demo`` (see
+    :func:`demo_texts`), or a hub dataset id (streamed). Opened once here; fails now, with one
+    message, if it cannot be."""
     if dataset == "demo":
-        dataset = str(bundled_dir() / "corpus.txt.gz")
+        return demo_texts(split)
     path = Path(dataset)
     if path.exists():
         return _local_texts(path, split, column)
@@ -486,6 +588,27 @@ def open_texts(dataset: str, split: str = "train", column: str = "text") -> Text
         tried.append(f"the hub could not open {dataset!r} (split {split!r}): {err}")
         raise DatasetLoadError(_load_message("dataset", dataset, tried, "--dataset")) from None
     return _HubStream(dataset, stream, column)
+
+
+def local_name(name: str) -> str:
+    """A model or dataset name as a run records it: a local path made absolute (the run is then
+    read the same from any directory), anything else (``demo``, a hub id) as given."""
+    if name == "demo" or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
+
+
+def next_document(texts: TextSource, position: StreamPosition) -> StreamPosition:
+    """The position at the start of the document after the one ``position`` stopped inside
+    (itself when no token of that document was emitted): text that shares no document with
+    what came before it."""
+    if position.offset == 0:
+        return position
+    with contextlib.closing(texts.read(position.source)) as documents:
+        after = next(documents, None)
+    if after is None:  # the text ends there
+        return position
+    return StreamPosition(position.epoch, position.documents + 1, after[1], 0)
 
 
 def iter_texts(dataset: str, split: str = "train", column: str = "text") -> Iterator[str]:

@@ -22,7 +22,11 @@ import hashlib
 import importlib.resources
 import os
 import platform
+import socket
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -45,23 +49,106 @@ def _cpu_tag() -> str:
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 
 
+# torch's build lock ("lock" in the build folder) has no owner: a process killed while building
+# (SIGTERM, OOM, a closed terminal) leaves it, and every later build waits for it forever.
+# Each gsae process that builds records itself beside it, so a lock whose recorded builders have
+# all died is known to be stale; one nobody recorded is waited for until it is this old.
+LOCK_STALE_AFTER = 300.0  # seconds; the build takes ~30 s on 2 cores
+OWNER_PREFIX = "gsae-building."  # + host.pid
+
+
+class ExtensionLockError(RuntimeError):
+    """A lock left in the extension's build folder by a build that did not finish."""
+
+
 def build_extension(name: str, arch_flags: tuple[str, ...] = NATIVE_FLAGS) -> None:
     """Compile (or load the cached build of) ``csrc/gsae_csrc/angular.cpp`` under ``name``, which
     registers ``torch.ops.gsae.angular_distance_sums``. Without AVX-512 in ``arch_flags`` the
-    portable ``omp simd`` kernel is compiled instead of the intrinsics one (tests build both)."""
+    portable ``omp simd`` kernel is compiled instead of the intrinsics one (tests build both).
+
+    A lock left by a build that was killed is cleared (or named, see :func:`clear_stale_lock`);
+    a Ctrl-C during the build raises KeyboardInterrupt (ninja reports it as a failed build)."""
     from torch.utils import cpp_extension
 
-    source = importlib.resources.files("gsae_csrc") / "angular.cpp"
-    with importlib.resources.as_file(source) as path:
-        cpp_extension.load(
-            name=name,
-            sources=[str(path)],
-            # -fopenmp: at::parallel_for is OpenMP inlined from the headers (serial without it)
-            extra_cflags=["-O3", *arch_flags, "-fopenmp", "-fno-math-errno"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
+    folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    clear_stale_lock(folder)
+    owner = folder / f"{OWNER_PREFIX}{socket.gethostname()}.{os.getpid()}"
+    owner.touch()
+    if not (folder / f"{name}.so").exists():  # the first build is silent and takes a while
+        print(
+            f"gsae: compiling the C++ angular-distance extension into {folder} (once)",
+            file=sys.stderr,
         )
+    source = importlib.resources.files("gsae_csrc") / "angular.cpp"
+    try:
+        with importlib.resources.as_file(source) as path:
+            cpp_extension.load(
+                name=name,
+                sources=[str(path)],
+                # -fopenmp: at::parallel_for is OpenMP inlined from the headers (serial without)
+                extra_cflags=["-O3", *arch_flags, "-fopenmp", "-fno-math-errno"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+    except RuntimeError as err:
+        if "interrupted by user" in str(err):  # ninja got the Ctrl-C (SIGINT) first
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        owner.unlink(missing_ok=True)
+
+
+def clear_stale_lock(
+    folder: Path, stale_after: float = LOCK_STALE_AFTER, poll: float = 0.2
+) -> None:
+    """Wait while another process builds in ``folder``; remove a lock whose recorded gsae
+    builders have all exited; raise :class:`ExtensionLockError`, naming the lock and what to
+    do, for one that no builder known to run holds once it is ``stale_after`` seconds old."""
+    lock = folder / "lock"
+    said = False
+    while lock.exists():
+        owners = {
+            p: _running(p.name.removeprefix(OWNER_PREFIX)) for p in folder.glob(OWNER_PREFIX + "*")
+        }
+        for record, running in owners.items():
+            if running is False:
+                record.unlink(missing_ok=True)
+        if owners and not any(r is not False for r in owners.values()):
+            lock.unlink(missing_ok=True)  # its builders are gone: the lock is theirs
+            return
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build finished meanwhile
+            return
+        if age > stale_after and True not in owners.values():
+            raise ExtensionLockError(
+                f"{lock} was left by a build of gsae's C++ extension that did not finish "
+                f"({age / 60:.0f} minutes ago); if no other process is building it, remove it "
+                f"(rm {lock}) and run the command again"
+            )
+        if not said:
+            print(
+                f"gsae: waiting for another process to build the C++ extension (lock {lock})",
+                file=sys.stderr,
+            )
+            said = True
+        time.sleep(poll)
+
+
+def _running(owner: str) -> bool | None:
+    """Whether the builder ``host.pid`` still runs; None when it cannot be told (another
+    machine sharing the folder)."""
+    host, _, pid = owner.rpartition(".")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
 
 
 @functools.cache
@@ -72,7 +159,7 @@ def load_extension() -> bool:
     try:
         build_extension(f"gsae_ext_{_cpu_tag()}")
         return hasattr(torch.ops.gsae, "angular_distance_sums")
-    except Exception as err:  # a missing compiler, headers or ninja all land here
+    except Exception as err:  # a missing compiler, headers or ninja, a stale lock all land here
         if os.environ.get(ENV_REQUIRE, "0") not in ("", "0"):
             message = f"{ENV_REQUIRE} is set but the gsae C++ extension failed to build: {err}"
             raise RuntimeError(message) from err

@@ -137,17 +137,21 @@ def check_distance_matrix(matrix) -> np.ndarray:
 def read_matrix(path: str | Path) -> np.ndarray:
     """An L x L distance matrix from a ``.npy`` file, a JSON list of lists, or a groups.json."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise FileNotFoundError(f"no matrix file at {p}")
-    if p.suffix == ".npy":
-        return check_distance_matrix(np.load(p))
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{p}: expected a .npy file or a JSON list of lists ({err})") from None
-    if isinstance(data, dict) and "distances" in data:  # a groups.json works too
-        data = data["distances"]
-    return check_distance_matrix(data)
+    try:  # whatever the file holds, one message naming it
+        if p.suffix == ".npy":
+            data = np.load(p, allow_pickle=False)
+        else:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "distances" in data:  # a groups.json works too
+                data = data["distances"]
+        return check_distance_matrix(data)
+    except (ValueError, TypeError, OSError, EOFError) as err:  # JSON and Unicode errors too
+        raise ValueError(
+            f"{p} is not an L x L distance matrix (expected a .npy file, a JSON list of lists "
+            f"or a groups.json): {err}"
+        ) from None
 
 
 def canonical_labels(labels: Sequence[int]) -> list[int]:
@@ -379,6 +383,17 @@ def _number(value) -> float:
     return float("nan") if value is None else float(value)
 
 
+def check_threshold(threshold: float) -> float:
+    """An AMAD threshold: AMAD lies in [0, 1] (distances are angles over pi), so one below 0
+    or above 1 means nothing (0 itself: no G qualifies, G_hat falls back to the largest)."""
+    if not 0 <= threshold <= 1:
+        raise ValueError(
+            f"--threshold {threshold}: AMAD lies between 0 and 1, so the threshold must too "
+            f"(default {DEFAULT_THRESHOLD})"
+        )
+    return threshold
+
+
 def choose_g_hat(amads: dict[int, float], threshold: float) -> int:
     """Smallest G with AMAD(G) < threshold; if none, the largest G tried, with a warning."""
     below = [g for g, a in sorted(amads.items()) if a < threshold]
@@ -409,6 +424,7 @@ def group_layers(
     ``rows`` (Euclidean complete linkage on the matrix rows, as the authors' code). AMAD is
     always measured on the angular distances. ``costs = (A, T, extra_saes)`` adds Delta(G).
     """
+    check_threshold(threshold)
     dist = check_distance_matrix(matrix)
     n = dist.shape[0]
     layers = list(range(n)) if layers is None else [int(x) for x in layers]
@@ -473,6 +489,9 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
 
     from .activations import hidden_states
 
+    check_threshold(threshold)  # before the measurement, not after it
+    if tokens < 1:
+        raise ValueError(f"--tokens {tokens}: the distances need at least 1 token")
     n = loaded.num_layers
     layers = list(range(n if include_last or n == 1 else n - 1))
     start = time.perf_counter()

@@ -21,4 +21,7 @@ def progress_bar(total: int, desc: str, unit: str = "tok"):
         unit_scale=True,
         dynamic_ncols=True,
         disable=not _ENABLED,
+        # shown from its first progress on: a command that stops on bad input before any
+        # work (its bar open, still at 0) prints its one-line error and nothing else
+        delay=0.1,
     )

@@ -97,13 +97,15 @@ def test_heldout_text_starts_after_the_training_position(runs):
     assert grouped.position.epoch == 0 and grouped.position.documents > 0
     start, notes = heldout_start([grouped, per_layer], str(runs["corpus"]), "train", "text")
     furthest = max((grouped.position, per_layer.position), key=lambda p: (p.documents, p.offset))
-    assert start == furthest  # the token stream continues where the furthest run stopped
+    # the first document after the one the furthest run stopped inside: none partly trained on
+    assert (start.documents, start.offset) == (furthest.documents + 1, 0)
     assert "held-out text" in notes[0]
-    # another dataset or column: from the start; another split of a local file is the same text
+    # another dataset: from the start; another split or column of a text file is the same text
     assert heldout_start([grouped], "other.txt", "train", "text")[0].documents == 0
-    assert heldout_start([grouped], str(runs["corpus"]), "train", "body")[0].documents == 0
+    start, notes = heldout_start([grouped], str(runs["corpus"]), "train", "body")
+    assert start.documents == grouped.position.documents + 1 and "whatever the column" in notes[0]
     start, notes = heldout_start([grouped], str(runs["corpus"]), "test", "text")
-    assert start.documents == grouped.position.documents
+    assert start.documents == grouped.position.documents + 1
     assert "a local file with one text whatever the split" in notes[0]
     # a saved DatasetDict: its splits are different text
     import datasets
@@ -112,7 +114,7 @@ def test_heldout_text_starts_after_the_training_position(runs):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
         str(saved))  # fmt: skip
     assert split_selects(str(saved)) and split_selects("monology/pile-uncopyrighted")
-    assert not split_selects(str(runs["corpus"])) and not split_selects("demo")
+    assert not split_selects(str(runs["corpus"])) and split_selects("demo")  # train and test
 
 
 def test_a_run_that_went_round_its_corpus_needs_allow_overlap(runs, tmp_path, capsys, offline):
@@ -172,7 +174,7 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     assert main([grouped, "--out", str(out), "--tokens", "0"]) == 2
     assert "an evaluation set of 0 tokens" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
-    fails([grouped, "--dataset", str(tmp_path / "empty.txt")], "the evaluation set is empty")
+    fails([grouped, "--dataset", str(tmp_path / "empty.txt")], "empty.txt holds no text")
     # no final data position recorded (summary nor checkpoint): the text trained on is unknown
     lost = _copy(runs["grouped"], tmp_path / "lost")
     shutil.rmtree(lost / "checkpoint")

@@ -53,6 +53,17 @@ class AutoInterpConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         return self
 
+    def check_sizes(self, latents_per_sae: dict[str, int]) -> AutoInterpConfig:
+        """Refuse ``latents`` beyond an SAE's m (``{name: m}``): it would silently become every
+        latent that fired, thousands of paid requests."""
+        name, m = min(latents_per_sae.items(), key=lambda item: item[1])
+        if self.latents > m:
+            raise ValueError(
+                f"--latents {self.latents}: SAE {name} has only {m} latents; "
+                f"sample at most {m} per SAE (default {AutoInterpConfig.latents})"
+            )
+        return self
+
 
 @dataclass
 class Window:

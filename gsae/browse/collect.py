@@ -307,6 +307,14 @@ def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None
     if tokens <= 0:
         raise ValueError(f"--tokens must be > 0, got {tokens}")
     plan = _Plan.make(run_dir, baseline, dataset, split, column, ctx_len, model)
+    if cfg.window > plan.ctx_len:  # windows lie inside one sequence: a longer one cannot
+        raise ValueError(
+            f"--window {cfg.window} is longer than the {plan.ctx_len}-token "
+            f"sequences the text is read in; pass --window {plan.ctx_len} or less "
+            "(or a longer --ctx-len)"
+        )
+    if batch_tokens < 1:
+        raise ValueError(f"--batch-tokens {batch_tokens}: need at least 1 token per forward")
     device = resolve_device(device)
     loaded = load_model(plan.model, model_dtype, device)  # bf16 on a GPU, fp32 on a CPU
     check_model([plan.run] + ([plan.base] if plan.base else []), loaded.num_layers,

@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         if not args.collection and (out / "collection").exists():  # reused: as asked?
             check_settings(out, collected)
         cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()
+        cfg.check_sizes({sae.name: sae.m for sae in run.saes})
         settings = collect_config(args)
         tokens = parse_count(args.tokens)
         cache = AnswerCache(out / "cache.jsonl")

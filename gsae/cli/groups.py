@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     out, held, written = None, contextlib.ExitStack(), False
     try:
+        gp.check_threshold(args.threshold)  # before the model loads
         if not args.from_matrix:
             data_defaults(args)
         out = Path(args.out or f"groups-{Path(str(args.model or 'matrix')).name}")

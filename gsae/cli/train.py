@@ -70,8 +70,10 @@ DEMO_DEFAULTS = {
     "k": 32,
     "dead_threshold": "100k",
     "save_every": "100k",
-    "repeat": True,
 }
+# the demo corpus's own: its train part (the held-out part is gsae-eval's) is smaller than the
+# demo model's 1M-token budget; another dataset read by the demo model stops at its end
+DEMO_DATA_DEFAULTS = {"repeat": True}
 COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold", "save_every")
 NOT_SETTINGS = ("out", "resume", "overwrite", "previous_checkpoint")
 
@@ -212,7 +214,11 @@ def sae_fields(args: argparse.Namespace) -> dict:
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings: the flags given, then the demo's or the paper's defaults."""
     args = argparse.Namespace(**vars(args))
-    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.model == "demo" else {})}
+    defaults = dict(DEFAULTS)
+    if args.model == "demo":
+        defaults.update(DEMO_DEFAULTS)
+    if args.dataset == "demo":
+        defaults.update(DEMO_DATA_DEFAULTS)
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -220,7 +226,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     for key in COUNTS:
         setattr(args, key, gp.parse_count(getattr(args, key)))
     run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
-    return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args))
+    return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args)).check()
 
 
 def resumed_settings(args: argparse.Namespace) -> RunSettings:

@@ -32,10 +32,13 @@ from ..activations import (
     TokenBatch,
     TokenStream,
     context_length,
+    default_dtype,
+    heldout_split,
     lm_logits,
     load_model,
     open_texts,
     record,
+    resolve_device,
     splice,
 )
 from ..sae import Sae
@@ -454,12 +457,6 @@ class EvalPlan:
         }  # fmt: skip
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = None,
             tokens: int = 1_000_000, dataset: str | None = None, split: str | None = None,
             column: str | None = None, ctx_len: int | None = None, batch_tokens: int = 8192,
@@ -475,6 +472,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         raise ValueError(f"mmco pairs must be one of {MMCO_PAIRS}, got {pairs!r}")
     if not run_dirs:
         raise ValueError("no runs to evaluate")
+    device = resolve_device(device)
     runs = _unique([load_run(path) for path in run_dirs])
     base = load_run(baseline) if baseline is not None else None
     if base is not None:
@@ -486,13 +484,21 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     check_runs(runs, base, model)
     first = next((r for r in runs if not r.foreign), runs[0])  # a gsae-train run's settings
     dataset = dataset or first.arg("dataset")
-    split = split or first.arg("split", "train")
+    trained_split = first.arg("split", "train")
+    held_split = heldout_split(dataset, trained_split) if split is None else None
+    split = split or held_split or trained_split
     column = column or first.arg("column", "text")
     ctx_len = ctx_len or int(first.arg("ctx_len"))
     if ctx_len < 2 or batch_tokens < 1:
         raise ValueError(f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, "
                          f"{batch_tokens}")  # fmt: skip
-    start, notes = heldout_start(runs, dataset, split, column, allow_overlap)
+    texts = open_texts(dataset, split, column)
+    start, notes = heldout_start(runs, dataset, split, column, allow_overlap, texts)
+    if held_split:
+        notes.append(
+            f"held-out text: the {dataset!r} dataset's {split!r} split, which "
+            f"training on its {trained_split!r} split never reads"
+        )
     for run in runs:
         if run.foreign and not run.arg("dataset"):
             notes.append(f"{run.name}: sparsify SAEs whose training text is unknown (no "
@@ -503,8 +509,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     if contexts != [ctx_len]:
         notes.append(f"the runs were trained with contexts of {contexts} tokens; all are "
                      f"evaluated with {ctx_len}")  # fmt: skip
-    device = _device(device)
-    model_dtype = model_dtype or ("bf16" if device != "cpu" else "fp32")
+    model_dtype = model_dtype or default_dtype(device)
     if model is None:  # the runs' own (a sparsify baseline may not name it)
         model = next((r.model for r in runs if r.args.get("model")), None) or first.model
     loaded = load_model(model, model_dtype, device, lm_head=downstream)
@@ -513,6 +518,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     plan = EvalPlan(runs, base, model, loaded, dataset, split, column, ctx_len,
                     max(1, batch_tokens // ctx_len), start, allow_overlap, tokens, device,
                     model_dtype, downstream, pairs, mmco_memory, notes)  # fmt: skip
+    plan._texts = texts
     plan._stream = plan.open()
     plan.first = next(iter(plan._stream), None)
     if plan.first is None:

@@ -17,13 +17,15 @@ so that gsae-eval can compare a sparsify-trained baseline with a Group-SAE.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..activations import StreamPosition, bundled_dir
+from ..activations import StreamPosition, TextSource, bundled_dir, next_document, open_texts
 from ..grouping import Grouping
 from ..sae import Sae
 
@@ -231,12 +233,45 @@ def _run_args(path: Path) -> dict:
     run = _read_json(path, "gsae-train run")
     if isinstance(run.get("settings"), dict):
         try:
-            return RunSettings.from_json(run["settings"]).flags()
+            args = RunSettings.from_json(run["settings"]).flags()
         except (TypeError, ValueError) as err:
             raise RunError(f"{path}: {err}") from None
-    if not isinstance(run.get("args"), dict) or "model" not in run["args"]:
+    elif not isinstance(run.get("args"), dict) or "model" not in run["args"]:
         raise RunError(f"{path} is not a gsae-train run file (no settings)")
-    return run["args"]
+    else:
+        args = run["args"]
+    for key, fits in (("model", _model_dir), ("dataset", _dataset_path)):
+        if isinstance(args.get(key), str):
+            args[key] = _located(args[key], path.parent, fits)
+    return args
+
+
+def _located(name: str, run_dir: Path, fits) -> str:
+    """A local path of a run that recorded it relative to where it was started (gsae-train
+    now records absolute paths): as given when it exists from here or is no relative path,
+    else found beside a folder above the run (``data/x.txt`` of ``proj/out/run`` is
+    ``proj/data/x.txt``), never inside the run itself."""
+    path = Path(name)
+    if name == "demo" or path.is_absolute() or path.exists():
+        return name
+    run_dir = run_dir.resolve()
+    for above in run_dir.parents:
+        candidate = above / path
+        if fits(candidate) and run_dir not in (candidate, *candidate.parents):
+            return str(candidate)
+    return name
+
+
+def _model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _dataset_path(path: Path) -> bool:
+    return (
+        path.is_file()
+        or (path / "dataset_dict.json").is_file()
+        or (path / "dataset_info.json").is_file()
+    )
 
 
 def load_sparsify_run(path: Path) -> RunInfo | None:
@@ -310,6 +345,27 @@ def _sae_entry(run_dir: Path, name: str, info) -> SaeEntry:
 # --------------------------------------------------------------------------------------------
 
 
+def same_text(a: str, b: str) -> bool:
+    """Whether two dataset names read the same text: :func:`same_name`, or two spellings of one
+    local file (a link to it, a copy of it: the same size and the same first and last MiB)."""
+    if same_name(a, b):
+        return True
+    first, second = Path(a), Path(b)
+    if not (first.is_file() and second.is_file()):
+        return False
+    return os.path.samefile(first, second) or _fingerprint(first) == _fingerprint(second)
+
+
+def _fingerprint(path: Path, edge: int = 1 << 20) -> tuple[int, str]:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        f.seek(max(0, size - edge))
+        digest.update(f.read(edge))
+    return size, digest.hexdigest()
+
+
 def same_name(a: str, b: str) -> bool:
     """Whether two model or dataset names mean the same thing (``demo`` is the bundled one; a
     local path is compared resolved, a hub id as written)."""
@@ -374,14 +430,22 @@ def check_model(runs: list[RunInfo], num_layers: int, d_model: int, model: str) 
 
 def split_selects(dataset: str) -> bool:
     """Whether ``--split`` picks different text of ``dataset``: it does for a hub dataset and
-    a saved ``DatasetDict``; a local text, JSONL or parquet file (and ``demo``) has one text
+    a saved ``DatasetDict`` and ``demo``; a local text, JSONL or parquet file has one text
     whatever the split (:func:`gsae.activations.iter_texts` ignores it)."""
     if dataset == "demo":
-        return False
+        return True  # its train and test (held-out) parts
     path = Path(dataset)
     if path.is_dir():
         return (path / "dataset_dict.json").exists()
     return not path.exists()
+
+
+def column_selects(dataset: str) -> bool:
+    """Whether ``--column`` picks different text of ``dataset``: not for a ``.txt`` file (nor
+    ``demo``), whose documents are its paragraphs whatever the column."""
+    if dataset == "demo":
+        return False
+    return not (Path(dataset).is_file() and dataset.lower().removesuffix(".gz").endswith(".txt"))
 
 
 class HeldOut(ValueError):
@@ -389,31 +453,38 @@ class HeldOut(ValueError):
 
 
 def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
-                  allow_overlap: bool = False) -> tuple[StreamPosition, list[str]]:  # fmt: skip
+                  allow_overlap: bool = False,
+                  texts: TextSource | None = None) -> tuple[StreamPosition, list[str]]:  # fmt: skip
     """Where evaluation text starts so that no run trained on it, and notes saying so.
 
-    A run trained on the same dataset, split (where the split selects text: see
-    :func:`split_selects`) and column was fed the text up to its final data position:
-    evaluation continues the token stream from the furthest such position (the rest of the
-    document being packed there, then the documents after it, none of them trained on). Other
-    text starts at the beginning.
+    A run trained on the same text (the same dataset however its path is spelled, see
+    :func:`same_text`; the same split and column where they select text, see
+    :func:`split_selects` and :func:`column_selects`) was fed the text up to its final data
+    position: evaluation starts at the first document after the furthest such position, so that
+    no evaluated document was even partly trained on (a document's end is much like its start).
+    Other text starts at the beginning. ``texts``: the evaluation text, opened (else it is
+    opened here).
     Raises :class:`HeldOut` when a run's position is unknown or it went round its corpus
     (``--repeat``), unless ``allow_overlap``.
     """
     notes: list[str] = []
-    trained = {
-        run.arg("split", "train") for run in runs if same_name(run.arg("dataset", ""), dataset)
-    }
+    mine = [run for run in runs if same_text(run.arg("dataset", ""), dataset)]
+    trained = {run.arg("split", "train") for run in mine}
     if trained - {split} and not split_selects(dataset):
         splits = ", ".join(sorted(trained))
         notes.append(f"--split {split}: {dataset!r} is a local file with one text whatever the "
                      f"split, the one the runs trained on ({splits})")  # fmt: skip
+    columns = {run.arg("column", "text") for run in mine}
+    if columns - {column} and not column_selects(dataset):
+        notes.append(
+            f"--column {column}: {dataset!r} is a text file whose documents are its "
+            f"paragraphs whatever the column, the text the runs trained on"
+        )
     start = StreamPosition()
-    for run in runs:
+    for run in mine:
         same_split = run.arg("split", "train") == split or not split_selects(dataset)
-        same = (same_name(run.arg("dataset", ""), dataset) and same_split
-                and run.arg("column", "text") == column)  # fmt: skip
-        if not same:
+        same_column = run.arg("column", "text") == column or not column_selects(dataset)
+        if not (same_split and same_column):
             continue
         problem = None
         if run.position is None:
@@ -433,7 +504,10 @@ def heldout_start(runs: list[RunInfo], dataset: str, split: str, column: str,
         if (here.documents, here.offset) > (start.documents, start.offset):
             start = StreamPosition(0, here.documents, here.source, here.offset)
     if start.documents or start.offset:
-        inside = f", token {start.offset + 1} of it" if start.offset else ""
-        notes.append(f"held-out text: {dataset!r} from document {start.documents + 1}{inside} "
-                     f"on (the runs trained on the text before it)")  # fmt: skip
+        texts = texts if texts is not None else open_texts(dataset, split, column)
+        start = next_document(texts, start)
+        notes.append(
+            f"held-out text: {dataset!r} from document {start.documents + 1} on (the "
+            "runs trained on the documents before it)"
+        )
     return start, notes

@@ -68,7 +68,7 @@ class TrainingRun:
         if previous_checkpoint and not resume:
             raise ValueError("--previous-checkpoint goes with --resume")
         self.dir = RunDir(out)
-        self.settings = settings
+        self.settings = settings.check()
         self.world = world or World()
         self.layout: ShardLayout | None = None  # how each step's batch is split (prepare)
         self.resume = resume

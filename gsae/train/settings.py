@@ -12,8 +12,8 @@ import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
-from ..activations import DEFAULT_DATASET
-from ..grouping import DEFAULT_THRESHOLD
+from ..activations import DEFAULT_DATASET, local_name
+from ..grouping import DEFAULT_THRESHOLD, check_threshold
 from ..sae import SaeConfig
 
 SETTINGS_VERSION = 2
@@ -70,6 +70,42 @@ class RunSettings:
     log_every: int = 20
     wandb: bool = False
     tensorboard: bool = False
+
+    def check(self) -> RunSettings:
+        """Refuse, naming the flag, values that would train nothing or nothing sensible: checked
+        before any work (the model, data and SAE sizes are checked once loaded). Local paths
+        become absolute, so that the run reads the same from any directory."""
+        self.model, self.dataset = local_name(self.model), local_name(self.dataset)
+        if self.groups_file:
+            self.groups_file = local_name(self.groups_file)
+        if self.tokens < 1:
+            raise ValueError(
+                f"--tokens {self.tokens}: the run would train nothing; give a "
+                "budget of at least 1 token per SAE (e.g. 1M)"
+            )
+        if self.batch_tokens < 1:
+            raise ValueError(
+                f"--batch-tokens {self.batch_tokens}: need at least 1 token per "
+                "step (default 32768)"
+            )
+        measured = self.groups == "auto" or str(self.groups).isdigit()
+        if measured and not self.groups_file:
+            if self.grouping_tokens < 1:
+                raise ValueError(
+                    f"--grouping-tokens {self.grouping_tokens}: --groups "
+                    f"{self.groups} measures the layer distances on at least 1 token"
+                )
+        if self.scale_mode != "none" and self.scale_tokens < 1:
+            raise ValueError(
+                f"--scale-tokens {self.scale_tokens}: the activation scales need "
+                "at least 1 token (or --scale-mode none)"
+            )
+        if self.log_every < 1:
+            raise ValueError(
+                f"--log-every {self.log_every}: need at least 1 step between log lines"
+            )
+        check_threshold(self.threshold)  # --groups N records G_hat beside G too
+        return self
 
     def sae_config(self, d: int, layers_seed: int | None = None) -> SaeConfig:
         """The SaeConfig of every group SAE of this run, for a model of width ``d``."""
