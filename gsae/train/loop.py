@@ -87,16 +87,22 @@ class Feed:
     stream, so that it runs on the GPU while the SAE steps of the current one do (the host
     launches both before it waits on either); the main stream waits for that forward's event
     before the next SAE step reads its activations. On a CPU there is nothing to overlap: the
-    activations are None and :meth:`Run.train_batch` runs the forward itself, in the step."""
+    activations are None and :meth:`Run.train_batch` runs the forward itself, in the step.
+    ``forward_ahead`` True or False forces either order on any device (the tests compare them)."""
+
+    forward_ahead: bool | None = None  # None: ahead on a GPU
 
     def __init__(self, run: Run, batches):
         self.run, self.batches = run, batches
         cuda = run.device.type == "cuda"
-        self.side = torch.cuda.Stream(run.device) if cuda else None
-        self.ahead: tuple | None = None  # (batch, hidden, event) launched on the side stream
+        self.ahead = cuda if self.forward_ahead is None else self.forward_ahead
+        self.side = torch.cuda.Stream(run.device) if cuda and self.ahead else None
+        self.next_up: tuple | None = None  # (batch, hidden, event) launched ahead
 
-    def _launch(self):
+    def _launch(self) -> tuple:
         batch = next(self.batches, None)
+        if self.side is None:
+            return batch, self.run.hidden(batch), None
         with torch.cuda.stream(self.side):
             hidden = self.run.hidden(batch)
             event = torch.cuda.Event()
@@ -105,23 +111,28 @@ class Feed:
 
     def next(self) -> tuple:
         """``(batch, hidden)``: batch None when this process's data ran out."""
-        if self.side is None:
+        if not self.ahead:
             return next(self.batches, None), None
-        batch, hidden, event = self.ahead or self._launch()
-        self.ahead = None
-        main = torch.cuda.current_stream(self.run.device)
-        main.wait_event(event)
-        hidden.record_stream(main)  # freed after main's last use, not the side stream's
+        batch, hidden, event = self.next_up or self._launch()
+        self.next_up = None
+        if event is not None:
+            main = torch.cuda.current_stream(self.run.device)
+            main.wait_event(event)
+            hidden.record_stream(main)  # freed after main's last use, not the side stream's
         if batch is not None:
-            self.ahead = self._launch()  # the next forward, on the side stream, runs meanwhile
+            self.next_up = self._launch()  # the next forward, on the side stream, runs meanwhile
         return batch, hidden
 
-    def following(self):
-        """The batch after the last one handed out (for the held-out FVU)."""
-        if self.ahead is not None:
-            batch, self.ahead = self.ahead[0], None
-            return batch
-        return next(self.batches, None)
+    def following(self) -> tuple:
+        """``(batch, hidden)`` after the last batch handed out (for the held-out FVU); hidden
+        None unless its forward ran ahead."""
+        if self.next_up is None:
+            return next(self.batches, None), None
+        batch, hidden, event = self.next_up
+        self.next_up = None
+        if event is not None:
+            torch.cuda.current_stream(self.run.device).wait_event(event)
+        return batch, hidden
 
 
 @dataclass
@@ -283,7 +294,7 @@ class Run:
                 bar.update(min(self.tokens, s.tokens))
                 feed = Feed(self, iter(stream))
                 self._loop(feed, bar)
-                return self.final_fvu(feed.following())
+                return self.final_fvu(*feed.following())
         finally:
             if self.log is not None:
                 self.log.close()
@@ -474,14 +485,14 @@ class Run:
         return merged
 
     @torch.no_grad()
-    def final_fvu(self, batch) -> dict:
+    def final_fvu(self, batch, hidden: torch.Tensor | None = None) -> dict:
         """Every SAE's FVU on each of its layers for the batch after the last trained one:
         ``held_out`` says whether that text was unseen (not when ``--repeat`` cycled the data:
         then every token had been trained on). With several processes, each SAE is measured
         where it is written, on that process's next batch (a collective)."""
         groups, tokens, held_out = {}, 0, True
         if batch is not None and batch.input_ids.shape[0] > 0:
-            hidden = self.hidden(batch)
+            hidden = self.hidden(batch) if hidden is None else hidden
             tokens = int(hidden.shape[1])
             held_out = all(p.epoch == 0 for p in batch.positions.values())
             row = {layer: i for i, layer in enumerate(self.layers)}
