@@ -372,6 +372,10 @@ def commit() -> str:
 
 
 def module_version(name: str) -> str:
+    from importlib import metadata
+
+    with contextlib.suppress(metadata.PackageNotFoundError):  # sparsify may be set up by hand
+        return metadata.version({"sparsify": "eai-sparsify"}.get(name, name))
     try:
         return getattr(importlib.import_module(name), "__version__", "?")
     except Exception as err:
@@ -595,7 +599,7 @@ def gsae_step(trainer, x, aux: bool):
         if aux:  # half the latents dead, every step: AuxK at full width (k_aux = d / 2)
             trainer.tokens_since_fired.fill_(0)
             trainer.tokens_since_fired[::2] = 10**12
-        trainer.step(x, layer=0)
+        trainer.step(x, layer=0, check_finite=False)  # as the training loop calls it: no sync
 
     return step
 
@@ -898,7 +902,7 @@ def sparsify_run(plan: dict) -> dict:
         def run(_module, _args, output):
             x = (output[0] if isinstance(output, tuple) else output).flatten(0, 1)
             with torch.enable_grad():
-                out = coders[i](x.float(), dead_mask=None)
+                out = coders[i](x, dead_mask=None)  # the model's dtype, as sparsify's Trainer
                 out.fvu.backward()
             fvus[i] = out.fvu.detach()
 
