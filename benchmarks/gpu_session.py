@@ -424,8 +424,8 @@ def peaks(st: Stage) -> dict:
     dst = torch.empty_like(big)
     ms_copy = timed(lambda: dst.copy_(big), st, reps=5, share=0.05) or float("nan")
     return {
-        "peak_bf16_tflops": round(2 * n**3 / ms / 1e9, 1),
-        "peak_tb_s": round(2 * big.numel() * 4 / ms_copy / 1e9, 3),
+        "peak_bf16_tflops": float(f"{2 * n**3 / ms / 1e9:.4g}"),
+        "peak_tb_s": float(f"{2 * big.numel() * 4 / ms_copy / 1e9:.4g}"),
         "peaks_from": "measured here (a bf16 GEMM, a copy): no table entry",
     }
 
@@ -633,7 +633,7 @@ def roofline_ms(shape: dict, peak_tflops: float, peak_tb_s: float, elem: int = 2
 def sae_step(st: Stage) -> None:
     import torch
 
-    limits = peaks(st) if st.device.type == "cuda" else None
+    limits = peaks(st)  # on a CPU (the rehearsal) measured, as for a GPU missing from PEAKS
     sparse, how = import_sparse_coder()
     st.result["sparsify_import"] = how
     support = precision_support()["python"]
@@ -684,6 +684,13 @@ def sae_step(st: Stage) -> None:
                         100 * limit["limit_ms"] / ms if isinstance(ms, float) else None
                     )
                 st.row(**row)
+                if name.startswith("gsae") and isinstance(ms, float):
+                    st.note(
+                        f"{shape['name']}, AuxK {'on' if aux else 'off'}: {name} "
+                        + (f"at {row['of_limit_pct']:.0f}% of the limit, " if limit else "")
+                        + f"{fmt(row['speedup_vs_sparsify'])}x sparsify's step "
+                        "(targets at the paper's shape: >= 70%, >= 1.5x)"
+                    )
         if limit:
             st.note(
                 f"{shape['name']} roofline: GEMM {limit['gemm_ms']:.3f} ms at "
@@ -701,10 +708,12 @@ def build_model(kind: str, folder: Path, device) -> Path:
     """A randomly initialised GPTNeoX of ``kind``'s widths and depth with the demo tokenizer
     (bf16 on a GPU): no weights needed."""
     import torch
+    import transformers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from gsae.activations import bundled_dir
 
+    transformers.utils.logging.disable_progress_bar()
     hidden, layers, heads, inter = MODELS[kind]
     folder.mkdir(parents=True, exist_ok=True)
     demo = bundled_dir() / "model"
@@ -784,13 +793,34 @@ def end_to_end(st: Stage) -> None:
             if not result.get("tokens_per_s"):  # stopped: what its log says
                 result.update(rate_from_log(work / "runs" / "gsae"))
             st.row(model=plan["kind"], impl=plan["impl"], status=status, **result)
+        e2e_ratios(st)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def e2e_ratios(st: Stage) -> None:
+    """gsae's tokens/s over sparsify's, per model (target on Pythia-1B: auto >= 2x)."""
+    rates = {(r["model"], r["impl"]): r.get("tokens_per_s") for r in st.result["rows"]}
+    for (model, impl), rate in rates.items():
+        peer = rates.get((model, "sparsify"))
+        if impl != "sparsify" and isinstance(rate, float) and isinstance(peer, float):
+            st.note(
+                f"{model}: {impl} at {rate / peer:.2f}x sparsify's tokens/s (one SAE per "
+                "layer; target on pythia-1b: --groups auto >= 2x)"
+            )
 
 
 def e2e_child(plan: dict, out: Path) -> int:
     """One end-to-end run (a process of its own): gsae-train or the sparsify peer."""
     import torch
+    import transformers
+
+    from gsae import progress
+
+    # no progress bars: their redraws would crowd the device's output, which keeps its tail
+    transformers.utils.logging.disable_progress_bar()
+    progress.set_progress(False)
+    progress.set_progress = lambda enabled: None  # gsae-train would switch them back on
 
     result = (sparsify_run if plan["impl"] == "sparsify" else gsae_run)(plan)
     if plan["device"] == "cuda":
@@ -802,10 +832,12 @@ def e2e_child(plan: dict, out: Path) -> int:
 def gsae_run(plan: dict) -> dict:
     """``gsae-train`` itself (its main, in this process, so its peak memory can be read), with
     the checkpoint and SAE writes switched off."""
+    from gsae import progress
     from gsae.cli import train as cli
     from gsae.sae import Sae
     from gsae.train import loop
 
+    cli.set_progress = progress.set_progress  # the no-op e2e_child put there
     loop.Run.save_checkpoint = lambda run: None
     Sae.save = lambda self, folder: None
     groups = plan["impl"].split()[1]

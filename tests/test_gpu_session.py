@@ -55,11 +55,14 @@ def test_the_rehearsal_runs_every_stage_without_datasets(tmp_path):
     step_rows = stages["sae_step"]["rows"]
     assert {r["impl"].split()[0] for r in step_rows} == {"gsae", "sparsify"}
     assert all(isinstance(r["ms"], float) for r in step_rows), step_rows
+    notes = " ".join(stages["sae_step"]["notes"])  # the roofline, from peaks measured here
+    assert "% of the limit" in notes and "roofline: GEMM" in notes, notes
     e2e = {r["impl"]: r for r in stages["end_to_end"]["rows"]}
     assert set(e2e) == {"gsae auto", "gsae per-layer", "sparsify"}
     for impl, row in e2e.items():
         assert row["status"] == "ok" and row["tokens_per_s"] > 0, (impl, row)
     assert e2e["gsae per-layer"]["saes"] == e2e["sparsify"]["saes"] == 4  # the tiny model's depth
+    assert "gsae auto at" in " ".join(stages["end_to_end"]["notes"])  # the ratio to sparsify
     assert stages["tests"]["pytest_exit"] == 0 and stages["tests"]["rows"]  # collected, skipped
     markdown = (tmp_path / "out" / "gpu_session.md").read_text()
     for name in stages:
