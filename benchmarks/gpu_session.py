@@ -68,10 +68,10 @@ SHARES = {"versions": 0.06, "encoder": 0.2, "sae_step": 0.2, "end_to_end": 0.4, 
 # dense bf16 tensor-core rate (TFLOP/s, fp32 accumulation) and memory bandwidth (TB/s), from the
 # vendors' data sheets; matched by substring of torch.cuda.get_device_name (first match wins)
 PEAKS = (
+    ("GH200", 989.0, 4.0),  # before H200, which its name contains
     ("H200", 989.0, 4.8),
     ("H100 PCIe", 756.0, 2.0),
     ("H100", 989.0, 3.35),
-    ("GH200", 989.0, 4.0),
     ("A100-SXM4-80GB", 312.0, 2.04),
     ("A100", 312.0, 1.56),
     ("L40S", 362.0, 0.864),
@@ -465,21 +465,22 @@ def import_sparse_coder():
 
 def precision_support() -> dict:
     """Whether this gsae has the precision setting (issue 18): ``--sae-precision`` on
-    gsae-train, ``precision`` in SaeConfig or SaeTrainer."""
-    from gsae.sae import SaeConfig, SaeTrainer
-
-    fields = getattr(SaeConfig, "__dataclass_fields__", {})
-    where = (
-        "SaeConfig"
-        if "precision" in fields
-        else "SaeTrainer"
-        if "precision" in inspect.signature(SaeTrainer).parameters
-        else None
-    )
+    gsae-train, ``precision`` in SaeConfig or SaeTrainer (see :func:`python_precision`)."""
     helped = subprocess.run(
         [sys.executable, "-m", "gsae.cli.train", "--help"], capture_output=True, text=True, cwd=ROOT
     ).stdout
-    return {"python": where, "cli": "--sae-precision" in helped}
+    return {"python": python_precision(), "cli": "--sae-precision" in helped}
+
+
+def python_precision() -> str | None:
+    """Where the Python API takes ``precision``: "SaeConfig", "SaeTrainer" or None."""
+    from gsae.sae import SaeConfig, SaeTrainer
+
+    if "precision" in getattr(SaeConfig, "__dataclass_fields__", {}):
+        return "SaeConfig"
+    if "precision" in inspect.signature(SaeTrainer).parameters:
+        return "SaeTrainer"
+    return None
 
 
 # ---- 2. the fused encoder against cuBLAS + torch.topk
@@ -585,7 +586,7 @@ def gsae_trainer(shape: dict, device, precision: str | None, aux: bool):
     kwargs = dict(
         d=shape["d"], num_latents=shape["m"], k=shape["k"], dead_threshold=1 if aux else 10**15
     )
-    where = precision_support()["python"] if precision else None
+    where = python_precision() if precision else None
     if where == "SaeConfig":
         kwargs["precision"] = precision
     sae = Sae(SaeConfig(**kwargs), [0], device=device)
@@ -636,7 +637,7 @@ def sae_step(st: Stage) -> None:
     limits = peaks(st)  # on a CPU (the rehearsal) measured, as for a GPU missing from PEAKS
     sparse, how = import_sparse_coder()
     st.result["sparsify_import"] = how
-    support = precision_support()["python"]
+    support = python_precision()
     gsae_precisions = ["auto", "fp32"] if support else [None]
     if not support:
         st.note("this gsae has no precision setting: its SAE step runs in fp32 (tf32 off)")

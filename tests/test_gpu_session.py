@@ -95,6 +95,7 @@ def test_unknown_stages_are_refused(tmp_path):
 def test_peaks_by_device_name_and_the_roofline():
     gs = session_module()
     assert gs.table_peaks("NVIDIA H200")["peak_tb_s"] == 4.8
+    assert gs.table_peaks("NVIDIA GH200 480GB")["peak_tb_s"] == 4.0
     assert gs.table_peaks("NVIDIA H100 PCIe")["peak_bf16_tflops"] == 756.0
     assert gs.table_peaks("NVIDIA H100 80GB HBM3")["peak_tb_s"] == 3.35
     assert gs.table_peaks("AMD Instinct MI250X")["peak_bf16_tflops"] == 191.5
