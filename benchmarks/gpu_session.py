@@ -466,10 +466,9 @@ def import_sparse_coder():
 def precision_support() -> dict:
     """Whether this gsae has the precision setting (issue 18): ``--sae-precision`` on
     gsae-train, ``precision`` in SaeConfig or SaeTrainer (see :func:`python_precision`)."""
-    helped = subprocess.run(
-        [sys.executable, "-m", "gsae.cli.train", "--help"], capture_output=True, text=True, cwd=ROOT
-    ).stdout
-    return {"python": python_precision(), "cli": "--sae-precision" in helped}
+    from gsae.cli.train import parser
+
+    return {"python": python_precision(), "cli": "--sae-precision" in parser().format_help()}
 
 
 def python_precision() -> str | None:
