@@ -864,6 +864,14 @@ class _StopForward(Exception):
     pass
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor goes to a GPU from pinned memory, so the copy is
+    asynchronous (from pageable memory ``non_blocking=True`` is a synchronous staged copy)."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class ActivationReader:
     """Residual stream after the MLP of the chosen layers, via forward hooks.
 
@@ -896,8 +904,8 @@ class ActivationReader:
         model = self.loaded.model
         device = next(model.parameters()).device
         padded = attention_mask is not None and not bool(attention_mask.all())  # on the host
-        input_ids = input_ids.to(device, non_blocking=True)
-        mask = attention_mask.to(device, non_blocking=True) if attention_mask is not None else None
+        input_ids = to_device(input_ids, device)
+        mask = to_device(attention_mask, device) if attention_mask is not None else None
         layers = self.loaded.layers
         handles = [layers[i].register_forward_hook(self._hook(i)) for i in set(self.layers)]
         self._captured.clear()

@@ -385,3 +385,164 @@ def test_outputs_respect_the_umask(tiny_model_dir, tiny_corpus, tmp_path, monkey
     wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in paths
              if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}  # fmt: skip
     assert not wrong, wrong
+
+
+# ---- exceptions inside a step (issue 18): an OOM, a kernel that cannot launch, a CUDA error
+
+
+def checkpoint_steps(out: Path) -> int:
+    return json.loads((out / "checkpoint" / "run_state.json").read_text())["steps"]
+
+
+class Fault:
+    """Raise ``error`` at the ``event``-th call of a Python function of gsae, its kernels, torch
+    or transformers inside training step ``step`` (0-based), as :class:`InStep` sends SIGINT: at
+    any point inside the step. (Calls inside tqdm and the standard library are not counted:
+    an exception raised there may be caught by their own handlers.) ``event=None`` counts."""
+
+    OURS = ("/gsae/", "/gsae_kernels/", "/torch/", "/transformers/")
+
+    def __init__(self, monkeypatch, step: int, event: int | None, error: Exception):
+        self.raised, self.events = False, 0
+        hit = InStep(monkeypatch, step=step, event=None)
+
+        def profile(frame, what, arg):
+            if what != "call" or not any(p in frame.f_code.co_filename for p in self.OURS):
+                return
+            self.events += 1
+            if self.events == event and not self.raised:
+                self.raised = True
+                sys.setprofile(None)
+                raise error
+
+        hit._profile = profile
+
+
+@pytest.fixture(scope="module")
+def fault_events(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """How many calls :class:`Fault` counts in one training step."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        fault = Fault(mp, step=4, event=None, error=RuntimeError())
+        out = tmp_path_factory.mktemp("count_calls") / "run"
+        assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat")) == 0
+    return fault.events
+
+
+@pytest.mark.parametrize("point", range(8))
+def test_an_exception_anywhere_in_a_step_keeps_a_checkpoint_that_resumes_identically(
+    tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys, straight, fault_events, point
+):
+    """A checkpoint every 300 tokens (after steps 3, 5, 8); the fault lands in step 4 (0-based):
+    a checkpoint of step 4 is saved when nothing of step 4 reached the SAEs, else step 3's
+    stays; either way the run resumes to the uninterrupted run's weights."""
+    out = tmp_path / "run"
+    event = 1 + point * (fault_events * 19 // 20) // 8
+    fault = Fault(monkeypatch, 4, event, torch.OutOfMemoryError("CUDA out of memory (injected)"))
+    code = train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "300"))
+    err = capsys.readouterr().err
+    assert fault.raised
+    monkeypatch.undo()
+    assert code == 1, err
+    assert "OutOfMemoryError in training step 5" in err and "--resume" in err, err
+    steps = checkpoint_steps(out)
+    if "saved a checkpoint of step 4" in err:
+        assert steps == 4, err
+    else:
+        assert "the checkpoint of step 3 is kept" in err and steps == 3, err
+    assert train_main(["--resume", str(out)]) == 0
+    assert_same_weights(straight, final_weights(out), f"an exception at event {event} of step 4")
+
+
+@pytest.mark.parametrize(
+    "where, saved",
+    [
+        ("forward", 4),  # the model forward: nothing of step 4 has happened
+        ("first update", 4),  # the first SAE's optimiser step: its weights are still step 4's
+        ("second update", 3),  # the second SAE's: the first one holds step 5 already
+        ("log", 6),  # writing the log line of step 6 (0-based 5): the step is complete
+    ],
+)
+def test_an_exception_says_what_was_kept(
+    tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys, straight, where, saved
+):
+    from gsae import activations, sae
+
+    out = tmp_path / "run"
+    calls = []
+
+    def failing(original, at):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                raise RuntimeError(f"injected fault in the {where}")
+            return original(*args, **kwargs)
+
+        return call
+
+    if where == "forward":  # two scale batches, then steps 0..4
+        target = (activations.ActivationReader, "__call__", 2 + 5)
+    elif where == "log":  # log lines after steps 2, 4, 6
+        target = (loop.Run, "log_step", 3)
+    else:  # three SAEs per step: step 4's first and second updates
+        target = (sae.SaeTrainer, "_update", 3 * 4 + (1 if where == "first update" else 2))
+    owner, name, at = target
+    monkeypatch.setattr(owner, name, failing(getattr(owner, name), at))
+    code = train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "300"))
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == 1, err
+    assert f"injected fault in the {where}" in err  # the cause is shown
+    assert checkpoint_steps(out) == saved, err
+    said = f"saved a checkpoint of step {saved}" if saved != 3 else "step 3 is kept"
+    assert said in err, err
+    assert train_main(["--resume", str(out)]) == 0
+    assert_same_weights(straight, final_weights(out), f"an exception in the {where}")
+
+
+def test_save_every_accepts_a_time(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """A clock that moves 40 s per step: with --save-every 1m a checkpoint follows the steps at
+    which a minute has passed since the last one (2, 4, 6, 8), whatever the tokens."""
+    now = [0.0]
+    monkeypatch.setattr(loop, "clock", lambda: now[0])
+    original = loop.Run.train_batch
+
+    def slow(run, *args, **kwargs):
+        now[0] += 40.0
+        return original(run, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Run, "train_batch", slow)
+    saved = []
+    save = loop.Run.save_checkpoint
+    monkeypatch.setattr(loop.Run, "save_checkpoint", lambda run: saved.append(run.steps) or
+                        save(run))  # fmt: skip
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "1m")) == 0
+    assert saved == [2, 4, 6, 8]
+    assert json.loads((out / "run.json").read_text())["settings"]["save_every"] == "1m"
+
+
+@pytest.mark.parametrize("value", ["0", "0s", "-5m", "-1", "ten", "5 parsecs", "m", ""])
+def test_bad_save_every_is_refused_before_any_work(
+    tiny_model_dir, tiny_corpus, tmp_path, capsys, value
+):
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_model_dir, tiny_corpus, out, f"--save-every={value}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gsae-train: error: --save-every"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value, parsed", [("30s", "30s"), ("15m", "15m"), ("2h", "2h"),
+                                           ("1.5min", "1.5min"), ("100M", 100_000_000),
+                                           ("500k", 500_000), ("1e6", 1_000_000)])  # fmt: skip
+def test_save_every_reads_times_and_counts(value, parsed):
+    from gsae.train.settings import parse_save_every, save_interval
+
+    assert parse_save_every(value) == parsed
+    tokens, seconds = save_interval(parsed)
+    if isinstance(parsed, int):
+        assert (tokens, seconds) == (parsed, None)
+    else:
+        assert tokens is None and seconds == {"30s": 30, "15m": 900, "2h": 7200,
+                                              "1.5min": 90}[value]  # fmt: skip

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 from .. import grouping as gp
@@ -27,10 +28,12 @@ from ..train import (
     NonFiniteLoss,
     RunDir,
     RunSettings,
+    StepFailed,
     TrainingRun,
 )
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
+from ..train.settings import parse_save_every
 from .common import add_data_args, data_defaults, flag
 
 # the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
@@ -41,7 +44,7 @@ DEFAULTS = {
     "batch_tokens": 32768,
     "k": 128,
     "dead_threshold": "10M",
-    "save_every": "100M",
+    "save_every": RunSettings.save_every,
     "repeat": False,
     "groups": "auto",
     "threshold": gp.DEFAULT_THRESHOLD,
@@ -74,7 +77,7 @@ DEMO_DEFAULTS = {
 # the demo corpus's own: its train part (the held-out part is gsae-eval's) is smaller than the
 # demo model's 1M-token budget; another dataset read by the demo model stops at its end
 DEMO_DATA_DEFAULTS = {"repeat": True}
-COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold", "save_every")
+COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold")
 NOT_SETTINGS = ("out", "resume", "overwrite", "previous_checkpoint")
 
 
@@ -140,7 +143,12 @@ def parser() -> argparse.ArgumentParser:
         "(the paper's)",
     )
     add("--scale-mode", choices=["mean_sq", "mean_norm", "none"], help="(default: mean_sq)")
-    add("--save-every", help="checkpoint interval in tokens (default: 100M)")
+    add(
+        "--save-every",
+        help="checkpoint interval: a time (30s, 15m, 1h; lowercase m is minutes) or tokens "
+        f"(100M, 500k) (default: {RunSettings.save_every}: an exception or a kill loses at most "
+        "that much work)",
+    )
     add("--log-every", type=int, help="steps between log lines (default: 20)")
     add("--seed", type=int, help="(default: 0)")
     add(
@@ -225,6 +233,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
     for key in COUNTS:
         setattr(args, key, gp.parse_count(getattr(args, key)))
+    args.save_every = parse_save_every(args.save_every)
     run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
     return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args)).check()
 
@@ -327,6 +336,9 @@ def train(args: argparse.Namespace, worlds: list) -> int:
             else ""
         )
         return stopped(run, f"{err}{hint}", 1)
+    except StepFailed as err:  # e.g. a CUDA out-of-memory: the traceback, then what was kept
+        traceback.print_exception(err.__cause__, file=sys.stderr)
+        return stopped(run, str(err), 1)
     except PeerFailed:  # another process failed and printed its own error
         return 1
     except CollectiveError as err:  # another process died, or the timeout passed

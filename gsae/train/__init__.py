@@ -15,7 +15,7 @@
 """
 
 from .checkpoint import CheckpointError, CheckpointWriteError
-from .loop import DataExhausted, NonFiniteLoss, Run
+from .loop import DataExhausted, NonFiniteLoss, Run, StepFailed
 from .pipeline import TrainingRun
 from .rundir import RunDir, RunDirError
 from .settings import RESUMABLE, RunSettings
@@ -30,5 +30,6 @@ __all__ = [
     "RunDirError",
     "RunSettings",
     "RESUMABLE",
+    "StepFailed",
     "TrainingRun",
 ]

@@ -4,7 +4,16 @@ needs), then one step of every group SAE on its layers' activations.
 A step is atomic with respect to Ctrl-C (see interrupt.py): the SAE updates, the token count,
 the data position, the log line and a due checkpoint happen together or not at all. Every stop
 leaves a checkpoint of what was trained: Ctrl-C, the data running out, a non-finite loss; a
-write that fails (a full disk) leaves the previous checkpoint as it was.
+write that fails (a full disk) leaves the previous checkpoint as it was. An exception inside a
+step (a CUDA out-of-memory, a kernel that cannot launch, a CUDA error) stops the run with a
+checkpoint of the last finished step when nothing of the failed step reached the SAEs' state
+(:class:`StepFailed` says what was kept); a step that failed half-way through the updates
+leaves the previous checkpoint. ``--save-every`` counts tokens or time (checked at every step
+on one process, at log steps with several, where rank 0's clock decides for all).
+
+On a GPU the model forward of the next batch runs on a stream of its own while the SAE steps of
+the current batch run (:class:`Feed`); the activations are the same, only the order of launches
+changes.
 
 With several processes (torchrun) every process runs this loop on its own shards of the text
 (shards.py) and the step is parallel.py's: they take part in the same collectives, step after
@@ -16,6 +25,7 @@ outputs are written as checkpoint.py and distributed.py describe.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +42,10 @@ from .log import JsonlLog, StepTimer, close_sinks, make_sinks
 from .parallel import DistributedSteps, Group, LocalSteps, ReplicatedSteps
 from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
-from .settings import RunSettings, sae_seed
+from .settings import RunSettings, sae_seed, save_interval
 from .shards import ShardLayout, ShardStreams, furthest
+
+clock = time.monotonic  # the clock of --save-every as a time (a module name: tests set it)
 
 
 class DataExhausted(Exception):
@@ -42,6 +54,94 @@ class DataExhausted(Exception):
 
 class NonFiniteLoss(FloatingPointError):
     """Some steps had a non-finite loss; they changed nothing (a checkpoint is saved)."""
+
+
+class StepFailed(RuntimeError):
+    """An exception (its ``__cause__``) inside a training step; the message says what was
+    kept: a checkpoint of the last finished step (``saved``), or the checkpoint before."""
+
+    def __init__(self, message: str, saved: bool):
+        super().__init__(message)
+        self.saved = saved
+
+
+def state_version(trainers) -> tuple:
+    """A fingerprint of the trainers' state that any change to it alters: every in-place write
+    to a tensor bumps its version counter (optimiser steps, renormalisation, the dead-latent
+    counters, the init), and the host counters are read as they are. Equal before and after a
+    failed step: that step changed nothing, and what is in memory is the last finished step."""
+    parts = []
+    for t in trainers:
+        tensors = [*t.sae.parameters(), t.tokens_since_fired, t.skipped_steps, t.skipped_tokens]
+        for state in t.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        parts.append((t.steps, t.tokens_seen, t.initialized, len(t.optimizer.state),
+                      tuple(x._version for x in tensors)))  # fmt: skip
+    return tuple(parts)
+
+
+class Feed:
+    """The batches of a run, each with its activations ``[L, N, d]``.
+
+    On a GPU, as soon as a batch is handed out the forward of the next one is launched on a side
+    stream, so that it runs on the GPU while the SAE steps of the current one do (the host
+    launches both before it waits on either); the main stream waits for that forward's event
+    before the next SAE step reads its activations. On a CPU there is nothing to overlap: the
+    activations are None and :meth:`Run.train_batch` runs the forward itself, in the step.
+    ``forward_ahead`` True or False forces either order on any device (the tests compare them)."""
+
+    forward_ahead: bool | None = None  # None: ahead on a GPU
+
+    def __init__(self, run: Run, batches):
+        self.run, self.batches = run, batches
+        cuda = run.device.type == "cuda"
+        self.ahead = cuda if self.forward_ahead is None else self.forward_ahead
+        self.side = torch.cuda.Stream(run.device) if cuda and self.ahead else None
+        self.next_up: tuple | None = None  # (batch, hidden, event) launched ahead
+
+    def _launch(self) -> tuple:
+        batch = next(self.batches, None)
+        if self.side is None:
+            return batch, self.run.hidden(batch), None
+        with torch.cuda.stream(self.side):
+            hidden = self.run.hidden(batch)
+            event = torch.cuda.Event()
+            event.record(self.side)
+        return batch, hidden, event
+
+    def next(self) -> tuple:
+        """``(batch, hidden)``: batch None when this process's data ran out."""
+        if not self.ahead:
+            return next(self.batches, None), None
+        batch, hidden, event = self.next_up or self._launch()
+        self.next_up = None
+        if event is not None:
+            main = torch.cuda.current_stream(self.run.device)
+            main.wait_event(event)
+            hidden.record_stream(main)  # freed after main's last use, not the side stream's
+        if batch is not None:
+            self.next_up = self._launch()  # the next forward, on the side stream, runs meanwhile
+        return batch, hidden
+
+    def following(self) -> tuple:
+        """``(batch, hidden)`` after the last batch handed out (for the held-out FVU); hidden
+        None unless its forward ran ahead."""
+        if self.next_up is None:
+            return next(self.batches, None), None
+        batch, hidden, event = self.next_up
+        self.next_up = None
+        if event is not None:
+            torch.cuda.current_stream(self.run.device).wait_event(event)
+        return batch, hidden
+
+
+@dataclass
+class _StepMark:
+    """What the state was when the current step began (see :meth:`Run._failed`)."""
+
+    steps: int
+    version: tuple
+    done: bool = False  # the step's updates and counters are all in
 
 
 class Run:
@@ -86,6 +186,9 @@ class Run:
         self.log_bytes = 0  # log.jsonl's length at the last checkpoint
         self.saved_steps = -1  # steps at the last checkpoint
         self.session_start = (0.0, 0)  # (clock, tokens) when this session's loop began
+        self.saved_at = clock()  # clock of the last checkpoint (or the session start)
+        self.every_tokens, self.every_seconds = save_interval(settings.save_every)
+        self.mark: _StepMark | None = None
         self.log: JsonlLog | None = None
         self.sinks: list = []
 
@@ -151,6 +254,7 @@ class Run:
         trainers = {g.name: g.trainer for g in self.engine.writes()}
         checkpoint.save(self.out, state, trainers, world=self.world)
         self.saved_steps = self.steps
+        self.saved_at = clock()
 
     def load_checkpoint(self) -> dict:
         held = {g.name: g.trainer for g in self.groups if g.trainer is not None}
@@ -188,25 +292,26 @@ class Run:
         try:
             with self.guard, stream, progress_bar(s.tokens, "train") as bar:
                 bar.update(min(self.tokens, s.tokens))
-                batches = iter(stream)
-                self._loop(batches, bar)
-                return self.final_fvu(next(batches, None))
+                feed = Feed(self, iter(stream))
+                self._loop(feed, bar)
+                return self.final_fvu(*feed.following())
         finally:
             if self.log is not None:
                 self.log.close()
             close_sinks(self.sinks)
             self.sinks = []
 
-    def _loop(self, batches, bar) -> None:
+    def _loop(self, feed: Feed, bar) -> None:
         s = self.settings
         self.session_start = (time.perf_counter(), self.tokens)
+        self.saved_at = clock()
         try:
             while self.tokens < s.tokens:
                 self.timer.waiting()
-                batch = next(batches, None)
+                batch, hidden = feed.next()
                 if batch is None and not self.world.distributed:
                     raise self._exhausted()
-                self.train_batch(batch, bar)  # distributed: all stop together, in the step
+                self.train_batch(batch, bar, hidden)  # distributed: all stop together, in the step
             self.check_finite()
         except KeyboardInterrupt:
             if not self.guard.broken and self.saved_steps != self.steps:
@@ -221,8 +326,52 @@ class Run:
             if self.saved_steps != self.steps:
                 self.save_checkpoint()
             raise
+        except checkpoint.CheckpointWriteError:
+            raise  # the previous checkpoint stays; writing again would fail the same way
+        except Exception as err:
+            if self.world.distributed:
+                raise  # the other processes are in a collective: distributed.py's errors apply
+            raise self._failed(err) from err
         if self.saved_steps != self.steps:
             self.save_checkpoint()
+
+    def _failed(self, err: Exception) -> StepFailed:
+        """Save the last finished step after ``err`` if the SAEs' state is still that step's."""
+        what = f"{type(err).__name__} in training step {self.steps + 1}"
+        mark = self.mark
+        intact = mark is None or mark.done or state_version(self._trainers()) == mark.version
+        if not intact:
+            return StepFailed(f"{what}, after some SAE updates of that step: the step's state "
+                              f"is not saved; {self._kept()}", saved=False)  # fmt: skip
+        if self.saved_steps == self.steps:
+            return StepFailed(f"{what}; the checkpoint holds step {self.steps} (the last "
+                              "finished one)", saved=True)  # fmt: skip
+        try:
+            self.save_checkpoint()
+        except Exception as again:  # e.g. a CUDA error: the device cannot be read any more
+            return StepFailed(f"{what}; saving step {self.steps} failed too ({type(again).__name__}"
+                              f": {again}); {self._kept()}", saved=False)  # fmt: skip
+        return StepFailed(f"{what}; saved a checkpoint of step {self.steps} ({self.tokens:,} "
+                          "tokens), the last finished one", saved=True)  # fmt: skip
+
+    def _kept(self) -> str:
+        if self.saved_steps < 0:
+            return "no checkpoint was written yet"
+        return f"the checkpoint of step {self.saved_steps} is kept"
+
+    def _trainers(self) -> list[SaeTrainer]:
+        return [g.trainer for g in self.groups if g.trainer is not None]
+
+    def _save_due(self, n: int) -> bool:
+        """A checkpoint after this step: --save-every tokens crossed or its time passed."""
+        if self.every_tokens is not None:
+            return self.tokens // self.every_tokens > (self.tokens - n) // self.every_tokens
+        if not self.world.distributed:
+            return clock() - self.saved_at >= self.every_seconds
+        if self.steps % self.settings.log_every:
+            return False  # several processes: rank 0's clock, at log steps (one broadcast)
+        due = self.main and clock() - self.saved_at >= self.every_seconds
+        return bool(self.world.broadcast_object(due))
 
     def _exhausted(self) -> DataExhausted:
         return DataExhausted(
@@ -237,16 +386,19 @@ class Run:
                                device=self.device)  # fmt: skip
         return self.reader(batch.input_ids, batch.attention_mask)
 
-    def train_batch(self, batch, bar=None) -> None:
+    def train_batch(self, batch, bar=None, hidden: torch.Tensor | None = None) -> None:
         """One training step. The forward may be interrupted (nothing has changed yet); from
         there on Ctrl-C waits until every SAE is updated, the counters and the data position
         moved on, the log line written and a due checkpoint saved. With several processes a
         Ctrl-C is only noted, and every process stops after the step in whose collective one
         of them said so; ``batch`` None: this process's data ran out (every process then stops
-        before updating anything)."""
+        before updating anything). ``hidden``: the batch's activations if :class:`Feed` ran
+        the forward ahead (on a GPU; the "forward" time is then what the SAE steps waited)."""
         s = self.settings
+        self.mark = _StepMark(self.steps, state_version(self._trainers()))
         self.timer.mark()
-        hidden = self.hidden(batch)  # [L, N, d]
+        if hidden is None:
+            hidden = self.hidden(batch)  # [L, N, d]
         self.timer.mark()
         with self.guard.step():
             result = self.step(hidden, exhausted=batch is None, stop=self.guard.pending)
@@ -257,13 +409,14 @@ class Run:
             self.tokens += n
             self.steps += 1
             self.positions.update(batch.positions)
+            self.mark.done = True
             if bar is not None:
                 bar.update(n)
             if self.steps % s.log_every == 0:
                 text = self.log_step(result.outs)
                 if bar is not None:
                     bar.set_postfix_str(text)
-            if self.tokens // s.save_every > (self.tokens - n) // s.save_every:
+            if self._save_due(n):
                 self.save_checkpoint()
         if result.stop and self.world.distributed:  # a Ctrl-C, on some process: all stop here
             raise KeyboardInterrupt
@@ -332,14 +485,14 @@ class Run:
         return merged
 
     @torch.no_grad()
-    def final_fvu(self, batch) -> dict:
+    def final_fvu(self, batch, hidden: torch.Tensor | None = None) -> dict:
         """Every SAE's FVU on each of its layers for the batch after the last trained one:
         ``held_out`` says whether that text was unseen (not when ``--repeat`` cycled the data:
         then every token had been trained on). With several processes, each SAE is measured
         where it is written, on that process's next batch (a collective)."""
         groups, tokens, held_out = {}, 0, True
         if batch is not None and batch.input_ids.shape[0] > 0:
-            hidden = self.hidden(batch)
+            hidden = self.hidden(batch) if hidden is None else hidden
             tokens = int(hidden.shape[1])
             held_out = all(p.epoch == 0 for p in batch.positions.values())
             row = {layer: i for i, layer in enumerate(self.layers)}

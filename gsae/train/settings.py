@@ -9,11 +9,13 @@ but ``d``, which comes from the model): a new SaeConfig field needs no change he
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import zlib
 from dataclasses import dataclass, field
 
 from ..activations import DEFAULT_DATASET, local_name
-from ..grouping import DEFAULT_THRESHOLD, check_threshold
+from ..grouping import DEFAULT_THRESHOLD, check_threshold, parse_count
 from ..sae import SaeConfig
 
 SETTINGS_VERSION = 2
@@ -33,6 +35,39 @@ def sae_seed(seed: int, layers) -> int:
     sets start from different random decoders, so that one of a Group-SAE run and one of a
     per-layer run are not alike merely by their init (MMCS between runs would measure that)."""
     return zlib.crc32(f"{seed}:{sorted(int(x) for x in layers)}".encode()) & 0x7FFFFFFF
+
+
+# --save-every as a time: lowercase m is minutes (the count suffixes of parse_count are k, M, B)
+TIME_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|min|m|h)\s*$")
+
+
+def parse_save_every(value: int | str) -> int | str:
+    """``--save-every``: a token count (``100M``, ``500k``, ``1e6``; returned as an int) or a
+    time (``30s``, ``15m`` or ``15min``, ``1h``; returned as given, stripped). Zero, negative
+    and unreadable values raise ValueError with one line."""
+    if isinstance(value, str) and _TIME.match(value):
+        if save_interval(value)[1] <= 0:
+            raise ValueError(f"--save-every {value}: the interval must be more than 0")
+        return value.strip()
+    try:
+        tokens = parse_count(value)
+    except ValueError:
+        raise ValueError(
+            f"--save-every {value}: not a token count (100M, 500k) or a time (30s, 15m, 1h)"
+        ) from None
+    if tokens <= 0:
+        raise ValueError(f"--save-every {value}: the interval must be more than 0")
+    return tokens
+
+
+def save_interval(value: int | str) -> tuple[int | None, float | None]:
+    """``(tokens, seconds)`` of a parsed ``--save-every``: one of the two is None."""
+    if isinstance(value, int):
+        return value, None
+    number, unit = _TIME.match(value).groups()
+    seconds = float(number) * TIME_UNITS[unit]
+    return None, (seconds if math.isfinite(seconds) else math.inf)
 
 
 @dataclass
@@ -66,7 +101,7 @@ class RunSettings:
     dist_timeout: float = 600.0  # seconds a collective may wait for the other processes
     check_replicas: bool = False  # compare the copies of every SAE at each log step
     # checkpoints and logs
-    save_every: int = 100_000_000
+    save_every: int | str = "15m"  # tokens (an int) or a time ("15m"): see parse_save_every
     log_every: int = 20
     wandb: bool = False
     tensorboard: bool = False
