@@ -16,8 +16,8 @@ both strides of every matrix it reads (a transposed or sliced weight is read in 
 copied); the Triton launcher specialises a unit stride, so contiguous inputs pay nothing.
 
 ``sparse_transpose`` needs the ``E = N k`` entries grouped by latent: :func:`latent_segments`
-sorts them (stable, on the device, no host sync) into CSR form (``offsets [m+1]``, ``rows [E]``,
-``order [E]``). It is computed inside each backward that needs it and dropped with it: nothing
+sorts them (stable, on the device, with no host sync: the offsets come from a binary search in
+the sorted ids) into CSR form (``offsets [m+1]``, ``rows [E]``, ``order [E]``). It is computed inside each backward that needs it and dropped with it: nothing
 outlives the step. Every latent's sum then runs in a fixed order, so gradients are bit-identical
 from run to run: no float atomics anywhere.
 
@@ -241,9 +241,10 @@ def latent_segments(idx: torch.Tensor, num_latents: int) -> LatentSegments:
     order, so every sum over them runs in a fixed order)."""
     flat = idx.reshape(-1).long()
     order = stable_argsort(flat, num_latents)
-    counts = torch.bincount(flat, minlength=num_latents)
-    offsets = torch.zeros(num_latents + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    # each latent's first sorted position, by binary search in the sorted ids: unlike
+    # torch.bincount, which reads the ids' min and max back to the host on a GPU, no sync
+    bounds = torch.arange(num_latents + 1, dtype=torch.int64, device=idx.device)
+    offsets = torch.searchsorted(flat[order], bounds)  # [m + 1]
     rows = torch.div(order, max(1, idx.shape[1]), rounding_mode="floor")
     return LatentSegments(order, rows, offsets)
 
