@@ -45,8 +45,10 @@ def test_opcheck_every_op(backend, device):
     cases = [
         (ops.topk_encode, (x, we, be, bd, k, None, 0, backend, "fp32", m)),
         (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend, low, m // 2)),
-        (ops.topk_encode, (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend,
-                           "fp32", m)),
+        (
+            ops.topk_encode,
+            (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend, "fp32", m),
+        ),
     ]
     v, i, av, ai = ops.topk_encode(x.detach(), we.detach(), be.detach(), bd.detach(), k, dead,
                                    k_aux, backend, "fp32", m)  # fmt: skip

@@ -56,8 +56,15 @@ class Launch(NamedTuple):
     meta: dict
 
 
-def _launches(dtype: str = P32, k: int = 128, k_aux: int = 0, d: int = 2048,
-              n: int = 32768, m: int | None = None, precision: str = "bf16"):  # fmt: skip
+def _launches(
+    dtype: str = P32,
+    k: int = 128,
+    k_aux: int = 0,
+    d: int = 2048,
+    n: int = 32768,
+    m: int | None = None,
+    precision: str = "bf16",
+):
     """Every kernel variant :class:`gsae.sae.SaeTrainer` launches for contiguous ``[n, d]``
     activations, an ``[m, d]`` dictionary (default m = 16 d), ``k`` latents a row and AuxK up
     to ``k_aux`` wide, with the encoder matmul in ``precision`` (the trainer's default on a GPU
@@ -71,42 +78,144 @@ def _launches(dtype: str = P32, k: int = 128, k_aux: int = 0, d: int = 2048,
     loss = importlib.import_module("gsae_kernels.loss")
     m = m if m is not None else 16 * d
     w_enc = "*bf16" if precision == "bf16" else dtype  # the bf16 precision's copy of W_enc
-    yield Launch(f"encode_topk[k={k},{precision}]", encode._encode_topk_kernel, {
-        "X": dtype, "W": w_enc, "B_ENC": dtype, "B_DEC": dtype, "VALS": dtype, "IDX": PI64,
-    }, {"N": n, "M": m, "D": d, "stride_xn": d, "stride_xd": 1, "stride_wm": d, "stride_wd": 1,
-        "stride_be": 1, "stride_bd": 1,
-    }, {"K": k, "HAS_B_ENC": True, "HAS_B_DEC": True,
-        "PRECISION": "tf32" if precision == "tf32" else "ieee", **encode.encode_meta(k)})  # fmt: skip
+    yield Launch(
+        f"encode_topk[k={k},{precision}]",
+        encode._encode_topk_kernel,
+        {
+            "X": dtype,
+            "W": w_enc,
+            "B_ENC": dtype,
+            "B_DEC": dtype,
+            "VALS": dtype,
+            "IDX": PI64,
+        },
+        {
+            "N": n,
+            "M": m,
+            "D": d,
+            "stride_xn": d,
+            "stride_xd": 1,
+            "stride_wm": d,
+            "stride_wd": 1,
+            "stride_be": 1,
+            "stride_bd": 1,
+        },
+        {
+            "K": k,
+            "HAS_B_ENC": True,
+            "HAS_B_DEC": True,
+            "PRECISION": "tf32" if precision == "tf32" else "ieee",
+            **encode.encode_meta(k, "bf16" if w_enc == "*bf16" else precision),
+        },
+    )
     widths = [(k, True)] + ([(k_aux, False)] if k_aux else [])  # (slots, with b_dec)
     for width, bias in widths:
-        yield Launch(f"gather_combine[k={width}]", ops._gather_combine_kernel, {
-            "W": dtype, "IDX": PI64, "T": dtype, "BIAS": dtype, "OUT": dtype,
-        }, {"N": n, "D": d, "K": width, "stride_wn": width, "stride_wk": 1, "stride_in": width,
-            "stride_ik": 1, "stride_tm": d, "stride_td": 1, "stride_b": 1,
-        }, {"HAS_BIAS": bias, **ops.gather_combine_meta(d)})  # fmt: skip
-        yield Launch(f"row_dot[k={width}]", ops._row_dot_kernel, {
-            "G": dtype, "IDX": PI64, "T": dtype, "OUT": dtype,
-        }, {"N": n, "D": d, "K": width, "stride_gn": d, "stride_gd": 1, "stride_in": width,
-            "stride_ik": 1, "stride_tm": d, "stride_td": 1,
-        }, ops.row_dot_meta(width, d))  # fmt: skip
-    pointers = {"OFFS": PI64, "ROWS": PI64, "WS": dtype, "X": dtype, "SHIFT": dtype,
-                "PART": P32, "PART_B": P32, "XOFFS": PI64}  # fmt: skip
-    ints = {"M": m, "D": d, "SPLIT": ops.transpose_split(n * (k + k_aux), m), "stride_xn": d,
-            "stride_xd": 1, "stride_s": 1}  # fmt: skip
+        yield Launch(
+            f"gather_combine[k={width}]",
+            ops._gather_combine_kernel,
+            {
+                "W": dtype,
+                "IDX": PI64,
+                "T": dtype,
+                "BIAS": dtype,
+                "OUT": dtype,
+            },
+            {
+                "N": n,
+                "D": d,
+                "K": width,
+                "stride_wn": width,
+                "stride_wk": 1,
+                "stride_in": width,
+                "stride_ik": 1,
+                "stride_tm": d,
+                "stride_td": 1,
+                "stride_b": 1,
+            },
+            {"HAS_BIAS": bias, **ops.gather_combine_meta(d)},
+        )
+        yield Launch(
+            f"row_dot[k={width}]",
+            ops._row_dot_kernel,
+            {
+                "G": dtype,
+                "IDX": PI64,
+                "T": dtype,
+                "OUT": dtype,
+            },
+            {
+                "N": n,
+                "D": d,
+                "K": width,
+                "stride_gn": d,
+                "stride_gd": 1,
+                "stride_in": width,
+                "stride_ik": 1,
+                "stride_tm": d,
+                "stride_td": 1,
+            },
+            ops.row_dot_meta(width, d),
+        )
+    pointers = {
+        "OFFS": PI64,
+        "ROWS": PI64,
+        "WS": dtype,
+        "X": dtype,
+        "SHIFT": dtype,
+        "PART": P32,
+        "PART_B": P32,
+        "XOFFS": PI64,
+    }
+    ints = {
+        "M": m,
+        "D": d,
+        "SPLIT": ops.transpose_split(n * (k + k_aux), m),
+        "stride_xn": d,
+        "stride_xd": 1,
+        "stride_s": 1,
+    }
     for side, shifted in (("encoder", True), ("decoder", False)):
         flags = {"HAS_SHIFT": shifted, "HAS_BIAS": shifted}  # the encoder's b_enc sums
         for tail in (True, False):
-            yield Launch(f"sparse_transpose[{side}{',tail' if tail else ''}]",
-                         ops._sparse_transpose_kernel, {**pointers, "OUT": dtype, "OUT_B": dtype},
-                         ints, {**flags, "HAS_TAIL": tail, **ops.sparse_transpose_meta(d)})  # fmt: skip
-        yield Launch(f"transpose_tail[{side}]", ops._transpose_tail_kernel,
-                     {**pointers, "PLAT": PI64}, ints, {**flags, **ops.transpose_tail_meta(d)})  # fmt: skip
+            yield Launch(
+                f"sparse_transpose[{side}{',tail' if tail else ''}]",
+                ops._sparse_transpose_kernel,
+                {**pointers, "OUT": dtype, "OUT_B": dtype},
+                ints,
+                {**flags, "HAS_TAIL": tail, **ops.sparse_transpose_meta(d)},
+            )
+        yield Launch(
+            f"transpose_tail[{side}]",
+            ops._transpose_tail_kernel,
+            {**pointers, "PLAT": PI64},
+            ints,
+            {**flags, **ops.transpose_tail_meta(d)},
+        )
     for aux in (False, True) if k_aux else (False,):
-        yield Launch(f"fvu_auxk[{'auxk' if aux else 'fvu'}]", loss._fvu_auxk_kernel, {
-            "X": dtype, "XH": dtype, "XA": dtype, "MEAN": P32, "GF": P32, "GA": P32, "PART": P32,
-        }, {"N": n, "D": d, "stride_xn": d, "stride_xd": 1, "stride_hn": d, "stride_hd": 1,
-            "stride_an": d, "stride_ad": 1,
-        }, {"HAS_AUX": aux, "WRITE_GRAD": True, **loss.loss_meta(d)})  # fmt: skip
+        yield Launch(
+            f"fvu_auxk[{'auxk' if aux else 'fvu'}]",
+            loss._fvu_auxk_kernel,
+            {
+                "X": dtype,
+                "XH": dtype,
+                "XA": dtype,
+                "MEAN": P32,
+                "GF": P32,
+                "GA": P32,
+                "PART": P32,
+            },
+            {
+                "N": n,
+                "D": d,
+                "stride_xn": d,
+                "stride_xd": 1,
+                "stride_hn": d,
+                "stride_hd": 1,
+                "stride_an": d,
+                "stride_ad": 1,
+            },
+            {"HAS_AUX": aux, "WRITE_GRAD": True, **loss.loss_meta(d)},
+        )
 
 
 def _source(launch: Launch):
@@ -215,8 +324,10 @@ def violations(results: list[Compiled], spills: bool) -> list[str]:
     for r in results:
         limit = shared_limit(r.target)
         if limit is not None and r.info["shared_bytes"] > limit:
-            bad.append(f"{r.target} {r.kernel}: {r.info['shared_bytes']} bytes of shared memory "
-                       f"> the {limit} a block may use")  # fmt: skip
+            bad.append(
+                f"{r.target} {r.kernel}: {r.info['shared_bytes']} bytes of shared memory "
+                f"> the {limit} a block may use"
+            )
         if spills and r.info["spill_bytes"]:
             bad.append(f"{r.target} {r.kernel}: {r.info['spill_bytes']} bytes of register spills")
     return bad
@@ -231,10 +342,18 @@ def main(argv=None) -> int:
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--n", type=int, default=32768, help="rows a batch (default 32768)")
     parser.add_argument("--m", type=int, default=None, help="latents (default 16 d)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="activations and weights (the trainer's: fp32)")  # fmt: skip
-    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="bf16",
-                        help="the encoder matmul's (default bf16: the trainer's on a GPU)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="activations and weights (the trainer's: fp32)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="bf16",
+        help="the encoder matmul's (default bf16: the trainer's on a GPU)",
+    )
     parser.add_argument("--check-spills", action="store_true", help="exit 1 if a kernel spills")
     parser.add_argument(
         "--kernel",
@@ -244,16 +363,25 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     targets = args.target or list(DEFAULT_TARGETS)
-    shape = {"k": args.k, "k_aux": args.k_aux, "d": args.d, "n": args.n, "m": args.m,
-             "dtype": "*" + args.dtype, "precision": args.precision}  # fmt: skip
+    shape = {
+        "k": args.k,
+        "k_aux": args.k_aux,
+        "d": args.d,
+        "n": args.n,
+        "m": args.m,
+        "dtype": "*" + args.dtype,
+        "precision": args.precision,
+    }
     results = compile_all(targets, args.kernel, **shape)
     for r in results:
         print(f"{r.target:<12} {r.kernel:<32} {r.info}")
     for r in results:
         if r.kernel.startswith("encode_topk"):
             cores = "on" if r.info["mma"] else "NOT on"
-            print(f"{r.target:<12} {r.kernel}: matmul {cores} tensor cores ({r.info['mma']} "
-                  "mma/wgmma/mfma instructions)")  # fmt: skip
+            print(
+                f"{r.target:<12} {r.kernel}: matmul {cores} tensor cores ({r.info['mma']} "
+                "mma/wgmma/mfma instructions)"
+            )
     bad = violations(results, args.check_spills)
     if bad:
         print("over the limits:\n  " + "\n  ".join(bad), file=sys.stderr)

@@ -87,8 +87,9 @@ class TopKSAE(nn.Module):
         # encode/decode, e.g. with an input scale, can reuse this forward on prepared inputs
         b = self.backend
         w = (self.W_enc, self.b_enc, self.b_dec)
-        latents = topk_encode(x, *w, self.k, dead_mask, k_aux, backend=b, precision=precision,
-                              aux_limit=aux_limit)
+        latents = topk_encode(
+            x, *w, self.k, dead_mask, k_aux, backend=b, precision=precision, aux_limit=aux_limit
+        )
         x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec, backend=b)
         aux_recon = None
         if latents.aux_values is not None:

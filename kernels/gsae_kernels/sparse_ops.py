@@ -17,9 +17,10 @@ copied); the Triton launcher specialises a unit stride, so contiguous inputs pay
 
 ``sparse_transpose`` needs the ``E = N k`` entries grouped by latent: :func:`latent_segments`
 sorts them (stable, on the device, with no host sync: the offsets come from a binary search in
-the sorted ids) into CSR form (``offsets [m+1]``, ``rows [E]``, ``order [E]``). It is computed inside each backward that needs it and dropped with it: nothing
-outlives the step. Every latent's sum then runs in a fixed order, so gradients are bit-identical
-from run to run: no float atomics anywhere.
+the sorted ids) into CSR form (``offsets [m+1]``, ``rows [E]``, ``order [E]``). It is computed
+inside each backward that needs it and dropped with it: nothing outlives the step. Every
+latent's sum then runs in a fixed order, so gradients are bit-identical from run to run: no
+float atomics anywhere.
 
 Triton tiling:
 
@@ -274,7 +275,7 @@ def row_dot_meta(k: int, d: int) -> dict:
 
 def sparse_transpose_meta(d: int) -> dict:
     # [16, 8, 64] gathered tiles: no spills on sm_80/sm_90/gfx90a/gfx942
-    return {"BLOCK_L": 16, "BLOCK_E": 8, "BLOCK_D": min(64, _blocks_d(d)), "num_warps": 4}
+    return {"BLOCK_L": 16, "BLOCK_E": 8, "BLOCK_D": min(64, _blocks_d(d)), "num_warps": 8}
 
 
 def transpose_tail_meta(d: int) -> dict:

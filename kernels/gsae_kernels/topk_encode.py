@@ -271,17 +271,19 @@ def _matmul_precision(device: torch.device, precision: str):
         flags.allow_tf32 = old
 
 
-def encode_meta(k: int) -> dict:
+def encode_meta(k: int, precision: str = "fp32") -> dict:
     """Tiles checked with ptxas and the AMDGCN metadata (tests/test_triton_compile.py, which
     fails on a spill or on shared memory over a target's limit): no spills on sm_80, sm_90,
-    gfx90a or gfx942 for k up to 128, fp32 and bf16 operands. The AuxK selection is not in this
+    gfx90a or gfx942 for k up to 128, in every precision. bf16 operands take BLOCK_D = 16 (one
+    MMA k-step): at 32 the sm_90 code spills 24 bytes (128 registers; 4 warps or BLOCK_M = 64
+    would also fit, at half the threads or twice the merges). The AuxK selection is not in this
     kernel (see :func:`_aux_select`), so no buffer grows with k_aux."""
     log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
     return {
         "LOG_K": log_k,
         "BLOCK_N": 16,
         "LOG_M": max(6, min(log_k, 8)),
-        "BLOCK_D": 32,
+        "BLOCK_D": 16 if precision == "bf16" else 32,
         "num_warps": 8 if log_k >= 6 else 4,
     }
 
@@ -292,13 +294,14 @@ def kernel_weight_dtype(w_dtype: torch.dtype, precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" and w_dtype == torch.float32 else w_dtype
 
 
-def _aux_candidates(dead_mask: torch.Tensor, limit: int):
+def _aux_candidates(dead_mask: torch.Tensor, limit: int, exact: bool | None = None):
     """The latents AuxK chooses among (``[C]`` ids, C <= limit) and which of them are dead
     (``[C]`` bool, or None when all are). On a CPU exactly the dead ones (``nonzero`` is free
     there); on a GPU, where ``nonzero`` would sync the host, the first ``limit`` of a stable
     sort that puts the dead latents first: ``limit`` is the caller's bound on their number
-    (e.g. read a few steps earlier), and any live latent inside it is masked out."""
-    if dead_mask.device.type == "cpu":
+    (e.g. read a few steps earlier), and any live latent inside it is masked out. ``exact``
+    forces either way (None: by the device)."""
+    if exact if exact is not None else dead_mask.device.type == "cpu":
         return dead_mask.nonzero().squeeze(1)[:limit], None
     order = torch.sort(dead_mask.to(torch.uint8), descending=True, stable=True).indices
     order = order[:limit]
@@ -351,8 +354,8 @@ def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, l
     aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=x.device)
     if n == 0:
         return values, indices, aux_values, aux_indices
-    meta = encode_meta(k)
     w = W_enc.to(kernel_weight_dtype(W_enc.dtype, precision))
+    meta = encode_meta(k, "bf16" if w.dtype == torch.bfloat16 else precision)
     b_enc_ = b_enc if b_enc is not None else x
     b_dec_ = b_dec if b_dec is not None else x
     _encode_topk_kernel[(cdiv(n, meta["BLOCK_N"]),)](
@@ -389,8 +392,9 @@ def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, li
                 z = torch.mm(a, w.t(), out=buf[: e - s])
             torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
             if ka > 0:  # the same pre-activations, the candidates' columns
-                _aux_topk(z.index_select(1, cand), cand, dead, ka, aux_values[s:e],
-                          aux_indices[s:e])
+                _aux_topk(
+                    z.index_select(1, cand), cand, dead, ka, aux_values[s:e], aux_indices[s:e]
+                )
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
@@ -610,8 +614,9 @@ def topk_encode(
         b_enc = b_enc if b_enc is not None else x.new_zeros(m)
         b_dec = b_dec if b_dec is not None else x.new_zeros(x.shape[1])
         return EncodeOutput(*reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
-    out = torch.ops.gsae_kernels.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend,
-                                             precision, min(limit, m))
+    out = torch.ops.gsae_kernels.topk_encode(
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, min(limit, m)
+    )
     values, indices, aux_values, aux_indices = out
     if k_aux == 0:
         return EncodeOutput(values, indices, None, None)
