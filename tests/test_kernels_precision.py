@@ -227,3 +227,40 @@ def test_gpu_auxk_is_off_without_dead_latents(monkeypatch):
     for _ in range(10):
         trainer.step(x, check_finite=False)
     assert calls[-1][0] == 0 and calls[-1][1] == "bf16"
+
+
+# ---------------------------------------------------------------------------------- gsae-train
+
+
+def test_sae_precision_is_a_run_setting(tiny_model_dir, tiny_corpus, tmp_path, offline, capsys):
+    """--sae-precision reaches every group's trainer, is saved in run.json, and --resume refuses
+    another one by name (it changes what is trained); an old run.json without it is fp32."""
+    from gsae.cli.train import main as train_main
+    from gsae.train import RunDir, RunSettings, loop
+
+    out = tmp_path / "run"
+    made = []
+    real = loop.SaeTrainer
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("precision"))
+        return real(*args, **kwargs)
+
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--out", str(out),
+            "--tokens", "1k", "--grouping-tokens", "1k", "--scale-tokens", "1k",
+            "--batch-tokens", "256", "--ctx-len", "64", "--k", "8", "--device", "cpu",
+            "--sae-precision", "tf32"]  # fmt: skip
+    loop.SaeTrainer = spy
+    try:
+        assert train_main(argv) == 0
+    finally:
+        loop.SaeTrainer = real
+    assert made and set(made) == {"tf32"}
+    assert RunDir(out).read_settings().sae_precision == "tf32"
+    capsys.readouterr()
+    assert train_main(["--resume", str(out), "--sae-precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--sae-precision (the run has 'tf32')" in err, err
+    old = RunSettings().to_json()
+    del old["sae_precision"]
+    assert RunSettings.from_json(old).sae_precision == "fp32"
