@@ -91,8 +91,9 @@ def with_dead_latents(trainer, dead):
     """Keep the latents of ``dead`` dead (past the threshold), so AuxK runs at every step."""
     trainer.tokens_seen = max(trainer.tokens_seen, trainer.cfg.dead_threshold)
 
-    def revive_none():
-        trainer.tokens_since_fired[dead] = trainer.cfg.dead_threshold
+    def revive_none():  # torch.where, not a masked assignment: no host sync
+        since = trainer.tokens_since_fired
+        since.copy_(torch.where(dead, trainer.cfg.dead_threshold, since))
 
     return revive_none
 

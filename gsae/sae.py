@@ -599,6 +599,10 @@ class SaeTrainer:
     With ``optimizer="signum"`` the parameters hold the point where gradients are taken, not the
     model to use: evaluate inside :meth:`averaged`, which swaps in the averaged weights. The
     SAE files written by :meth:`save_files` always hold the weights to use.
+
+    ``precision``: the encoder matmul's (:func:`resolve_sae_precision`; ``auto`` is bf16 on a
+    GPU). AuxK is ``min(k_aux, dead latents)`` wide (:class:`DeadCount`): no AuxK work at all
+    while no latent is dead. On a GPU a step with ``check_finite=False`` never syncs the host.
     """
 
     def __init__(self, sae: Sae, precision: str = "auto"):
