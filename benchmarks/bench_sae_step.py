@@ -2,7 +2,8 @@
 
 CPU: the torch path against the dense reference (target >= 3x faster), against the floor of any
 TopK SAE step, the encoder matmul + top-k alone (target <= 1.5x), and peak memory (target: not
-above the reference's). GPU (skipped without one): Triton against the torch path.
+above the reference's). GPU (skipped without one), issue 18: the paper's shape with AuxK on, in
+each encoder precision, against the torch path and sparsify's SparseCoder in the same run.
 """
 
 import pytest
@@ -17,7 +18,7 @@ CPU_CASES = [
 ]
 
 
-def make_trainer(d, m, k, backend, device="cpu", dtype=torch.float32):
+def make_trainer(d, m, k, backend, device="cpu"):
     sae = Sae(SaeConfig(d=d, num_latents=m, k=k), device=device)
     sae.backend = backend
     return SaeTrainer(sae)
@@ -86,22 +87,75 @@ def test_cpu_train_step_peak_memory(benchmark, report, n, d, m, k):
     report(case, "peak memory torch / reference (<= 1)", f"{mib['torch'] / mib['reference']:.2f}x")
 
 
-@pytest.mark.skipif(not gpu_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_train_step(benchmark, report, rounds, dtype):
-    n, d, m, k = 32768, 2048, 32768, 128
-    x = torch.randn(n, d, device="cuda", dtype=dtype)
-    trainers = {b: make_trainer(d, m, k, b, device="cuda") for b in ("triton", "torch")}
+def with_dead_latents(trainer, dead):
+    """Keep the latents of ``dead`` dead (past the threshold), so AuxK runs at every step."""
+    trainer.tokens_seen = max(trainer.tokens_seen, trainer.cfg.dead_threshold)
 
-    def timed(trainer):
-        def run():
-            trainer.step(x)
+    def revive_none():  # torch.where, not a masked assignment: no host sync
+        since = trainer.tokens_since_fired
+        since.copy_(torch.where(dead, trainer.cfg.dead_threshold, since))
+
+    return revive_none
+
+
+def sparsify_step(d, m, k, dead, lr):
+    """One training step of EleutherAI sparsify's SparseCoder as its Trainer runs it: the
+    forward under its own bf16 autocast (AuxK: k_aux = d / 2 among the dead latents), FVU +
+    AuxK / 32, backward, the decoder-parallel gradient removed, Adam, unit-norm decoder rows."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=m, k=k), device="cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+
+    def step(x):
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+@pytest.mark.skipif(not gpu_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32"])
+def test_gpu_train_step(benchmark, report, rounds, precision):
+    """The paper's shape with AuxK on (k_aux = 1024, a quarter of the latents dead): gsae's
+    Triton step in each encoder precision against its torch path in the same precision and
+    against sparsify's SparseCoder step (its own bf16 autocast) in the same run."""
+    n, d, m, k, k_aux = 32768, 2048, 32768, 128, 1024
+    x = torch.randn(n, d, device="cuda")
+    dead = torch.zeros(m, dtype=torch.bool, device="cuda")
+    dead[torch.randperm(m, device="cuda")[: m // 4]] = True
+    fns = {}
+    for backend in ("triton", "torch"):
+        sae = Sae(SaeConfig(d=d, num_latents=m, k=k, k_aux=k_aux), device="cuda")
+        sae.backend = backend
+        trainer = SaeTrainer(sae, precision=precision)
+        keep_dead = with_dead_latents(trainer, dead)
+
+        def run(trainer=trainer, keep_dead=keep_dead):
+            keep_dead()
+            trainer.step(x, check_finite=False)
             torch.cuda.synchronize()
 
-        return run
+        fns[f"gsae-{backend}"] = run
+    peer = sparsify_step(d, m, k, dead, SaeConfig(d=d, num_latents=m).lr_value)
 
-    benchmark.group = f"sae-step-gpu-{dtype}"
-    benchmark.pedantic(timed(trainers["triton"]), rounds=3, warmup_rounds=1)
-    t = interleaved({b: timed(tr) for b, tr in trainers.items()}, rounds)
-    ratio = t["torch"]["median"] / t["triton"]["median"]
-    report(f"gpu N={n} d={d} m={m} k={k} {dtype}", "torch / triton [median]", f"{ratio:.2f}x")
+    def run_peer():
+        peer(x)
+        torch.cuda.synchronize()
+
+    fns["sparsify"] = run_peer
+    benchmark.group = f"sae-step-gpu-{precision}"
+    benchmark.pedantic(fns["gsae-triton"], rounds=3, warmup_rounds=1)
+    t = interleaved(fns, rounds)
+    ms = {name: v["median"] * 1e3 for name, v in t.items()}
+    case = f"gpu N={n} d={d} m={m} k={k} k_aux={k_aux} {precision}"
+    report(case, "gsae triton step [median] ms", f"{ms['gsae-triton']:.1f}")
+    report(case, "sparsify step (bf16 autocast) [median] ms", f"{ms['sparsify']:.1f}")
+    report(
+        case, "sparsify / gsae triton (target >= 1.5)", f"{ms['sparsify'] / ms['gsae-triton']:.2f}x"
+    )
+    report(case, "gsae torch / gsae triton", f"{ms['gsae-torch'] / ms['gsae-triton']:.2f}x")

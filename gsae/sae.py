@@ -433,9 +433,12 @@ class Sae(TopKSAE):
     def decode(self, values, indices, *, layer=None) -> torch.Tensor:
         return super().decode(values, indices) / self.scale_for(layer)
 
-    def forward(self, x, dead_mask=None, k_aux=0, *, layer=None) -> ForwardOutput:
+    def forward(
+        self, x, dead_mask=None, k_aux=0, *, layer=None, precision=None, aux_limit=None
+    ) -> ForwardOutput:
         """``x_hat`` in model units; the loss is the normalised one that training minimises."""
-        out = super().forward(self.normalize(x, layer), dead_mask, k_aux)
+        xs = self.normalize(x, layer)
+        out = super().forward(xs, dead_mask, k_aux, precision=precision, aux_limit=aux_limit)
         return out._replace(x_hat=out.x_hat / self.scale_for(layer))
 
     # ---- files
@@ -535,6 +538,52 @@ class StepOutput(NamedTuple):
     dead_fraction: torch.Tensor
 
 
+SAE_PRECISIONS = ("auto", "bf16", "tf32", "fp32")
+AUX_REFRESH_STEPS = 8  # GPU: steps between reads of the number of dead latents
+
+
+def resolve_sae_precision(precision: str, device: torch.device) -> str:
+    """The encoder matmul precision of training (``--sae-precision``): ``auto`` is bf16 on a
+    GPU (tensor cores, fp32 sums; weights, gradients and optimiser state stay fp32) and fp32
+    (the paper's) on a CPU, where bf16 would only be emulated."""
+    if precision not in SAE_PRECISIONS:
+        raise ValueError(f"precision must be one of {'|'.join(SAE_PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+class DeadCount:
+    """The number of dead latents on the host, without a per-step sync on a GPU.
+
+    On a CPU it is read every step (free). On a GPU the count is copied to pinned host memory
+    behind an event every ``AUX_REFRESH_STEPS`` steps and read at the next refresh, one
+    interval later, when the GPU is long past it (waiting on the event only if the host is a
+    whole interval ahead of the GPU, when a wait costs nothing). So AuxK's width follows the
+    number of dead latents as it was up to 2 intervals earlier; the first read (at the start,
+    or after a resume) is a blocking one."""
+
+    def __init__(self, device: torch.device):
+        self.gpu = torch.device(device).type == "cuda"
+        self.value: int | None = None
+        self._host = torch.zeros((), dtype=torch.int64, pin_memory=self.gpu)
+        self._event = None
+
+    def read(self, dead: torch.Tensor, step: int) -> int:
+        if not self.gpu:
+            return int(dead.sum())
+        if self.value is None:  # first use: one blocking read
+            self.value = int(dead.sum())
+        if step % AUX_REFRESH_STEPS == 0:
+            if self._event is not None:
+                self._event.synchronize()  # passed long ago, except when the host runs ahead
+                self.value = int(self._host)
+            self._host.copy_(dead.sum(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self.value
+
+
 def make_optimizer(sae: Sae) -> torch.optim.Optimizer:
     """Adam (the paper's) or schedule-free sign-SGD (``signum``, sparsify's default). Both
     honour ``found_inf`` on the device, so a non-finite step is skipped without a sync."""
@@ -550,12 +599,18 @@ class SaeTrainer:
     With ``optimizer="signum"`` the parameters hold the point where gradients are taken, not the
     model to use: evaluate inside :meth:`averaged`, which swaps in the averaged weights. The
     SAE files written by :meth:`save_files` always hold the weights to use.
+
+    ``precision``: the encoder matmul's (:func:`resolve_sae_precision`; ``auto`` is bf16 on a
+    GPU). AuxK is ``min(k_aux, dead latents)`` wide (:class:`DeadCount`): no AuxK work at all
+    while no latent is dead. On a GPU a step with ``check_finite=False`` never syncs the host.
     """
 
-    def __init__(self, sae: Sae):
+    def __init__(self, sae: Sae, precision: str = "auto"):
         self.sae = sae
         self.cfg = sae.cfg
         device = sae.W_dec.device
+        self.precision = resolve_sae_precision(precision, device)  # of the encoder matmul
+        self.dead_count = DeadCount(device)
         self.optimizer = make_optimizer(sae)
         self.tokens_since_fired = torch.zeros(sae.m, dtype=torch.int64, device=device)
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -573,14 +628,24 @@ class SaeTrainer:
         return self.tokens_since_fired >= self.cfg.dead_threshold
 
     def _k_aux(self, dead: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """AuxK width for this step, and (on a GPU) a 0/1 factor for 'any latent dead'."""
+        """AuxK width for this step (``min(k_aux, dead latents)``: 0, so no AuxK work, while
+        none is dead) and, on a GPU, a 0/1 factor for 'any latent dead now' (the count may be a
+        few steps old: without a dead latent the AuxK term is 0, as k_aux = 0 would give)."""
         if self.tokens_seen < self.cfg.dead_threshold:
             return 0, None  # nothing can be dead yet: skip AuxK without looking
-        if dead.device.type == "cpu":
-            return min(self.cfg.k_aux_value, int(dead.sum())), None  # free on a CPU
-        # on a GPU a fixed width keeps the step sync-free; spare slots carry value 0, and the
-        # factor zeroes AuxK when nothing is dead, which is what k_aux = 0 would give
-        return self.cfg.k_aux_value, dead.any().to(torch.float32)
+        width = min(self.cfg.k_aux_value, self.dead_count.read(dead, self.steps))
+        if dead.device.type == "cpu" or width == 0:
+            return width, None
+        return width, dead.any().to(torch.float32)
+
+    def _forward(self, x: torch.Tensor, dead: torch.Tensor):
+        """The SAE's forward on ``x`` in its own units with this step's AuxK, in the trainer's
+        precision; and the AuxK term to train."""
+        k_aux, any_dead = self._k_aux(dead)
+        mask, limit = (dead if k_aux else None), self.dead_count.value
+        out = TopKSAE.forward(self.sae, x, mask, k_aux, precision=self.precision, aux_limit=limit)
+        auxk = out.loss.auxk if any_dead is None else out.loss.auxk * any_dead
+        return out, auxk
 
     def step(
         self, x: torch.Tensor, layer: int | torch.Tensor | None = None, check_finite: bool = True,
@@ -593,9 +658,7 @@ class SaeTrainer:
         if not self.initialized:  # the first finite batch completes the init
             self.initialized = sae.init_from_batch(x, layer) is not None
         dead = self.dead_mask()
-        k_aux, any_dead = self._k_aux(dead)
-        out = sae(x, dead if k_aux else None, k_aux, layer=layer)
-        auxk = out.loss.auxk if any_dead is None else out.loss.auxk * any_dead
+        out, auxk = self._forward(sae.normalize(x, layer), dead)
         loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -673,12 +736,10 @@ class SaeTrainer:
         sae, d = self.sae, self.sae.d
         xs = sae.normalize(x, layer)  # [n, d], the SAE's units
         dead = self.dead_mask()
-        k_aux, any_dead = self._k_aux(dead)
-        out = TopKSAE.forward(sae, xs, dead if k_aux else None, k_aux)  # the same kernels
+        out, auxk = self._forward(xs, dead)  # the same kernels
         with torch.no_grad():
             var, mean = torch.var_mean(xs.double(), dim=0, correction=0)  # [d], float64
             within = var.sum() * n  # this part's own total variance
-        auxk = out.loss.auxk if any_dead is None else out.loss.auxk * any_dead
         loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
         # FVU * V_part = the part's squared error: its gradient is the unnormalised one
         (loss * within.float()).backward()

@@ -39,13 +39,19 @@ def test_opcheck_every_op(backend, device):
     k, k_aux, m = 5, 7, we.shape[0]
     dead = torch.zeros(m, dtype=torch.bool, device=device)
     dead[::3] = True
+    # the precision and the AuxK candidate bound are op arguments too (the interpreter
+    # mishandles bf16 dots, so Triton checks tf32's argument path here)
+    low = "bf16" if backend == "torch" else "tf32"
     cases = [
-        (ops.topk_encode, (x, we, be, bd, k, None, 0, backend)),
-        (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend)),
-        (ops.topk_encode, (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend)),
+        (ops.topk_encode, (x, we, be, bd, k, None, 0, backend, "fp32", m)),
+        (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend, low, m // 2)),
+        (
+            ops.topk_encode,
+            (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend, "fp32", m),
+        ),
     ]
     v, i, av, ai = ops.topk_encode(x.detach(), we.detach(), be.detach(), bd.detach(), k, dead,
-                                   k_aux, backend)  # fmt: skip
+                                   k_aux, backend, "fp32", m)  # fmt: skip
     gv, ga = torch.randn_like(v), torch.randn_like(av)
     det = [t.detach() for t in (x, we, bd)]
     cases += [  # the backward ops have no backward of their own (no double backward)

@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import grouping as gp
 from ..activations import DatasetLoadError, ModelLoadError
 from ..progress import set_progress
-from ..sae import B_DEC_INITS, ENCODER_INITS, OPTIMIZERS
+from ..sae import B_DEC_INITS, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS
 from ..train import (
     RESUMABLE,
     CheckpointError,
@@ -53,6 +53,7 @@ DEFAULTS = {
     "auxk_alpha": 1 / 32,
     "scale_mode": "mean_sq",
     "optimizer": "adam",
+    "sae_precision": "auto",
     "init_encoder": "fit",
     "init_b_dec": "mean",
     "log_every": 20,
@@ -128,6 +129,13 @@ def parser() -> argparse.ArgumentParser:
         choices=OPTIMIZERS,
         help="adam (the paper's, default) or signum: schedule-free sign-SGD, sparsify's "
         "default, faster at short budgets (its averaged weights are evaluated and saved)",
+    )
+    add(
+        "--sae-precision",
+        choices=SAE_PRECISIONS,
+        help="the SAE encoder's matmul: auto (default: bf16 on a GPU, fp32 on a CPU), bf16 or "
+        "tf32 (tensor cores, fp32 sums; weights and optimiser state stay fp32) or fp32 (the "
+        "paper's)",
     )
     add(
         "--init",

@@ -205,7 +205,7 @@ class Run:
         sae = Sae(cfg, layers, device=self.device)
         for layer in layers:
             sae.set_scale(layer, scales[layer])
-        return SaeTrainer(sae)
+        return SaeTrainer(sae, precision=self.settings.sae_precision)
 
     def _engine(self):
         if not self.world.distributed:

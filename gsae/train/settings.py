@@ -95,6 +95,7 @@ class RunSettings:
     layers_per_token: str = "one"  # one (the paper) | all
     seed: int = 0
     sae: dict = field(default_factory=dict)  # SaeConfig fields but d
+    sae_precision: str = "auto"  # the encoder's matmul: auto (bf16 on a GPU) | bf16 | tf32 | fp32
     # several processes (torchrun)
     data_shards: int | None = None  # None: the number of processes when the run starts
     distribute_saes: bool = False  # each SAE on its owners (default: replicated on every one)
@@ -179,4 +180,5 @@ class RunSettings:
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
         data = {"data_shards": 1, **data}  # a run saved before several processes: one shard
+        data = {"sae_precision": "fp32", **data}  # ... before --sae-precision: the fp32 it ran
         return cls(**{k: v for k, v in data.items() if k in names})

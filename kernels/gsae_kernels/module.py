@@ -71,13 +71,24 @@ class TopKSAE(nn.Module):
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return sparse_decode(values, indices, self.W_dec, self.b_dec, backend=self.backend)
 
-    def forward(self, x: torch.Tensor, dead_mask=None, k_aux: int = 0) -> ForwardOutput:
-        """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        dead_mask=None,
+        k_aux: int = 0,
+        *,
+        precision: str | None = None,
+        aux_limit: int | None = None,
+    ) -> ForwardOutput:
+        """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``
+        (at most ``aux_limit`` considered); ``precision``: the encoder matmul's (see
+        :func:`~gsae_kernels.topk_encode`)."""
         # the kernels are called directly (not self.encode/decode) so subclasses that wrap
         # encode/decode, e.g. with an input scale, can reuse this forward on prepared inputs
         b = self.backend
+        w = (self.W_enc, self.b_enc, self.b_dec)
         latents = topk_encode(
-            x, self.W_enc, self.b_enc, self.b_dec, self.k, dead_mask, k_aux, backend=b
+            x, *w, self.k, dead_mask, k_aux, backend=b, precision=precision, aux_limit=aux_limit
         )
         x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec, backend=b)
         aux_recon = None

@@ -16,10 +16,11 @@ both strides of every matrix it reads (a transposed or sliced weight is read in 
 copied); the Triton launcher specialises a unit stride, so contiguous inputs pay nothing.
 
 ``sparse_transpose`` needs the ``E = N k`` entries grouped by latent: :func:`latent_segments`
-sorts them (stable, on the device, no host sync) into CSR form (``offsets [m+1]``, ``rows [E]``,
-``order [E]``). It is computed inside each backward that needs it and dropped with it: nothing
-outlives the step. Every latent's sum then runs in a fixed order, so gradients are bit-identical
-from run to run: no float atomics anywhere.
+sorts them (stable, on the device, with no host sync: the offsets come from a binary search in
+the sorted ids) into CSR form (``offsets [m+1]``, ``rows [E]``, ``order [E]``). It is computed
+inside each backward that needs it and dropped with it: nothing outlives the step. Every
+latent's sum then runs in a fixed order, so gradients are bit-identical from run to run: no
+float atomics anywhere.
 
 Triton tiling:
 
@@ -222,28 +223,39 @@ class LatentSegments(NamedTuple):
     offsets: torch.Tensor  # [m + 1] int64
 
 
-def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
-    """Stable argsort of integer ``keys`` in ``[0, bound)``.
+def stable_sort(keys: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of integer ``keys`` in ``[0, bound)``: (the sorted keys, in some integer
+    dtype, and the permutation).
 
     Sorted as int16 (one pass for ``bound <= 2^15``, else two: the low 15 bits, then the rest),
     because torch radix-sorts narrow keys far faster than int64 ones (measured on this project's
     CPU at E = 4096 x 128: 11 ms against 170 ms)."""
     if bound <= 1 << 15:
-        return torch.sort(keys.to(torch.int16), stable=True).indices
+        values, order = torch.sort(keys.to(torch.int16), stable=True)
+        return values, order
     order = torch.sort((keys & 0x7FFF).to(torch.int16), stable=True).indices
     high = keys[order] >> 15
     high = high.to(torch.int16) if bound <= 1 << 30 else high
-    return order[torch.sort(high, stable=True).indices]
+    order = order[torch.sort(high, stable=True).indices]
+    return keys[order], order
+
+
+def stable_argsort(keys: torch.Tensor, bound: int) -> torch.Tensor:
+    """The permutation of :func:`stable_sort`."""
+    return stable_sort(keys, bound)[1]
 
 
 def latent_segments(idx: torch.Tensor, num_latents: int) -> LatentSegments:
     """Sort the entries of ``idx [N, k]`` by latent (stable: each latent's entries keep row
     order, so every sum over them runs in a fixed order)."""
     flat = idx.reshape(-1).long()
-    order = stable_argsort(flat, num_latents)
-    counts = torch.bincount(flat, minlength=num_latents)
-    offsets = torch.zeros(num_latents + 1, dtype=torch.int64, device=idx.device)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    ids, order = stable_sort(flat, num_latents)  # [E] sorted ids, [E]
+    # each latent's first sorted position, by binary search in the sorted ids: unlike
+    # torch.bincount, which reads the ids' min and max back to the host on a GPU, no sync
+    # (latent m's start is E: the bounds stay below m, which fits the ids' int16)
+    bounds = torch.arange(num_latents, dtype=ids.dtype, device=idx.device)
+    offsets = flat.new_full((num_latents + 1,), flat.numel())
+    torch.searchsorted(ids, bounds, out=offsets[:-1])
     rows = torch.div(order, max(1, idx.shape[1]), rounding_mode="floor")
     return LatentSegments(order, rows, offsets)
 
@@ -272,8 +284,10 @@ def row_dot_meta(k: int, d: int) -> dict:
 
 
 def sparse_transpose_meta(d: int) -> dict:
-    # [16, 8, 64] gathered tiles: no spills on sm_80/sm_90/gfx90a/gfx942
-    return {"BLOCK_L": 16, "BLOCK_E": 8, "BLOCK_D": min(64, _blocks_d(d)), "num_warps": 4}
+    # [16, 8, 32] gathered tiles over 8 warps: no spills on sm_80/sm_90/gfx90a/gfx942 for every
+    # variant the trainer launches, fp32 and bf16 (at [16, 8, 64] and 4 warps the decoder's
+    # variant, without shift or bias sums, spilled 16 bytes on sm_80 and bf16's on sm_90)
+    return {"BLOCK_L": 16, "BLOCK_E": 8, "BLOCK_D": min(32, _blocks_d(d)), "num_warps": 8}
 
 
 def transpose_tail_meta(d: int) -> dict:

@@ -12,11 +12,19 @@ pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the pre-bias is su
 is loaded), packs every pre-activation with its latent id into one order-preserving int64 key
 (float bits, sign-fixed, in the high word; the complemented id in the low word) and merges the
 tile into a running per-row top-``K_PAD`` buffer with a bitonic network (as ``tl.topk`` does).
-The ``[N, m]`` pre-activation matrix never reaches global memory. The AuxK buffer is a second
-running top-``KA_PAD`` over the same tile with live latents masked out; tiles with no dead
-latent that beats the current ``KA``-th best skip the merge. Block sizes are powers of two and
+The ``[N, m]`` pre-activation matrix never reaches global memory. AuxK is a second, separate
+selection over the dead latents only (:func:`_aux_select`: one GEMM over the gathered dead rows
+of W_enc, then ``torch.topk``), so its cost follows the number of dead latents and no kernel
+buffer grows with k_aux (a per-row top-1024 buffer needs 128 KiB of shared memory at
+BLOCK_N = 16: twice an AMD GPU's 64 KiB). Block sizes are powers of two and
 at least 16, and kernels use only portable ``tl`` ops, so the same code runs on 32-wide NVIDIA
 warps and 64-wide AMD wavefronts.
+
+Precision (:func:`resolve_precision`): the pre-activation matmul rounds its operands to fp32,
+tf32 or bf16 and sums the products in fp32, the same on both backends (Triton: a bf16 copy of
+W_enc and ``tl.dot`` on tensor cores, or ``input_precision="tf32"``; torch: the rounded
+operands in an fp32 GEMM, on TF32 tensor cores on a CUDA GPU, which hold them exactly). The
+values are the rounded GEMM's; the backward reads the fp32 weights and sums in fp32.
 
 Backward (both backends): only the selected entries carry gradient. With ``g = grad_values *
 (values > 0)``: ``grad_W_enc[i] = sum_{n,j: idx=i} g[n,j] (x[n] - b_dec)`` and ``grad_b_enc``
@@ -33,6 +41,7 @@ single graph nodes with no graph break.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import NamedTuple
 
@@ -166,19 +175,16 @@ def _store_topk(best, VALS, IDX, rows, rmask, K: tl.constexpr, K_PAD: tl.constex
 
 @triton.jit
 def _encode_topk_kernel(
-    X, W, B_ENC, B_DEC, DEAD, VALS, IDX, AVALS, AIDX,
+    X, W, B_ENC, B_DEC, VALS, IDX,
     N, M, D, stride_xn, stride_xd, stride_wm, stride_wd, stride_be, stride_bd,
-    K: tl.constexpr, LOG_K: tl.constexpr, KA: tl.constexpr, LOG_KA: tl.constexpr,
-    HAS_AUX: tl.constexpr, HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr,
+    K: tl.constexpr, LOG_K: tl.constexpr, HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, LOG_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     K_PAD: tl.constexpr = 1 << LOG_K
-    KA_PAD: tl.constexpr = 1 << LOG_KA
     BLOCK_M: tl.constexpr = 1 << LOG_M
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
     best = tl.full([BLOCK_N, K_PAD], _SENTINEL, tl.int64)
-    abest = tl.full([BLOCK_N, KA_PAD], _SENTINEL, tl.int64)
     for m0 in range(0, M, BLOCK_M):
         lat = m0 + tl.arange(0, BLOCK_M)
         lmask = lat < M
@@ -199,22 +205,14 @@ def _encode_topk_kernel(
                 mask=lmask[None, :] & cmask[:, None],
                 other=0.0,
             )  # [BLOCK_D, BLOCK_M]: W_enc rows read as columns, i.e. W_enc.T
+            # a bf16 W (the bf16 precision's copy) makes this a bf16 x bf16 -> fp32 dot
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision=PRECISION)
         z = acc
         if HAS_B_ENC:
             z += tl.load(B_ENC + lat * stride_be, mask=lmask, other=0.0).to(tl.float32)[None, :]
         key = tl.where(lmask[None, :], _pack(z, lat[None, :]), _SENTINEL)  # [BLOCK_N, BLOCK_M]
         best = _merge_topk(best, key, LOG_M, LOG_K)
-        if HAS_AUX:
-            dead = tl.load(DEAD + lat, mask=lmask, other=0) != 0
-            akey = tl.where(dead[None, :], key, _SENTINEL)
-            # the K-th best so far, per row: a tile with nothing above it cannot change the buffer
-            kth = tl.min(tl.where(tl.arange(0, KA_PAD)[None, :] < KA, abest, 2**62), axis=1)
-            if tl.max((tl.max(akey, axis=1) > kth).to(tl.int32), axis=0) > 0:
-                abest = _merge_topk(abest, akey, LOG_M, LOG_KA)
     _store_topk(best, VALS, IDX, rows, rmask, K, K_PAD)
-    if HAS_AUX:
-        _store_topk(abest, AVALS, AIDX, rows, rmask, KA, KA_PAD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,82 +220,181 @@ def _encode_topk_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _dot_precision(x: torch.Tensor) -> str:
-    # follow torch's own fp32 matmul setting, so the kernel selects what torch.mm would
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 and x.is_cuda and torch.version.hip is None else "ieee"
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def encode_meta(k: int, k_aux: int) -> dict:
+def resolve_precision(precision: str | None, x: torch.Tensor) -> str:
+    """The encoder matmul's precision for compute dtype ``x.dtype``: ``"fp32"`` (IEEE),
+    ``"tf32"`` or ``"bf16"`` (operands rounded to that format, products summed in fp32).
+
+    None follows torch's own fp32 matmul setting (``torch.backends.cuda.matmul.allow_tf32``),
+    as torch.mm would. Only an fp32 computation is rounded (a bf16/fp16/fp64 one already has its
+    format); AMD GPUs have no TF32 in Triton, so ``"tf32"`` is fp32 there, on both backends."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    if x.dtype != torch.float32:
+        return "fp32"
+    if precision is None:
+        precision = "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    if precision == "tf32" and torch.version.hip is not None:
+        return "fp32"
+    return precision
+
+
+def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """``t`` (fp32) rounded to the precision's input format, kept as fp32: a product of two
+    such values is exact in fp32, so an fp32 matmul of rounded operands is what a tensor core
+    computes (up to the order of the fp32 sums). Round to nearest even."""
+    if precision == "bf16":
+        return t.to(torch.bfloat16).to(t.dtype)
+    if precision == "tf32":  # 10 mantissa bits: clear the low 13, rounding half to even
+        bits = t.contiguous().view(torch.int32)
+        bits = (bits + (0xFFF + ((bits >> 13) & 1))) & -0x2000
+        return bits.view(torch.float32)
+    return t
+
+
+@contextlib.contextmanager
+def _matmul_precision(device: torch.device, precision: str):
+    """On a CUDA device, let torch.mm use TF32 tensor cores exactly when the operands were
+    rounded (a bf16 or tf32 value is exact in TF32, so this is the rounded product); elsewhere
+    nothing to set."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32
+    flags.allow_tf32 = precision != "fp32"
+    try:
+        yield
+    finally:
+        flags.allow_tf32 = old
+
+
+def encode_meta(k: int, precision: str = "fp32") -> dict:
     """Tiles checked with ptxas and the AMDGCN metadata (tests/test_triton_compile.py, which
-    fails on a spill): no spills on sm_80, sm_90, gfx90a or gfx942 for k up to 128 with k_aux
-    up to 64, fp32 and bf16. A wide AuxK buffer (k_aux in the hundreds, as the default d / 2
-    is) spills on NVIDIA (k = 128, k_aux = 384: 332 B on sm_80, 360 B on sm_90; none on
-    gfx90a/gfx942), a cost paid only while some latents are dead, and only for the tiles
-    holding a dead latent that beats a row's current AuxK buffer."""
+    fails on a spill or on shared memory over a target's limit): no spills on sm_80, sm_90,
+    gfx90a or gfx942 for k up to 128, in every precision. bf16 operands take BLOCK_D = 16 (one
+    MMA k-step): at 32 the sm_90 code spills 24 bytes (128 registers; 4 warps or BLOCK_M = 64
+    would also fit, at half the threads or twice the merges). The AuxK selection is not in this
+    kernel (see :func:`_aux_select`), so no buffer grows with k_aux."""
     log_k = (k - 1).bit_length()  # K_PAD = 2^log_k >= k
     return {
         "LOG_K": log_k,
-        "LOG_KA": (k_aux - 1).bit_length() if k_aux > 0 else 0,
         "BLOCK_N": 16,
         "LOG_M": max(6, min(log_k, 8)),
-        "BLOCK_D": 32,
-        "num_warps": 8 if log_k >= 6 else 4,  # 8 for k = 7 with AuxK spills on sm_80
+        "BLOCK_D": 16 if precision == "bf16" else 32,
+        "num_warps": 8 if log_k >= 6 else 4,
     }
 
 
-def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
-    n, d = x.shape
-    m = W_enc.shape[0]
-    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    aux_values = torch.empty(n, k_aux, dtype=x.dtype, device=x.device)
-    aux_indices = torch.empty(n, k_aux, dtype=torch.int64, device=x.device)
-    if n == 0:
-        return values, indices, aux_values, aux_indices
-    has_aux = k_aux > 0
-    meta = encode_meta(k, k_aux)
-    dead = dead_mask.to(torch.int8).contiguous() if has_aux else values  # any pointer if unused
-    b_enc_ = b_enc if b_enc is not None else x
-    b_dec_ = b_dec if b_dec is not None else x
-    _encode_topk_kernel[(cdiv(n, meta["BLOCK_N"]),)](
-        x, W_enc, b_enc_, b_dec_, dead, values, indices, aux_values, aux_indices,
-        n, m, d, *x.stride(), *W_enc.stride(), b_enc_.stride(0), b_dec_.stride(0),
-        K=k, KA=max(k_aux, 1), HAS_AUX=has_aux, HAS_B_ENC=b_enc is not None,
-        HAS_B_DEC=b_dec is not None, PRECISION=_dot_precision(x), **meta,
-    )  # fmt: skip
-    return values, indices, aux_values, aux_indices
+def kernel_weight_dtype(w_dtype: torch.dtype, precision: str) -> torch.dtype:
+    """The dtype the Triton encoder reads W_enc in: a bf16 copy for the bf16 precision (half the
+    bytes of the tile loads, and the dot's operands are bf16 either way)."""
+    return torch.bfloat16 if precision == "bf16" and w_dtype == torch.float32 else w_dtype
+
+
+def _aux_candidates(dead_mask: torch.Tensor, limit: int, exact: bool | None = None):
+    """The latents AuxK chooses among (``[C]`` ids, C <= limit) and which of them are dead
+    (``[C]`` bool, or None when all are). On a CPU exactly the dead ones (``nonzero`` is free
+    there); on a GPU, where ``nonzero`` would sync the host, the first ``limit`` of a stable
+    sort that puts the dead latents first: ``limit`` is the caller's bound on their number
+    (e.g. read a few steps earlier), and any live latent inside it is masked out. ``exact``
+    forces either way (None: by the device)."""
+    if exact if exact is not None else dead_mask.device.type == "cpu":
+        return dead_mask.nonzero().squeeze(1)[:limit], None
+    order = torch.sort(dead_mask.to(torch.uint8), descending=True, stable=True).indices
+    order = order[:limit]
+    return order, dead_mask[order]
 
 
 def _chunk_rows(n: int, m: int) -> int:
     # one [rows, m] fp32 buffer of <= 32 MiB, reused by every chunk: big enough for an efficient
     # GEMM, small enough that glibc serves it from the heap (larger blocks are mmap'd, and
     # page-faulted in again on every call), and it bounds memory for any N
-    return max(1, min(n, max(64, (1 << 23) // m)))
+    return max(1, min(n, max(64, (1 << 23) // max(1, m))))
 
 
-def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux):
+def _aux_topk(z, cand, dead, ka, out_v, out_i):
+    """Top ``ka`` of the candidates' pre-activations ``z [c, C]`` into ``out_v/out_i [c, :ka]``
+    (latent ids; a masked live candidate can only fill a slot with value <= 0)."""
+    if dead is not None:
+        z = z.masked_fill(~dead[None, :], float("-inf"))
+    v, i = z.topk(ka, dim=1, sorted=False)
+    out_v[:, :ka] = v
+    out_i[:, :ka] = cand[i]
+
+
+def _aux_select(xc, W_enc, b_enc, dead_mask, k_aux, limit, precision, aux_values, aux_indices):
+    """AuxK for the Triton path: the top ``k_aux`` dead latents of each row of ``xc = x - b_dec``
+    by one GEMM over the candidates only (:func:`_aux_candidates`), in row chunks of bounded
+    memory. Its cost follows the number of dead latents, not k_aux or m, and it holds no
+    per-row buffer in a kernel, so any k_aux fits every GPU's shared memory."""
+    cand, dead = _aux_candidates(dead_mask, limit)
+    ka = min(k_aux, cand.shape[0])
+    if ka == 0:
+        return
+    w = round_operand(W_enc.index_select(0, cand), precision)  # [C, d]
+    b = b_enc.index_select(0, cand) if b_enc is not None else None
+    step = _chunk_rows(xc.shape[0], cand.shape[0])
+    with _matmul_precision(xc.device, precision):
+        for s in range(0, xc.shape[0], step):
+            a = round_operand(xc[s : s + step], precision)
+            z = torch.addmm(b, a, w.t()) if b is not None else a @ w.t()  # [c, C]
+            _aux_topk(z, cand, dead, ka, aux_values[s : s + step], aux_indices[s : s + step])
+    aux_values.relu_()
+
+
+def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, limit):
+    n, d = x.shape
+    m = W_enc.shape[0]
+    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    aux_values = torch.zeros(n, k_aux, dtype=x.dtype, device=x.device)
+    aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=x.device)
+    if n == 0:
+        return values, indices, aux_values, aux_indices
+    w = W_enc.to(kernel_weight_dtype(W_enc.dtype, precision))
+    meta = encode_meta(k, "bf16" if w.dtype == torch.bfloat16 else precision)
+    b_enc_ = b_enc if b_enc is not None else x
+    b_dec_ = b_dec if b_dec is not None else x
+    _encode_topk_kernel[(cdiv(n, meta["BLOCK_N"]),)](
+        x, w, b_enc_, b_dec_, values, indices,
+        n, m, d, *x.stride(), *w.stride(), b_enc_.stride(0), b_dec_.stride(0),
+        K=k, HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None,
+        PRECISION="tf32" if precision == "tf32" else "ieee", **meta,
+    )  # fmt: skip
+    if k_aux > 0:
+        xc = x - b_dec if b_dec is not None else x  # [N, d]
+        _aux_select(xc, W_enc, b_enc, dead_mask, k_aux, limit, precision, aux_values, aux_indices)
+    return values, indices, aux_values, aux_indices
+
+
+def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, limit):
     xc = x - b_dec if b_dec is not None else x  # [N, d]
     n, m = xc.shape[0], W_enc.shape[0]
     values = xc.new_empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64, device=xc.device)
     aux_values = xc.new_zeros(n, k_aux)
     aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=xc.device)
-    dead_idx = dead_mask.nonzero().squeeze(1) if k_aux > 0 else None
-    ka = min(k_aux, dead_idx.numel()) if dead_idx is not None else 0
+    cand, dead = _aux_candidates(dead_mask, limit) if k_aux > 0 else (None, None)
+    ka = min(k_aux, cand.numel()) if cand is not None else 0
+    w = round_operand(W_enc, precision)
     step = _chunk_rows(n, m)
     buf = xc.new_empty(step, m)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        if b_enc is not None:
-            z = torch.addmm(b_enc, xc[s:e], W_enc.t(), out=buf[: e - s])  # [c, m]
-        else:
-            z = torch.mm(xc[s:e], W_enc.t(), out=buf[: e - s])
-        torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
-        if ka > 0:
-            v, i = z.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
-            aux_values[s:e, :ka] = v
-            aux_indices[s:e, :ka] = dead_idx[i]
+    with _matmul_precision(xc.device, precision):
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            a = round_operand(xc[s:e], precision)
+            if b_enc is not None:
+                z = torch.addmm(b_enc, a, w.t(), out=buf[: e - s])  # [c, m]
+            else:
+                z = torch.mm(a, w.t(), out=buf[: e - s])
+            torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
+            if ka > 0:  # the same pre-activations, the candidates' columns
+                _aux_topk(
+                    z.index_select(1, cand), cand, dead, ka, aux_values[s:e], aux_indices[s:e]
+                )
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
@@ -344,15 +441,17 @@ def _topk_encode_op(
     dead_mask: Tensor | None,
     k_aux: int,
     backend: str,
+    precision: str,
+    aux_limit: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values [N, k], indices [N, k], aux_values [N, k_aux], aux_indices [N, k_aux])."""
     with launch_guard(x):
         fwd = _encode_fwd_triton if backend == "triton" else _encode_fwd_torch
-        return fwd(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+        return fwd(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, aux_limit)
 
 
 @_topk_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend):
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, aux_limit):
     n = x.shape[0]
     return (x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64),
             x.new_empty(n, k_aux), x.new_empty(n, k_aux, dtype=torch.int64))  # fmt: skip
@@ -392,7 +491,7 @@ def _(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_i
 
 
 def _encode_setup_context(ctx, inputs, output):
-    x, W_enc, b_enc, b_dec, _k, _dead, _k_aux, backend = inputs
+    x, W_enc, b_enc, b_dec, _k, _dead, _k_aux, backend, _precision, _limit = inputs
     values, indices, aux_values, aux_indices = output
     ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
     ctx.backend = backend
@@ -412,7 +511,7 @@ def _encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indice
     )  # fmt: skip
     needs = (need_x, need_w, need_be, need_bd)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
-            None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None)  # fmt: skip
 
 
 _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
@@ -471,6 +570,8 @@ def topk_encode(
     k_aux: int = 0,
     *,
     backend: str | None = None,
+    precision: str | None = None,
+    aux_limit: int | None = None,
 ) -> EncodeOutput:
     """TopK SAE encoder with a sparse backward.
 
@@ -484,6 +585,14 @@ def topk_encode(
         dead_mask: ``[m]`` bool, the latents AuxK may use; needed when ``k_aux > 0``.
         k_aux: dead latents kept per row for AuxK (0: no AuxK selection).
         backend: ``"triton"``, ``"torch"`` or ``"reference"``; default from the device.
+        precision: the encoder matmul's operands, ``"fp32"``, ``"tf32"`` or ``"bf16"``
+            (rounded to that format, products summed in fp32; weights and gradients stay in
+            their dtype), the same on every backend but the reference; None: torch's own fp32
+            matmul setting. See :func:`resolve_precision`.
+        aux_limit: on a GPU, how many latents AuxK considers (the dead ones come first; more
+            dead latents than this and the later ones are left out): a bound on the number of
+            dead latents, read when it costs no sync. None: all m (exact, at the cost of a GEMM
+            over every latent). On a CPU the dead latents are found exactly whatever it is.
 
     Returns:
         :class:`EncodeOutput`, in the compute dtype: W_enc's dtype, or the autocast dtype inside
@@ -495,12 +604,19 @@ def topk_encode(
     dtype = compute_dtype(W_enc)
     x, W_enc, b_enc, b_dec = (cast(t, dtype) for t in (x, W_enc, b_enc, b_dec))
     backend = resolve_backend(x.device, backend, dtype)
+    precision = resolve_precision(precision, x)
+    m = W_enc.shape[0]
+    limit = m if aux_limit is None else _integer(aux_limit)
+    if limit is None or limit < 0:
+        raise ValueError(f"aux_limit must be None or an integer >= 0, got {aux_limit!r}")
     dead_mask = dead_mask if k_aux > 0 else None
     if backend == "reference":
-        b_enc = b_enc if b_enc is not None else x.new_zeros(W_enc.shape[0])
+        b_enc = b_enc if b_enc is not None else x.new_zeros(m)
         b_dec = b_dec if b_dec is not None else x.new_zeros(x.shape[1])
         return EncodeOutput(*reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
-    out = torch.ops.gsae_kernels.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend)
+    out = torch.ops.gsae_kernels.topk_encode(
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, min(limit, m)
+    )
     values, indices, aux_values, aux_indices = out
     if k_aux == 0:
         return EncodeOutput(values, indices, None, None)
