@@ -7,8 +7,9 @@ to the largest budget and evaluated at every budget on the way (every optimiser 
 schedule-free or at a constant learning rate, so a shorter run is a prefix of a longer one):
 held-out FVU, L0 and the fraction of latents dead (no firing for 100k tokens). Budgets, layers
 and seeds come from ``GSAE_QUALITY_BUDGETS`` (default ``200k,1M,5M``), ``GSAE_QUALITY_LAYERS``
-(default every layer) and ``GSAE_QUALITY_SEEDS`` (default ``0``); the full default sweep takes
-about an hour of one CPU core. Synthetic: d = 256, 200 steps of 4,096
+(default every layer) and ``GSAE_QUALITY_SEEDS`` (default ``0``); ``GSAE_QUALITY_ONLY_DEFAULTS=1``
+trains only the two defaults (the other candidates run at the first budget). The full default
+sweep takes about an hour of one CPU core. Synthetic: d = 256, 200 steps of 4,096
 (gsae.synthetic.SparseFeatures, whose true directions are known).
 
 Each SAE is trained by the same loop on the same batches, normalised the same way: gsae's own
@@ -34,7 +35,7 @@ import pytest
 import torch
 
 from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model
-from gsae.grouping import parse_count
+from gsae.grouping import even_groups, parse_count
 from gsae.sae import Sae, SaeConfig, SaeTrainer, activation_scale
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
@@ -232,11 +233,12 @@ DEMO_CANDIDATES = {  # name -> (runner, kwargs, at every budget or the first onl
 }
 
 
-def _demo_sweep(demo_activations, layers, budgets, seeds):
-    """{name: {(seed, layer): {tokens: Quality}}} for the candidates that can run here."""
+def _demo_sweep(demo_activations, layers, budgets, seeds, only_pair=False):
+    """{name: {(seed, layer): {tokens: Quality}}} for the candidates that can run here (with
+    ``only_pair``: gsae's defaults and sparsify's alone)."""
     results: dict[str, dict] = {}
     for name, (cls, kwargs, every) in DEMO_CANDIDATES.items():
-        if cls is SparsifyRun and not has_sparsify():
+        if (cls is SparsifyRun and not has_sparsify()) or (only_pair and not every):
             continue
         runs = results.setdefault(name, {})
         for seed in seeds:
@@ -254,12 +256,13 @@ def test_quality_demo_layers(benchmark, report, demo_activations):
     budgets = sorted(parse_count(b) for b in _env_list("GSAE_QUALITY_BUDGETS", "200k,1M,5M"))
     layers = [int(v) for v in _env_list("GSAE_QUALITY_LAYERS", "")] or sorted(demo_activations)
     seeds = [int(v) for v in _env_list("GSAE_QUALITY_SEEDS", "0")]
+    only_pair = os.environ.get("GSAE_QUALITY_ONLY_DEFAULTS") == "1"  # e.g. for a 5M-token run
     if smoke:
         budgets, layers, seeds = [SMOKE_STEPS * DEMO_BATCH], [3], [0]
     results = {}
 
     def run_all():
-        results.update(_demo_sweep(demo_activations, layers, budgets, seeds))
+        results.update(_demo_sweep(demo_activations, layers, budgets, seeds, only_pair))
 
     benchmark.group = "quality-demo"
     benchmark.pedantic(run_all, rounds=1, warmup_rounds=0)
@@ -296,6 +299,67 @@ def _report_sweep(report, results, layers, seeds):
                 f"{a.fvu / b.fvu:.3f} (target <= 0.9); dead {a.dead:.3f} vs {b.dead:.3f} "
                 "(target: <=)",
             )
+
+
+# ---- Group-SAEs on the new defaults: Table 1's per-layer SAEs against the demo's G-hat groups
+
+GROUP_TOKENS = 200_000
+GROUP_SETTINGS = {
+    "defaults": {},
+    "--optimizer adam (the defaults before issue 19)": {"optimizer": "adam"},
+}
+
+
+def demo_partitions(num_layers: int) -> dict[str, list[list[int]]]:
+    """One SAE per layer, and the demo's G-hat = 2 groups of the first L - 1 layers (AMAD's
+    partition there is the evenly spaced one, README) plus the last layer alone."""
+    ids = even_groups(num_layers - 1, 2)
+    groups = [[la for la in range(num_layers - 1) if ids[la] == g] for g in range(2)]
+    return {"per-layer": [[la] for la in range(num_layers)], "G-hat": [*groups, [num_layers - 1]]}
+
+
+def train_group(demo_activations, layers, steps, seed=0, **cfg) -> dict[int, float]:
+    """gsae-train's step for one group SAE (each token from one layer of the group, drawn
+    uniformly), on the same pool as the sweep; held-out FVU of each of its layers."""
+    d = demo_activations[layers[0]][0].shape[1]
+    cfg = SaeConfig(d=d, num_latents=DEMO_M, k=DEMO_K, dead_threshold=DEMO_DEAD, seed=seed, **cfg)
+    trainer = SaeTrainer(Sae(cfg, layers))  # scales 1: the activations are scaled already
+    g = torch.Generator().manual_seed(seed)
+    pools = torch.stack([demo_activations[la][0] for la in layers])  # [G, tokens, d]
+    n = pools.shape[1] // DEMO_BATCH
+    for i in range(steps):
+        pick = torch.randint(len(layers), (DEMO_BATCH,), generator=g)  # [N]
+        rows = torch.arange((i % n) * DEMO_BATCH, (i % n + 1) * DEMO_BATCH)
+        trainer.step(pools[pick, rows], layer=torch.tensor(layers)[pick])
+    out = {}
+    with torch.no_grad(), trainer.averaged():
+        for la in layers:
+            out[la] = float(trainer.sae(demo_activations[la][1], layer=la).loss.fvu)
+    return out
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").exists(), reason="demo model not built")
+def test_quality_demo_groups(benchmark, report, demo_activations):
+    smoke = benchmark.disabled
+    steps = SMOKE_STEPS if smoke else GROUP_TOKENS // DEMO_BATCH
+    partitions = demo_partitions(len(demo_activations))
+    fvu: dict[tuple[str, str], dict[int, float]] = {}
+
+    def run_all():
+        for setting, kwargs in GROUP_SETTINGS.items():
+            for name, groups in partitions.items():
+                for layers in groups[:1] if smoke else groups:
+                    part = train_group(demo_activations, layers, steps, **kwargs)
+                    fvu.setdefault((setting, name), {}).update(part)
+
+    benchmark.group = "quality-demo-groups"
+    benchmark.pedantic(run_all, rounds=1, warmup_rounds=0)
+    for (setting, name), per_layer in fvu.items():
+        report(
+            f"demo groups, {steps * DEMO_BATCH:,} tokens per SAE, held-out FVU by layer",
+            f"{name}, {setting}",
+            " ".join(f"{v:.4f}" for _, v in sorted(per_layer.items())),
+        )
 
 
 SYN_CANDIDATES = {

@@ -74,7 +74,7 @@ class SaeConfig:
     # "signum": schedule-free sign-SGD (as sparsify's default, gsae's lr and averaging: see the
     # README's quality section); "adam": the paper's (--recipe paper)
     optimizer: str = "signum"
-    average_power: float = 1.0  # signum: step t weighs t^r in the average (sparsify's: r = 0)
+    average_power: float = 2.0  # signum: step t weighs t^r in the average (sparsify's: r = 0)
     init_encoder: str = "fit"  # scale of W_enc = c W_dec^T: see Sae; "paper": c = 1
     init_b_dec: str = "mean"  # of the first batch; "median": geometric median; "zeros" (paper)
     scale_mode: str = "mean_sq"  # paper: E||s x||^2 = 1; "mean_norm": E||s x|| = 1 (authors' code)

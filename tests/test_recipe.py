@@ -70,7 +70,7 @@ def test_the_defaults_are_not_the_paper_recipe(one_thread):
     """The same run with the defaults: another optimiser, init and trajectory (this fails if the
     defaults regress to the paper's setting)."""
     cfg = settings_from_args(parser().parse_args(FLAGS)).sae_config(32)
-    assert cfg.optimizer == "signum" and cfg.average_power == 1.0 and cfg.init_encoder == "fit"
+    assert cfg.optimizer == "signum" and cfg.average_power == 2.0 and cfg.init_encoder == "fit"
     assert cfg.lr_value == pytest.approx(2.5e-3 / math.sqrt(256 / 2**14))
     losses, fvu, _ = train_synthetic(cfg)
     assert losses[0] != PAPER_LOSSES[0]  # the fitted init already changes the first step

@@ -187,10 +187,10 @@ def test_bad_optimizer_and_init_names_are_refused():
 
 def test_the_default_is_signum_at_half_sparsify_s_learning_rate_with_weighted_averaging():
     cfg = SaeConfig(d=768)
-    assert cfg.optimizer == "signum" and cfg.average_power == 1.0
+    assert cfg.optimizer == "signum" and cfg.average_power == 2.0
     assert cfg.lr_value == pytest.approx(2.5e-3 / math.sqrt(cfg.m / 2**14))
     opt = SaeTrainer(Sae(SaeConfig(d=8, num_latents=16, k=2))).optimizer
-    assert isinstance(opt, ScheduleFreeSignSGD) and opt.param_groups[0]["r"] == 1.0
+    assert isinstance(opt, ScheduleFreeSignSGD) and opt.param_groups[0]["r"] == 2.0
     assert SaeConfig(d=768, optimizer="adam").lr_value == pytest.approx(2e-4 / math.sqrt(0.75))
 
 
