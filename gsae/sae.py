@@ -9,13 +9,14 @@ activations normalised to mean squared norm 1 (paper, Appendix A).
 
 1. normalise x, encode (TopK + the AuxK selection among dead latents), decode, FVU + AuxK/32;
 2. backward through the sparse kernels;
-3. drop the part of each decoder row's gradient parallel to the row, Adam step, renormalise
-   the rows to unit norm;
+3. drop the part of each decoder row's gradient parallel to the row, optimiser step (signum by
+   default, Adam for ``--recipe paper``), renormalise the rows to unit norm;
 4. reset the counter of every latent that fired (value > 0), advance the others by N.
 
 A step whose loss is not finite changes nothing: with ``check_finite=True`` (the default) it
 raises ``FloatingPointError`` before the update; with ``check_finite=False`` (the trainer's hot
-loop, which must not sync the GPU every step) the fused Adam kernel skips the update on the device
+loop, which must not sync the GPU every step) the optimiser (fused Adam, or signum through its
+``found_inf``) skips the update on the device
 and :attr:`SaeTrainer.skipped_steps` counts it, for the caller to check at its logging interval.
 
 Everything is saved as safetensors and JSON (no pickle is ever loaded): the SAE as
@@ -559,8 +560,9 @@ class StepOutput(NamedTuple):
 
 
 def make_optimizer(sae: Sae) -> torch.optim.Optimizer:
-    """Adam (the paper's) or schedule-free sign-SGD (``signum``, sparsify's default). Both
-    honour ``found_inf`` on the device, so a non-finite step is skipped without a sync."""
+    """Schedule-free sign-SGD (``signum``, the default: sparsify's optimiser with gsae's learning
+    rate and averaging weights) or Adam (the paper's). Both honour ``found_inf`` on the device, so
+    a non-finite step is skipped without a sync."""
     cfg = sae.cfg
     if cfg.optimizer == "signum":
         return ScheduleFreeSignSGD(
