@@ -61,7 +61,8 @@ SPARSIFY_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "
 
 @dataclasses.dataclass
 class SaeConfig:
-    """Hyperparameters of one SAE (defaults: the paper's Table 4)."""
+    """Hyperparameters of one SAE (defaults: the paper's Table 4, but for the optimiser and the
+    init, gsae's; the paper's are ``gsae.train.RECIPES["paper"]``)."""
 
     d: int
     expansion_factor: int = 16
