@@ -9,13 +9,14 @@ activations normalised to mean squared norm 1 (paper, Appendix A).
 
 1. normalise x, encode (TopK + the AuxK selection among dead latents), decode, FVU + AuxK/32;
 2. backward through the sparse kernels;
-3. drop the part of each decoder row's gradient parallel to the row, Adam step, renormalise
-   the rows to unit norm;
+3. drop the part of each decoder row's gradient parallel to the row, optimiser step (signum by
+   default, Adam for ``--recipe paper``), renormalise the rows to unit norm;
 4. reset the counter of every latent that fired (value > 0), advance the others by N.
 
 A step whose loss is not finite changes nothing: with ``check_finite=True`` (the default) it
 raises ``FloatingPointError`` before the update; with ``check_finite=False`` (the trainer's hot
-loop, which must not sync the GPU every step) the fused Adam kernel skips the update on the device
+loop, which must not sync the GPU every step) the optimiser (fused Adam, or signum through its
+``found_inf``) skips the update on the device
 and :attr:`SaeTrainer.skipped_steps` counts it, for the caller to check at its logging interval.
 
 Everything is saved as safetensors and JSON (no pickle is ever loaded): the SAE as
@@ -46,7 +47,10 @@ from .optim import ScheduleFreeSignSGD
 SCALE_MODES = ("mean_sq", "mean_norm", "none")
 ENCODER_INITS = ("fit", "geometry", "paper")
 B_DEC_INITS = ("zeros", "mean", "median")
-OPTIMIZERS = ("adam", "signum")
+OPTIMIZERS = ("signum", "adam")
+# learning rate at m = 2^14 latents, scaled by 1/sqrt(m / 2^14): the paper's for Adam; for signum
+# half sparsify's 5e-3, which the sweep of benchmarks/bench_quality.py found better at every budget
+BASE_LR = {"adam": 2e-4, "signum": 2.5e-3}
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"  # beside the SAE files
 NORM_CHUNK_ELEMENTS = 1 << 24  # scale estimate: at most this many values upcast at once
@@ -57,7 +61,8 @@ SPARSIFY_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "
 
 @dataclasses.dataclass
 class SaeConfig:
-    """Hyperparameters of one SAE (defaults: the paper's Table 4)."""
+    """Hyperparameters of one SAE (defaults: the paper's Table 4, but for the optimiser and the
+    init, gsae's; the paper's are ``gsae.train.RECIPES["paper"]``)."""
 
     d: int
     expansion_factor: int = 16
@@ -66,9 +71,12 @@ class SaeConfig:
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None  # default d // 2 (capped by the number of dead latents)
     dead_threshold: int = 10_000_000  # tokens without firing before a latent counts as dead
-    lr: float | None = None  # default 2e-4 / sqrt(m / 2^14) (adam), 5e-3 / sqrt(m / 2^14) (signum)
+    lr: float | None = None  # default BASE_LR[optimizer] / sqrt(m / 2^14)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's
-    optimizer: str = "adam"  # paper; "signum": schedule-free sign-SGD (sparsify's default)
+    # "signum": schedule-free sign-SGD (as sparsify's default, gsae's lr and averaging: see the
+    # README's quality section); "adam": the paper's (--recipe paper)
+    optimizer: str = "signum"
+    average_power: float = 2.0  # signum: step t weighs t^r in the average (sparsify's: r = 0)
     init_encoder: str = "fit"  # scale of W_enc = c W_dec^T: see Sae; "paper": c = 1
     init_b_dec: str = "mean"  # of the first batch; "median": geometric median; "zeros" (paper)
     scale_mode: str = "mean_sq"  # paper: E||s x||^2 = 1; "mean_norm": E||s x|| = 1 (authors' code)
@@ -81,7 +89,7 @@ class SaeConfig:
 
     @property
     def lr_value(self) -> float:
-        base = 5e-3 if self.optimizer == "signum" else 2e-4  # sparsify's and the paper's
+        base = BASE_LR[self.optimizer]
         return self.lr if self.lr is not None else base / math.sqrt(self.m / 2**14)
 
     @property
@@ -96,6 +104,7 @@ class SaeConfig:
             (self.k_aux is None or self.k_aux >= 0, f"k_aux must be >= 0, got {self.k_aux}"),
             (self.dead_threshold > 0, f"dead_threshold must be > 0, got {self.dead_threshold}"),
             (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.average_power >= 0, f"average_power must be >= 0, got {self.average_power}"),
             (
                 self.init_b_dec in B_DEC_INITS,
                 f"init_b_dec: {'|'.join(B_DEC_INITS)}, not {self.init_b_dec!r}",
@@ -124,10 +133,26 @@ class SaeConfig:
     @classmethod
     def from_dict(cls, data: dict) -> SaeConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs = {k: v for k, v in legacy_fields(data).items() if k in names}
         if "betas" in kwargs:
             kwargs["betas"] = tuple(kwargs["betas"])
         return cls(**kwargs).validate()
+
+
+def legacy_fields(data: dict) -> dict:
+    """SaeConfig fields (with ``d``) as saved, completed for a config saved before
+    ``average_power`` existed, when the default optimizer was Adam and signum meant sparsify's
+    plain mean at 5e-3 / sqrt(m / 2^14): so an old run resumes, and its SAEs load, as what they
+    were."""
+    if "average_power" in data:
+        return data
+    data = {"optimizer": "adam", **data, "average_power": 0.0}  # adam: the default until then
+    if data.get("optimizer") == "signum" and data.get("lr") is None:
+        m = data.get("num_latents") or data["d"] * data.get(
+            "expansion_factor", SaeConfig.expansion_factor
+        )
+        data["lr"] = 5e-3 / math.sqrt(m / 2**14)
+    return data
 
 
 def activation_scales(
@@ -585,11 +610,14 @@ class DeadCount:
 
 
 def make_optimizer(sae: Sae) -> torch.optim.Optimizer:
-    """Adam (the paper's) or schedule-free sign-SGD (``signum``, sparsify's default). Both
-    honour ``found_inf`` on the device, so a non-finite step is skipped without a sync."""
+    """Schedule-free sign-SGD (``signum``, the default: sparsify's optimiser with gsae's learning
+    rate and averaging weights) or Adam (the paper's). Both honour ``found_inf`` on the device, so
+    a non-finite step is skipped without a sync."""
     cfg = sae.cfg
     if cfg.optimizer == "signum":
-        return ScheduleFreeSignSGD(sae.parameters(), lr=cfg.lr_value)
+        return ScheduleFreeSignSGD(
+            sae.parameters(), lr=cfg.lr_value, average_power=cfg.average_power
+        )
     return torch.optim.Adam(sae.parameters(), lr=cfg.lr_value, betas=cfg.betas, fused=True)
 
 

@@ -47,7 +47,9 @@ def test_decoder_rows_stay_unit_norm_and_dead_latents_are_counted():
 def test_default_hyperparameters_follow_the_paper():
     cfg = SaeConfig(d=768)
     assert cfg.m == 768 * 16 and cfg.k == 128 and cfg.auxk_alpha == 1 / 32
-    assert cfg.lr_value == pytest.approx(2e-4 / math.sqrt(cfg.m / 2**14))
+    # the optimiser is gsae's (signum, tests/test_recipe.py); Adam's lr is the paper's
+    paper_lr = SaeConfig(d=768, optimizer="adam").lr_value
+    assert paper_lr == pytest.approx(2e-4 / math.sqrt(cfg.m / 2**14))
     assert cfg.k_aux_value == 384 and cfg.dead_threshold == 10_000_000
     assert cfg.betas == (0.9, 0.999)
 

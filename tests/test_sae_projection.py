@@ -14,8 +14,17 @@ from gsae.sae import Sae, SaeConfig, SaeTrainer
 
 def make_trainer(seed=0):
     # the paper's init: the first step then starts from the weights the clone below copies (a
-    # data-dependent init would rescale W_enc and move b_dec inside the step)
-    cfg = SaeConfig(d=16, num_latents=64, k=4, seed=seed, init_encoder="paper", init_b_dec="zeros")
+    # data-dependent init would rescale W_enc and move b_dec inside the step); Adam, whose first
+    # step test_step_result_depends_on_the_projection writes out
+    cfg = SaeConfig(
+        d=16,
+        num_latents=64,
+        k=4,
+        seed=seed,
+        init_encoder="paper",
+        init_b_dec="zeros",
+        optimizer="adam",
+    )
     sae = Sae(cfg)
     return SaeTrainer(sae)
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from .. import grouping as gp
 from ..activations import DatasetLoadError, ModelLoadError
 from ..progress import set_progress
-from ..sae import B_DEC_INITS, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS
+from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS, SaeConfig
 from ..train import (
+    RECIPES,
     RESUMABLE,
     CheckpointError,
     DataExhausted,
@@ -52,10 +53,12 @@ DEFAULTS = {
     "expansion_factor": 16,
     "auxk_alpha": 1 / 32,
     "scale_mode": "mean_sq",
-    "optimizer": "adam",
+    "recipe": "default",
+    "optimizer": SaeConfig.optimizer,
+    "average_power": SaeConfig.average_power,
     "sae_precision": "auto",
-    "init_encoder": "fit",
-    "init_b_dec": "mean",
+    "init_encoder": SaeConfig.init_encoder,
+    "init_b_dec": SaeConfig.init_b_dec,
     "log_every": 20,
     "seed": 0,
     "include_last": False,
@@ -122,13 +125,28 @@ def parser() -> argparse.ArgumentParser:
     add(
         "--lr",
         type=float,
-        help="default 2e-4 / sqrt(m / 2^14) for adam, 5e-3 / sqrt(m / 2^14) for signum",
+        help="default "
+        + ", ".join(f"{lr:g} / sqrt(m / 2^14) for {name}" for name, lr in BASE_LR.items()),
+    )
+    add(
+        "--recipe",
+        choices=list(RECIPES),
+        help="default: gsae's tuned optimiser and init; paper: the paper's Table 1 setting "
+        "(Adam at 2e-4 / sqrt(m / 2^14), --init paper, --init-b-dec zeros, --model-dtype fp32). "
+        "Flags given override the recipe's values",
     )
     add(
         "--optimizer",
         choices=OPTIMIZERS,
-        help="adam (the paper's, default) or signum: schedule-free sign-SGD, sparsify's "
-        "default, faster at short budgets (its averaged weights are evaluated and saved)",
+        help=f"{SaeConfig.optimizer} (default) or adam (the paper's); signum is schedule-free "
+        "sign-SGD, as sparsify's default, with gsae's tuned learning rate and averaging (its "
+        "averaged weights are evaluated and saved)",
+    )
+    add(
+        "--average-power",
+        type=float,
+        help="signum: step t weighs t^r in the averaged weights (default: "
+        f"{SaeConfig.average_power}; 0 is the plain mean, sparsify's)",
     )
     add(
         "--sae-precision",
@@ -222,6 +240,7 @@ def sae_fields(args: argparse.Namespace) -> dict:
         scale_tokens=args.scale_tokens,
         seed=args.seed,
         optimizer=args.optimizer,
+        average_power=args.average_power,
         init_encoder=args.init_encoder,
         init_b_dec=args.init_b_dec,
     )
@@ -230,11 +249,10 @@ def sae_fields(args: argparse.Namespace) -> dict:
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings: the flags given, then the demo's or the paper's defaults."""
     args = argparse.Namespace(**vars(args))
-    defaults = dict(DEFAULTS)
-    if args.model == "demo":
-        defaults.update(DEMO_DEFAULTS)
-    if args.dataset == "demo":
-        defaults.update(DEMO_DATA_DEFAULTS)
+    recipe = RECIPES[args.recipe or DEFAULTS["recipe"]]
+    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.model == "demo" else {})}
+    defaults.update(DEMO_DATA_DEFAULTS if args.dataset == "demo" else {})
+    defaults.update(recipe)  # the recipe's values win over the defaults, the flags over both
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -18,7 +18,7 @@ from .checkpoint import CheckpointError, CheckpointWriteError
 from .loop import DataExhausted, NonFiniteLoss, Run, StepFailed
 from .pipeline import TrainingRun
 from .rundir import RunDir, RunDirError
-from .settings import RESUMABLE, RunSettings
+from .settings import RECIPES, RESUMABLE, RunSettings
 
 __all__ = [
     "CheckpointError",
@@ -29,6 +29,7 @@ __all__ = [
     "RunDir",
     "RunDirError",
     "RunSettings",
+    "RECIPES",
     "RESUMABLE",
     "StepFailed",
     "TrainingRun",

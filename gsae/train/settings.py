@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..activations import DEFAULT_DATASET, local_name
 from ..grouping import DEFAULT_THRESHOLD, check_threshold, parse_count
-from ..sae import SaeConfig
+from ..sae import SaeConfig, legacy_fields
 
 SETTINGS_VERSION = 2
 
@@ -26,6 +26,21 @@ SETTINGS_VERSION = 2
 # last bits), the rest only decides what is logged and when
 RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard",
              "distribute_saes", "dist_timeout", "check_replicas")  # fmt: skip
+# --recipe NAME: the settings (by flag name) a recipe gives unless their flag is given. "default"
+# is gsae's own (SaeConfig's defaults: the tuned optimiser and init, benchmarks/bench_quality.py);
+# "paper" is the paper's Table 1 setting: Adam at 2e-4 / sqrt(m / 2^14), W_enc = W_dec^T, b_dec 0,
+# an fp32 model, so that runs of the paper's setting reproduce its figures
+RECIPES = {
+    "default": {},
+    "paper": {
+        "optimizer": "adam",
+        "lr": None,
+        "init_encoder": "paper",
+        "init_b_dec": "zeros",
+        "model_dtype": "fp32",
+        "sae_precision": "fp32",  # the encoder's matmul in IEEE fp32, as the paper trained
+    },
+}
 # several processes: where the SAEs live, the collectives' timeout and a debugging check change
 # nothing that is computed (placements agree to float rounding); --data-shards fixes the batches
 
@@ -94,6 +109,7 @@ class RunSettings:
     tokens: int = 1_000_000_000  # per SAE
     layers_per_token: str = "one"  # one (the paper) | all
     seed: int = 0
+    recipe: str = "default"  # a key of RECIPES; the flags given override its values
     sae: dict = field(default_factory=dict)  # SaeConfig fields but d
     sae_precision: str = "auto"  # the encoder's matmul: auto (bf16 on a GPU) | bf16 | tf32 | fp32
     # several processes (torchrun)
@@ -145,7 +161,7 @@ class RunSettings:
 
     def sae_config(self, d: int, layers_seed: int | None = None) -> SaeConfig:
         """The SaeConfig of every group SAE of this run, for a model of width ``d``."""
-        kwargs = {**self.sae, "d": d}
+        kwargs = legacy_fields({**self.sae, "d": d})  # a run saved before a field existed
         if layers_seed is not None:
             kwargs["seed"] = layers_seed
         return SaeConfig(**kwargs).validate()

@@ -1,0 +1,112 @@
+"""Issue 19: `--recipe paper` is the paper's setting, exactly as gsae trained it before its
+defaults changed; the defaults are not it; recipes are run settings like any other."""
+
+import math
+
+import pytest
+import torch
+
+from gsae.cli.train import parser, resumed_settings, settings_from_args
+from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
+from gsae.synthetic import SparseFeatures
+from gsae.train import RunDir
+
+# Produced by the code before issue 19 (commit 5cb6572), whose defaults were then the paper's
+# optimiser: SaeConfig(d=32, num_latents=256, k=8, dead_threshold=512, init_encoder="paper",
+# init_b_dec="zeros"), 12 steps of 128 tokens of SparseFeatures(d=32, seed=1000) on one thread
+# (AuxK on from step 5), then the FVU on 1,024 more tokens and the sums of the weights.
+PAPER_LOSSES = [
+    2.0211784839630127,
+    1.9720913171768188,
+    1.8410489559173584,
+    1.8585947751998901,
+    1.7339695692062378,
+    1.6064543724060059,
+    1.6083680391311646,
+    1.5273765325546265,
+    1.4181787967681885,
+    1.3982023000717163,
+    1.3428771495819092,
+    1.3163877725601196,
+]
+PAPER_FVU = 1.1357029676437378
+PAPER_SUMS = [-92.10012352146441, -3.218376803211868, -1.731028778511245, 0.5798063157126307]
+FLAGS = [
+    "--model",
+    "demo",
+    "--dataset",
+    "demo",
+    "--expansion-factor",
+    "8",
+    "--k",
+    "8",
+    "--dead-threshold",
+    "512",
+]
+
+
+def train_synthetic(cfg: SaeConfig):
+    data = SparseFeatures(d=32, seed=1000)
+    trainer = SaeTrainer(Sae(cfg))
+    losses = [float(trainer.step(data.batch(128)).loss) for _ in range(12)]
+    held = data.batch(1024)
+    with torch.no_grad(), trainer.averaged():
+        fvu = float(trainer.sae(held).loss.fvu)
+        sums = [float(getattr(trainer.sae, n).double().sum()) for n in WEIGHT_NAMES]
+    return losses, fvu, sums
+
+
+def test_paper_recipe_reproduces_the_numbers_of_the_code_before_the_new_defaults(one_thread):
+    s = settings_from_args(parser().parse_args([*FLAGS, "--recipe", "paper"]))
+    cfg = s.sae_config(32)
+    assert cfg.m == 256 and cfg.optimizer == "adam" and s.model_dtype == "fp32"
+    assert s.sae_precision == "fp32"  # IEEE fp32 matmuls on a GPU too, as the paper trained
+    assert cfg.lr_value == pytest.approx(2e-4 / math.sqrt(256 / 2**14))
+    losses, fvu, sums = train_synthetic(cfg)
+    assert losses == PAPER_LOSSES  # bit for bit
+    assert fvu == PAPER_FVU and sums == PAPER_SUMS
+
+
+def test_the_defaults_are_not_the_paper_recipe(one_thread):
+    """The same run with the defaults: another optimiser, init and trajectory (this fails if the
+    defaults regress to the paper's setting)."""
+    cfg = settings_from_args(parser().parse_args(FLAGS)).sae_config(32)
+    assert cfg.optimizer == "signum" and cfg.average_power == 2.0 and cfg.init_encoder == "fit"
+    assert cfg.lr_value == pytest.approx(2.5e-3 / math.sqrt(256 / 2**14))
+    losses, fvu, _ = train_synthetic(cfg)
+    assert losses[0] != PAPER_LOSSES[0]  # the fitted init already changes the first step
+    assert fvu < 0.5 * PAPER_FVU, fvu
+
+
+def test_flags_override_the_recipe():
+    s = settings_from_args(
+        parser().parse_args([*FLAGS, "--recipe", "paper", "--init", "fit", "--model-dtype", "bf16"])
+    )
+    cfg = s.sae_config(32)
+    assert (cfg.init_encoder, cfg.init_b_dec, cfg.optimizer) == ("fit", "zeros", "adam")
+    assert s.model_dtype == "bf16" and s.recipe == "paper"
+
+
+def test_resume_refuses_another_recipe_by_name(tmp_path):
+    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    with pytest.raises(ValueError, match="--recipe"):
+        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "paper"]))
+    with pytest.raises(ValueError, match="--average-power"):
+        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--average-power", "0"]))
+    same = resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "default"]))
+    assert same.recipe == "default"
+
+
+def test_a_signum_config_saved_before_average_power_loads_as_it_was():
+    """cfg.json of a signum SAE written before issue 19 (no average_power, lr unset): sparsify's
+    plain mean at its learning rate, not the new defaults; one without an optimizer: Adam."""
+    old = {
+        k: v
+        for k, v in SaeConfig(d=64, optimizer="signum").to_dict().items()
+        if k != "average_power"
+    }
+    cfg = SaeConfig.from_dict(old)
+    assert cfg.average_power == 0.0
+    assert cfg.lr_value == pytest.approx(5e-3 / math.sqrt(1024 / 2**14))
+    older = {k: v for k, v in old.items() if k != "optimizer"}
+    assert SaeConfig.from_dict(older).optimizer == "adam"
