@@ -10,17 +10,19 @@ error cannot poison the next, and the time a stage leaves unused goes to the one
    ``torch.topk`` in the same precision (fp32, tf32, bf16), AuxK off and on (k_aux = d / 2), at
    the paper's shape (N = 32768, d = 2048, m = 32768, k = 128) and Pythia-160M's (d = 768,
    m = 12288);
-3. ``sae_step``: one SAE training step (forward, backward, Adam) of gsae's ``SaeTrainer`` and of
-   sparsify's ``SparseCoder`` in sparsify's own step (its Triton decoder, its bf16 autocast) at
-   the same shapes, and the roofline: the encoder GEMM at the peak bf16 rate plus the sparse
-   decode's bytes (forward gather, the backward's gather and scatter: 3 N k d elements) at the
-   memory bandwidth;
+3. ``sae_step``: one SAE training step (forward, backward, optimiser) of gsae's ``SaeTrainer``
+   and of sparsify's ``SparseCoder`` in sparsify's own step (its Triton decoder, its bf16
+   autocast) at the same shapes, each under its default optimiser (schedule-free sign-SGD for
+   both) and both under Adam, each ratio against sparsify under the same optimiser, and the
+   roofline: the encoder GEMM at the peak bf16 rate plus the sparse decode's bytes (forward
+   gather, the backward's gather and scatter: 3 N k d elements) at the memory bandwidth;
 4. ``end_to_end``: ``gsae-train --groups auto`` and ``--groups per-layer`` on randomly
    initialised GPTNeoX models of Pythia-1B's and Pythia-160M's widths and depths (the demo
    tokenizer's vocabulary, the demo corpus), against sparsify on the same model and text.
    sparsify's ``Trainer`` needs ``datasets`` (and pyarrow, pandas: far over the 64 MiB the
    device takes), so its ``SparseCoder`` runs in the training step of sparsify's Trainer (one
-   SAE per layer, hooked into one full forward, Adam) and the report says so. The runs write no
+   SAE per layer, hooked into one full forward, its default schedule-free sign-SGD) and the
+   report says so. The runs write no
    checkpoints or SAEs (their disk time is not what is measured);
 5. ``tests``: ``python -m pytest -m gpu tests/`` (the host-sync test among them).
 
@@ -578,13 +580,16 @@ def ratio(a, b) -> float | None:
 # ---- 3. one SAE training step, gsae and sparsify, and the roofline
 
 
-def gsae_trainer(shape: dict, device, precision: str | None, aux: bool):
-    """gsae's SaeTrainer for ``shape``; ``precision`` where this gsae takes one."""
+def gsae_trainer(shape: dict, device, precision: str | None, aux: bool, optimizer=None):
+    """gsae's SaeTrainer for ``shape``; ``precision`` where this gsae takes one; ``optimizer``
+    None for gsae's default."""
     from gsae.sae import Sae, SaeConfig, SaeTrainer
 
     kwargs = dict(
         d=shape["d"], num_latents=shape["m"], k=shape["k"], dead_threshold=1 if aux else 10**15
     )
+    if optimizer:
+        kwargs["optimizer"] = optimizer
     where = python_precision() if precision else None
     if where == "SaeConfig":
         kwargs["precision"] = precision
@@ -606,8 +611,8 @@ def gsae_step(trainer, x, aux: bool):
 
 def sparsify_step(coder, opt, x, dead, auxk_alpha: float = 1 / 32):
     """One step as sparsify's Trainer takes it (sparsify/trainer.py, 1.3): the forward under
-    its own bf16 autocast, FVU + AuxK, backward, the decoder-parallel gradient removed, Adam,
-    the decoder rows back to unit norm."""
+    its own bf16 autocast, FVU + AuxK, backward, the decoder-parallel gradient removed, the
+    optimiser's step, the decoder rows back to unit norm."""
 
     def step():
         out = coder(x, dead_mask=dead)
@@ -618,6 +623,23 @@ def sparsify_step(coder, opt, x, dead, auxk_alpha: float = 1 / 32):
         coder.set_decoder_norm_to_unit_norm()
 
     return step
+
+
+def sparsify_optimizer(params, m: int, name: str):
+    """The optimiser sparsify's Trainer builds (sparsify/trainer.py, 1.3): ``signum``, its
+    default, is schedule-free sign-SGD at 5e-3 / sqrt(m / 2^14) with momentum 0.95; ``adam``
+    is the paper's, at 2e-4 / sqrt(m / 2^14)."""
+    import torch
+
+    scale = (m / 2**14) ** 0.5
+    if name == "adam":
+        return torch.optim.Adam(params, lr=2e-4 / scale, fused=torch.cuda.is_available())
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify.sign_sgd import SignSGD
+
+    opt = ScheduleFreeWrapper(SignSGD([dict(params=params, lr=5e-3 / scale)]), momentum=0.95)
+    opt.train()
+    return opt
 
 
 def roofline_ms(shape: dict, peak_tflops: float, peak_tb_s: float, elem: int = 2) -> dict:
@@ -646,38 +668,47 @@ def sae_step(st: Stage) -> None:
         limit = (
             roofline_ms(shape, limits["peak_bf16_tflops"], limits["peak_tb_s"]) if limits else None
         )
+        # each tool's default optimiser (signum for both), then both under the paper's Adam
+        runs = [("signum", p) for p in gsae_precisions[:1]]
+        runs += [("adam", p) for p in gsae_precisions]
         for aux in (False, True):
-            times = {}
-            for prec in gsae_precisions:
+            times, peers = {}, {}
+            for opt_name, prec in runs:
+                name = f"gsae {opt_name} {prec or 'fp32'}"
                 if st.left() < 10:
-                    st.note(f"{shape['name']} gsae {prec}: no time left")
+                    st.note(f"{shape['name']} {name}: no time left")
                     continue
                 try:
-                    trainer = gsae_trainer(shape, st.device, prec, aux)
-                    times[f"gsae {prec or 'fp32'}"] = guarded(gsae_step(trainer, x, aux), st)
+                    trainer = gsae_trainer(shape, st.device, prec, aux, opt_name)
+                    times[name] = guarded(gsae_step(trainer, x, aux), st)
                     del trainer
                 except Exception as err:
-                    times[f"gsae {prec or 'fp32'}"] = f"{type(err).__name__}: {err}"
+                    times[name] = f"{type(err).__name__}: {err}"
                 free(st)
-            if sparse is not None and st.left() > 10:
+            for opt_name in ("signum", "adam"):
+                if sparse is None or st.left() <= 10:
+                    continue
                 coder_cls, cfg_cls = sparse
-                coder = coder_cls(
-                    shape["d"],
-                    cfg_cls(num_latents=shape["m"], k=shape["k"]),
-                    device=st.device,
-                    dtype=torch.float32,
-                )
-                opt = torch.optim.Adam(coder.parameters(), lr=2e-4, fused=True)
-                dead = torch.zeros(shape["m"], dtype=torch.bool, device=st.device)
-                dead[::2] = aux
-                times["sparsify bf16 autocast"] = guarded(sparsify_step(coder, opt, x, dead), st)
-                del coder, opt
+                name = f"sparsify {opt_name} bf16 autocast"
+                try:
+                    coder = coder_cls(
+                        shape["d"],
+                        cfg_cls(num_latents=shape["m"], k=shape["k"]),
+                        device=st.device,
+                        dtype=torch.float32,
+                    )
+                    opt = sparsify_optimizer(list(coder.parameters()), shape["m"], opt_name)
+                    dead = torch.zeros(shape["m"], dtype=torch.bool, device=st.device)
+                    dead[::2] = aux
+                    times[name] = peers[opt_name] = guarded(sparsify_step(coder, opt, x, dead), st)
+                    del coder, opt
+                except Exception as err:
+                    times[name] = f"{type(err).__name__}: {err}"
                 free(st)
-            peer = times.get("sparsify bf16 autocast")
             for name, ms in times.items():
                 row = {"shape": shape["name"], "auxk": aux, "impl": name, "ms": ms}
-                if not name.startswith("sparsify"):
-                    row["speedup_vs_sparsify"] = ratio(peer, ms)
+                if not name.startswith("sparsify"):  # against sparsify under the same optimiser
+                    row["speedup_vs_sparsify"] = ratio(peers.get(name.split()[1]), ms)
                 if limit:
                     row["limit_ms"] = limit["limit_ms"]
                     row["of_limit_pct"] = (
@@ -760,7 +791,8 @@ def end_to_end(st: Stage) -> None:
     st.note(
         "sparsify's Trainer needs `datasets` (with pyarrow and pandas, over the 64 MiB the "
         "device takes): its SparseCoder runs in its Trainer's step instead (one SAE per "
-        "layer on one full forward, bf16 autocast, Adam), on the same model and text"
+        "layer on one full forward, bf16 autocast, its default schedule-free sign-SGD), on the "
+        "same model and text"
     )
     try:
         built = {}
@@ -927,7 +959,7 @@ def sparsify_run(plan: dict) -> dict:
     cfg = cfg_cls(num_latents=16 * d, k=plan["k"])
     coders = [coder_cls(d, cfg, device=device, dtype=torch.float32) for _ in range(layers)]
     params = [p for c in coders for p in c.parameters()]
-    opt = torch.optim.Adam(params, lr=2e-4 / (16 * d / 2**14) ** 0.5, fused=device.type == "cuda")
+    opt = sparsify_optimizer(params, 16 * d, "signum")  # its Trainer's default
     fvus = [None] * layers
 
     def hook(i):

@@ -56,6 +56,11 @@ def test_the_rehearsal_runs_every_stage_without_datasets(tmp_path):
     step_rows = stages["sae_step"]["rows"]
     assert {r["impl"].split()[0] for r in step_rows} == {"gsae", "sparsify"}
     assert all(isinstance(r["ms"], float) for r in step_rows), step_rows
+    # each tool's default optimiser and both under Adam, each gsae row against its sparsify peer
+    impls = {r["impl"] for r in step_rows}
+    assert {"sparsify signum bf16 autocast", "sparsify adam bf16 autocast"} <= impls, impls
+    assert {"gsae signum auto", "gsae adam auto", "gsae adam fp32"} <= impls, impls
+    assert all(r["speedup_vs_sparsify"] for r in step_rows if r["impl"].startswith("gsae"))
     notes = " ".join(stages["sae_step"]["notes"])  # the roofline, from peaks measured here
     assert "% of the limit" in notes and "roofline: GEMM" in notes, notes
     e2e = {r["impl"]: r for r in stages["end_to_end"]["rows"]}
