@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def check_writable(out: Path) -> None:
         raise OutDirError(f"--out {out}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutDirError(f"--out {out}: cannot write in {existing} (permission denied)")
+    _probe_write(out if out.is_dir() else existing, out)
+
+
+def _probe_write(folder: Path, out: Path) -> None:
+    """Create and remove a file in ``folder``: ``os.access`` says yes to root everywhere, even
+    on a read-only mount or in /proc, where the first write after the work would fail."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".gsae-probe-"):
+            pass
+    except OSError as err:
+        raise OutDirError(f"--out {out}: cannot write in {folder} ({err.strerror})") from None
 
 
 def check_out(

@@ -454,7 +454,15 @@ def _special_outs(tmp_path: Path) -> list[Path]:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     (tmp_path / "file.txt").write_text("x")
-    return [Path("/dev/null"), fifo, tmp_path / "file.txt", tmp_path / "file.txt" / "sub"]
+    # /proc takes no new file, not even from root (whom os.access lets write anywhere)
+    unwritable = Path("/proc/gsae-unwritable-out")
+    return [
+        Path("/dev/null"),
+        fifo,
+        tmp_path / "file.txt",
+        tmp_path / "file.txt" / "sub",
+        unwritable,
+    ]
 
 
 def test_special_or_file_outs_are_refused_before_any_work(
