@@ -57,7 +57,8 @@ def test_from_matrix_groups_every_row(tmp_path, fmt, capsys):
 
 
 def test_bad_inputs_exit_2_with_a_message(tmp_path, offline, capsys):
-    assert groups_main(["--model", "pythia-70m", "--out", str(tmp_path)]) == 2
+    # a local dataset: the default one is on the hub, and the dataset is opened first
+    assert groups_main(["--model", "pythia-70m", "--dataset", "demo", "--out", str(tmp_path)]) == 2
     assert "EleutherAI/pythia-70m" in capsys.readouterr().err
     (tmp_path / "m.json").write_text("[[0, 1], [2, 0]]")
     assert groups_main(["--from-matrix", str(tmp_path / "m.json")]) == 2

@@ -236,12 +236,25 @@ def test_dataset_files_that_hold_no_text_are_named(tmp_path):
         list(open_texts(str(late)).texts())
 
 
-def test_train_names_a_binary_dataset(tmp_path, capsys):
+def test_train_and_groups_name_a_binary_dataset_before_the_model_loads(
+    tmp_path, capsys, monkeypatch
+):
+    import gsae.cli.groups as groups_cli
+    import gsae.train.pipeline as pipeline
+
+    def no_model(*_args, **_kwargs):
+        raise RuntimeError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.setattr(groups_cli, "load_model", no_model)
     data = tmp_path / "data.txt"
     data.write_bytes(os.urandom(4096) + b"\x00")
     argv = ["--model", "demo", "--dataset", str(data), "--out", str(tmp_path / "run")]
     assert train_cli.main(argv) == 2
     one_line_error(capsys, "gsae-train", str(data))
+    argv = ["--model", "demo", "--dataset", str(data), "--out", str(tmp_path / "groups")]
+    assert groups_cli.main(argv) == 2
+    one_line_error(capsys, "gsae-groups", str(data))
 
 
 # ---- the demo corpus's held-out split

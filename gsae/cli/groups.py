@@ -121,8 +121,8 @@ def main(argv=None) -> int:
             )
         else:
             tokens = gp.parse_count(args.tokens)
+            texts = open_texts(args.dataset, args.split, args.column)  # named before the model
             loaded = load_model(args.model, args.model_dtype, args.device)
-            texts = open_texts(args.dataset, args.split, args.column)
             ctx = context_length(loaded, args.ctx_len)
             if ctx.capped:
                 print(

@@ -105,11 +105,11 @@ class TrainingRun:
         else:
             w.agree()
             self.written = self.resume
+        self.stage = "opening the dataset"  # first: a bad file is named before the model loads
+        self.texts = w.checked(open_texts, s.dataset, s.split, s.column)
         self.stage = "loading the model"
         dtype = s.model_dtype or default_dtype(self.device)
         self.loaded = w.checked(load_model, s.model, dtype, self.device)
-        self.stage = "opening the dataset"
-        self.texts = w.checked(open_texts, s.dataset, s.split, s.column)
         self.stage = "checking the settings"
         w.checked(self._check_settings, dtype)
         if w.is_main:
