@@ -11,7 +11,6 @@ from bench_quality import (  # noqa: F401  (demo_activations: a fixture used by 
     DEMO_DEAD,
     DEMO_K,
     DEMO_M,
-    DEMO_STEPS,
     Quality,
     demo_activations,
     demo_batches,
@@ -21,6 +20,7 @@ from bench_quality import (  # noqa: F401  (demo_activations: a fixture used by 
 from gsae.sae import Sae, SaeConfig, SaeTrainer
 
 PRECISIONS = ("fp32", "bf16", "tf32")
+DEMO_STEPS = 98  # 200,704 tokens per layer in batches of 2,048
 
 
 class PrecisionRun:
