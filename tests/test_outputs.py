@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from chat_stub import ChatStub
+from tiny import train_flags
 
 import gsae.browse.collect
 import gsae.browse.site
@@ -58,28 +59,7 @@ BROWSE = [
     "--device",
     "cpu",
 ]
-TRAIN = [
-    "--tokens",
-    "512",
-    "--scale-tokens",
-    "256",
-    "--batch-tokens",
-    "128",
-    "--ctx-len",
-    "32",
-    "--k",
-    "8",
-    "--expansion-factor",
-    "4",
-    "--dead-threshold",
-    "300",
-    "--groups",
-    "even:2",
-    "--log-every",
-    "2",
-    "--device",
-    "cpu",
-]
+TRAIN = [*train_flags("512"), "--device", "cpu"]
 
 
 def call(main, argv) -> int | str:

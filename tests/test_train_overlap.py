@@ -5,6 +5,7 @@ for bit. Input ids reach the GPU from pinned memory."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import train_flags
 
 from gsae import activations
 from gsae.cli.train import main as train_main
@@ -12,27 +13,7 @@ from gsae.train import loop
 
 pytestmark = [pytest.mark.usefixtures("offline", "one_thread")]
 
-SMALL = [
-    "--tokens",
-    "1k",
-    "--scale-tokens",
-    "256",
-    "--batch-tokens",
-    "128",
-    "--ctx-len",
-    "32",
-    "--k",
-    "8",
-    "--expansion-factor",
-    "4",
-    "--dead-threshold",
-    "300",
-    "--groups",
-    "even:2",
-    "--log-every",
-    "2",
-    "--repeat",
-]
+SMALL = [*train_flags("1k"), "--repeat"]
 NAMES = ("layers_0-1", "layer_2", "layer_3")
 
 

@@ -74,3 +74,28 @@ def build_family(kind: str, directory: Path, tokenizer_dir: Path, positions: int
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, directory / f.name)
     return directory
+
+
+def train_flags(tokens: str) -> list[str]:
+    """gsae-train flags for a run of a few steps on a tiny model: 2 groups, scales from 256
+    tokens, batches of 128 tokens in contexts of 32, k 8 of 4x latents."""
+    return [
+        "--tokens",
+        tokens,
+        "--scale-tokens",
+        "256",
+        "--batch-tokens",
+        "128",
+        "--ctx-len",
+        "32",
+        "--k",
+        "8",
+        "--expansion-factor",
+        "4",
+        "--dead-threshold",
+        "300",
+        "--groups",
+        "even:2",
+        "--log-every",
+        "2",
+    ]
