@@ -109,6 +109,23 @@ def evaluated(trained_runs, tmp_path_factory):
     return out
 
 
+def autointerp_argv(run, stub, out, *extra) -> list:
+    """gsae-autointerp of ``run`` on 2 latents against the chat stub, into ``out``."""
+    return [
+        run,
+        "--endpoint",
+        stub.url,
+        "--model",
+        "stub",
+        *BROWSE,
+        "--latents",
+        "2",
+        "--out",
+        out,
+        *extra,
+    ]
+
+
 # ---- 1, 2: --out over the run's parent; names the tools did not make
 
 
@@ -213,18 +230,7 @@ def test_autointerp_and_eval_refuse_each_others_folders(
     shutil.copytree(evaluated, eval_dir)
     before = tree(eval_dir)
     with ChatStub() as stub:
-        argv = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--model",
-            "stub",
-            *BROWSE,
-            "--latents",
-            "2",
-            "--out",
-            eval_dir,
-        ]
+        argv = autointerp_argv(trained_runs["grouped"], stub, eval_dir)
         assert call(autointerp_main, argv) == 2
         assert stub.requests == []
     assert "gsae-eval" in capsys.readouterr().err
@@ -337,20 +343,7 @@ def test_autointerp_report_takes_only_the_scores_of_a_run_it_evaluated(
     assert call(eval_main, [trained_runs["per-layer"], "--out", eval_dir, *EVAL]) == 0
     before = tree(eval_dir)
     with ChatStub() as stub:
-        argv = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--model",
-            "stub",
-            *BROWSE,
-            "--latents",
-            "2",
-            "--out",
-            tmp_path / "ai",
-            "--report",
-            eval_dir,
-        ]
+        argv = autointerp_argv(trained_runs["grouped"], stub, tmp_path / "ai", "--report", eval_dir)
         assert call(autointerp_main, argv) == 2
         assert stub.requests == []  # refused before any paid request
     assert "per-layer" in capsys.readouterr().err
@@ -383,20 +376,7 @@ def test_ctrl_c_in_autointerp_keeps_the_answers(trained_runs, tmp_path, capsys, 
     out = tmp_path / "ai"
     sigint_at(monkeypatch, client.AnswerCache, "put", after=3)
     with ChatStub() as stub:
-        argv = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--model",
-            "stub",
-            *BROWSE,
-            "--latents",
-            "2",
-            "--concurrency",
-            "1",
-            "--out",
-            out,
-        ]
+        argv = autointerp_argv(trained_runs["grouped"], stub, out, "--concurrency", "1")
         assert call(autointerp_main, argv) == 130
     err = capsys.readouterr().err
     assert "gsae-autointerp: interrupted" in err and "run the same command again" in err
@@ -550,18 +530,7 @@ def test_unreadable_answers_are_counted_and_not_cached(trained_runs, tmp_path, c
 
     out = tmp_path / "ai"
     with ChatStub(answer=answer) as stub:
-        argv = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--model",
-            "stub",
-            *BROWSE,
-            "--latents",
-            "2",
-            "--out",
-            out,
-        ]
+        argv = autointerp_argv(trained_runs["grouped"], stub, out)
         assert call(autointerp_main, argv) == 0
         scored = sum(1 for m in stub.requests if "[EXPLANATION]" not in m[0]["content"])
     assert scored > 0
