@@ -64,8 +64,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + SOURCES
 )
 
-STAGES = ("versions", "encoder", "sae_step", "end_to_end", "tests")
-SHARES = {"versions": 0.06, "encoder": 0.2, "sae_step": 0.2, "end_to_end": 0.4, "tests": 0.14}
+STAGES = ("versions", "encoder", "sae_step", "profile", "end_to_end", "tests")
+SHARES = {"versions": 0.04, "encoder": 0.1, "sae_step": 0.2, "profile": 0.1, "end_to_end": 0.42,
+          "tests": 0.14}  # fmt: skip
 
 # dense bf16 tensor-core rate (TFLOP/s, fp32 accumulation) and memory bandwidth (TB/s), from the
 # vendors' data sheets; matched by substring of torch.cuda.get_device_name (first match wins)
@@ -114,10 +115,16 @@ def main(argv=None) -> int:
         metavar="STAGE=SECONDS",
         help="a stage's own time box (tests)",
     )
+    p.add_argument("--precisions", help="the encoder stage's, comma-separated (bf16,tf32,fp32)")
+    p.add_argument("--e2e-models", help="end_to_end's models (pythia-1b,pythia-160m)")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # a child: run this stage
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     p.add_argument("--e2e-run", help=argparse.SUPPRESS)  # a grandchild: one end-to-end run
     args = p.parse_args(argv)
+    for flag, var in ((args.precisions, "GSAE_SESSION_PRECISIONS"),
+                      (args.e2e_models, "GSAE_SESSION_MODELS")):  # fmt: skip
+        if flag:
+            os.environ[var] = flag  # read by the stages' child processes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.e2e_run:
@@ -283,6 +290,7 @@ def stage_child(name: str, out: Path, rehearse: bool, seconds: float | None) -> 
             "versions": versions,
             "encoder": encoder,
             "sae_step": sae_step,
+            "profile": profile,
             "end_to_end": end_to_end,
             "tests": gpu_tests,
         }[name](st)
@@ -493,7 +501,9 @@ def shapes(st: Stage) -> list[dict]:
 
 def precisions(st: Stage) -> list[str]:
     # bf16 matmuls are wrong in the Triton interpreter and tf32 is a GPU mode: fp32 on a CPU
-    return ["fp32"] if st.device.type != "cuda" else ["bf16", "tf32", "fp32"]
+    if st.device.type != "cuda":
+        return ["fp32"]
+    return os.environ.get("GSAE_SESSION_PRECISIONS", "bf16,tf32,fp32").split(",")
 
 
 @contextlib.contextmanager
@@ -532,11 +542,19 @@ def encoder_case(st: Stage, shape: dict, prec: str) -> None:
     b_dec = torch.zeros(d, device=st.device, dtype=dtype)
     dead = torch.zeros(m, dtype=torch.bool, device=st.device)
     dead[::2] = True  # half the latents dead: AuxK has more candidates than slots
+    fp32 = [t.float() for t in (x, w, b_enc, b_dec)]
     for aux in (0, d // 2):
 
         @torch.no_grad()
         def fused(aux=aux):
-            return topk_encode(x, w, b_enc, b_dec, k, dead if aux else None, aux)
+            return topk_encode(x, w, b_enc, b_dec, k, dead if aux else None, aux, encoder="fused")
+
+        @torch.no_grad()
+        def gemm(aux=aux):
+            # gsae's default GPU forward as its trainer calls it: fp32 weights, the bf16
+            # precision (bf16 GEMM with fp32 output) or tf32 / fp32
+            pre = {"bf16": "bf16", "tf32": "tf32"}.get(prec, "fp32")
+            return topk_encode(*fp32, k, dead if aux else None, aux, encoder="gemm", precision=pre)
 
         @torch.no_grad()
         def cublas(aux=aux):
@@ -548,15 +566,18 @@ def encoder_case(st: Stage, shape: dict, prec: str) -> None:
 
         with tf32(prec == "tf32"):
             ms_fused = guarded(fused, st)
+            ms_gemm = guarded(gemm, st)
             ms_ref = guarded(cublas, st)
         st.row(
             shape=shape["name"],
             precision=prec,
             k_aux=aux,
             fused_ms=ms_fused,
+            gemm_ms=ms_gemm,
             cublas_topk_ms=ms_ref,
             fused_tflops=tflops(2 * n * d * m, ms_fused),
             speedup=ratio(ms_ref, ms_fused),
+            gemm_speedup=ratio(ms_ref, ms_gemm),
         )
 
 
@@ -607,6 +628,20 @@ def gsae_step(trainer, x, aux: bool):
         trainer.step(x, layer=0, check_finite=False)  # as the training loop calls it: no sync
 
     return step
+
+
+@contextlib.contextmanager
+def variant_env(variant: str):
+    """gsae's fused encoder for a ``fused`` variant (``GSAE_ENCODER``), else its default."""
+    before = os.environ.pop("GSAE_ENCODER", None)
+    if "fused" in variant:
+        os.environ["GSAE_ENCODER"] = "fused"
+    try:
+        yield
+    finally:
+        os.environ.pop("GSAE_ENCODER", None)
+        if before is not None:
+            os.environ["GSAE_ENCODER"] = before
 
 
 def sparsify_step(coder, opt, x, dead, auxk_alpha: float = 1 / 32):
@@ -669,18 +704,22 @@ def sae_step(st: Stage) -> None:
             roofline_ms(shape, limits["peak_bf16_tflops"], limits["peak_tb_s"]) if limits else None
         )
         # each tool's default optimiser (signum for both), then both under the paper's Adam
-        runs = [("signum", p) for p in gsae_precisions[:1]]
-        runs += [("adam", p) for p in gsae_precisions]
+        runs = [("signum", p, "") for p in gsae_precisions[:1]]
+        runs += [("adam", p, "") for p in gsae_precisions]
+        # the first H200 session's step (fused encoder, sparse AuxK), for the same-run ratio
+        runs += [("signum", p, " fused+sparse-auxk") for p in gsae_precisions[:1]]
         for aux in (False, True):
             times, peers = {}, {}
-            for opt_name, prec in runs:
-                name = f"gsae {opt_name} {prec or 'fp32'}"
+            for opt_name, prec, variant in runs:
+                name = f"gsae {opt_name} {prec or 'fp32'}{variant}"
                 if st.left() < 10:
                     st.note(f"{shape['name']} {name}: no time left")
                     continue
                 try:
-                    trainer = gsae_trainer(shape, st.device, prec, aux, opt_name)
-                    times[name] = guarded(gsae_step(trainer, x, aux), st)
+                    with variant_env(variant):
+                        trainer = gsae_trainer(shape, st.device, prec, aux, opt_name)
+                        trainer.sae.auxk = "sparse" if variant else None
+                        times[name] = guarded(gsae_step(trainer, x, aux), st)
                     del trainer
                 except Exception as err:
                     times[name] = f"{type(err).__name__}: {err}"
@@ -709,6 +748,9 @@ def sae_step(st: Stage) -> None:
                 row = {"shape": shape["name"], "auxk": aux, "impl": name, "ms": ms}
                 if not name.startswith("sparsify"):  # against sparsify under the same optimiser
                     row["speedup_vs_sparsify"] = ratio(peers.get(name.split()[1]), ms)
+                    first = f"gsae signum {gsae_precisions[0] or 'fp32'} fused+sparse-auxk"
+                    if name != first:
+                        row["speedup_vs_first_session"] = ratio(times.get(first), ms)
                 if limit:
                     row["limit_ms"] = limit["limit_ms"]
                     row["of_limit_pct"] = (
@@ -730,6 +772,78 @@ def sae_step(st: Stage) -> None:
             )
         del x
         free(st)
+
+
+# ---- 3b. where a step's time goes
+
+
+def profile(st: Stage) -> None:
+    """The GPU kernels of one step by device time (torch.profiler over 3 steps), gsae's default
+    and sparsify's, AuxK off and on, at the paper's shape: which kernels the next change should
+    go after."""
+    import torch
+
+    sparse, _how = import_sparse_coder()
+    shape = TINY[0] if st.rehearse else PAPER
+    gen = torch.Generator(device=st.device).manual_seed(0)
+    x = torch.randn(shape["N"], shape["d"], device=st.device, generator=gen)
+    for aux in (False, True):
+        impls = [("gsae signum auto", None)]
+        if sparse is not None:
+            impls.append(("sparsify signum bf16 autocast", sparse))
+        for name, peer in impls:
+            if st.left() < 15:
+                st.note(f"{name} AuxK {aux}: no time left")
+                continue
+            try:
+                if peer is None:
+                    trainer = gsae_trainer(shape, st.device, "auto", aux, "signum")
+                    step = gsae_step(trainer, x, aux)
+                else:
+                    coder_cls, cfg_cls = peer
+                    cfg = cfg_cls(num_latents=shape["m"], k=shape["k"])
+                    coder = coder_cls(shape["d"], cfg, device=st.device, dtype=torch.float32)
+                    opt = sparsify_optimizer(list(coder.parameters()), shape["m"], "signum")
+                    dead = torch.zeros(shape["m"], dtype=torch.bool, device=st.device)
+                    dead[::2] = aux
+                    step = sparsify_step(coder, opt, x, dead)
+                for row in profile_rows(step, st.device, steps=3):
+                    st.row(shape=shape["name"], auxk=aux, impl=name, **row)
+            except Exception as err:
+                st.note(f"{name} AuxK {aux}: {type(err).__name__}: {str(err)[:200]}")
+            free(st)
+
+
+def profile_rows(step, device, steps: int = 3, top: int = 10) -> list[dict]:
+    """The ``top`` kernels (GPU) or ops (CPU) of ``steps`` calls of ``step`` by self time, in ms
+    per step and % of the total."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    for _ in range(2):  # warm-up: autotuning, allocator, the first (blocking) dead count
+        step()
+    sync(device)
+    gpu = device.type == "cuda"
+    acts = [ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    times = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) if gpu else ev.self_cpu_time_total
+        if gpu and t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t and t > 0:
+            times[ev.key] = times.get(ev.key, 0.0) + t
+    total = sum(times.values()) or 1.0
+    ranked = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    rows = [{"kernel": "(all)", "ms_per_step": total / 1e3 / steps, "pct": 100.0}]
+    rows += [
+        {"kernel": key[:90], "ms_per_step": t / 1e3 / steps, "pct": 100 * t / total}
+        for key, t in ranked
+    ]
+    return rows
 
 
 # ---- 4. end to end
@@ -779,10 +893,11 @@ def e2e_plan(st: Stage) -> list[dict]:
     else:
         common = {"tokens": 20 * 32768, "batch_tokens": 32768, "ctx_len": 1024, "k": 128}
         kinds = ["pythia-1b", "pythia-160m"]  # the issue's target first
+        kinds = os.environ.get("GSAE_SESSION_MODELS", ",".join(kinds)).split(",")
     return [
         {"kind": kind, "impl": impl, **common}
         for kind in kinds
-        for impl in ("gsae auto", "gsae per-layer", "sparsify")
+        for impl in ("gsae auto", "sparsify", "gsae per-layer")  # the target's pair first
     ]
 
 
@@ -950,7 +1065,10 @@ def sparsify_run(plan: dict) -> dict:
     import torch
     from transformers import AutoTokenizer, GPTNeoXForCausalLM
 
-    (coder_cls, cfg_cls), how = import_sparse_coder()
+    coder, how = import_sparse_coder()
+    if coder is None:
+        raise RuntimeError(f"sparsify: {how}")
+    coder_cls, cfg_cls = coder
     device = torch.device(plan["device"])
     model = GPTNeoXForCausalLM.from_pretrained(plan["model"]).to(device).eval()
     model.requires_grad_(False)

@@ -16,6 +16,9 @@ if not GPU:
         )
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's default-change note
+# backend="triton" tests exercise the fused encoder kernel; the default ("gemm": a GEMM and
+# torch.topk, the torch backend's forward) is covered by the "triton-gemm" cases that name it
+os.environ.setdefault("GSAE_ENCODER", "fused")
 
 import pytest  # noqa: E402
 

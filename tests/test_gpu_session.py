@@ -46,7 +46,7 @@ def test_the_rehearsal_runs_every_stage_without_datasets(tmp_path):
     proc, report = run_session(tmp_path, "--rehearse", "--budget", "900")
     assert proc.returncode == 0, proc.stdout[-4000:]
     stages = report["stages"]
-    assert list(stages) == ["versions", "encoder", "sae_step", "end_to_end", "tests"]
+    assert list(stages) == ["versions", "encoder", "sae_step", "profile", "end_to_end", "tests"]
     assert all(s["status"] == "ok" for s in stages.values()), stages
     info = stages["versions"]["info"]
     assert "sparse_coder alone" in info["sparsify_import"], info  # its __init__ needs datasets

@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 GPU = torch.cuda.is_available()
 BACKENDS = [pytest.param("torch", "cpu", id="torch"),
             pytest.param("triton", "cuda" if GPU else "cpu", id="triton")]  # fmt: skip
+# the Triton backend with its GEMM forward (its default outside the tests: see conftest.py)
+ENCODE_BACKENDS = [*BACKENDS, pytest.param("triton-gemm", "cuda" if GPU else "cpu", id="gemm")]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
@@ -74,7 +76,9 @@ def assert_named_close(got: dict, want: dict, dtype):
 
 def run_encode(backend, params, k, dead_mask, k_aux, grads):
     p = fresh({n: params[n] for n in ("x", "W_enc", "b_enc", "b_dec")})
-    out = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead_mask, k_aux, backend=backend)
+    backend, _, encoder = backend.partition("-")
+    out = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead_mask, k_aux, backend=backend,
+                 encoder=encoder or None)  # fmt: skip
     # an upstream gradient per output slot, keyed by latent id so it does not depend on slot order
     loss = (out.values * grads[0].gather(1, out.indices)).sum()
     if k_aux:
@@ -96,7 +100,7 @@ ENCODE_SHAPES = [  # (N, d, m, k): m is never a multiple of a block, N never of 
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", ENCODE_BACKENDS)
 @pytest.mark.parametrize("n,d,m,k", ENCODE_SHAPES)
 def test_topk_encode_matches_reference(backend, device, n, d, m, k):
     params = make_params(n, d, m, device=device)
@@ -112,7 +116,7 @@ def test_topk_encode_matches_reference(backend, device, n, d, m, k):
     assert_named_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", ENCODE_BACKENDS)
 @pytest.mark.parametrize("n_dead", [0, 5, 200], ids=["none-dead", "few-dead", "all-dead"])
 def test_topk_encode_auxk(backend, device, n_dead):
     n, d, m, k, k_aux = 37, 63, 200, 7, 24  # 5 dead < k_aux: the spare aux slots must be 0
@@ -136,7 +140,7 @@ WIDE = [  # (N, d, m, k, k_aux, dead): the paper's k, AuxK widths in the hundred
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", ENCODE_BACKENDS)
 @pytest.mark.parametrize("n,d,m,k,k_aux,n_dead", WIDE)
 def test_topk_encode_wide_selections(backend, device, n, d, m, k, k_aux, n_dead):
     """The encoder's wide buffers: K_PAD = 128 (the paper's k), a KA_PAD of 512 (the "widen"

@@ -43,15 +43,16 @@ def test_opcheck_every_op(backend, device):
     # mishandles bf16 dots, so Triton checks tf32's argument path here)
     low = "bf16" if backend == "torch" else "tf32"
     cases = [
-        (ops.topk_encode, (x, we, be, bd, k, None, 0, backend, "fp32", m)),
-        (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend, low, m // 2)),
+        (ops.topk_encode, (x, we, be, bd, k, None, 0, backend, "fp32", m, True)),
+        (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend, low, m // 2, True)),
+        (ops.topk_encode, (x, we, be, bd, k, dead, k_aux, backend, "fp32", m, False)),  # GEMM
         (
             ops.topk_encode,
-            (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend, "fp32", m),
-        ),
+            (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend, "fp32", m, True),
+        ),  # fmt: skip
     ]
     v, i, av, ai = ops.topk_encode(x.detach(), we.detach(), be.detach(), bd.detach(), k, dead,
-                                   k_aux, backend, "fp32", m)  # fmt: skip
+                                   k_aux, backend, "fp32", m, True)  # fmt: skip
     gv, ga = torch.randn_like(v), torch.randn_like(av)
     det = [t.detach() for t in (x, we, bd)]
     cases += [  # the backward ops have no backward of their own (no double backward)

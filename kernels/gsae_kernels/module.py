@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .auxk import auxk_recon
 from .loss import LossOutput, fvu_auxk_loss
 from .sparse_decode import sparse_decode
 from .topk_encode import EncodeOutput, topk_encode
@@ -29,6 +30,9 @@ class TopKSAE(nn.Module):
         m: number of latents.
         k: latents active per row.
         auxk_alpha: AuxK weight in the loss.
+        backend: the kernels' backend (None: by the device, see ``resolve_backend``).
+        auxk: AuxK's implementation in :meth:`forward`, ``"sparse"`` or ``"dense"`` (None:
+            dense on a GPU, sparse on a CPU).
     """
 
     def __init__(
@@ -41,12 +45,14 @@ class TopKSAE(nn.Module):
         dtype=None,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        auxk: str | None = None,
     ):
         super().__init__()
         if not 1 <= k <= m:
             raise ValueError(f"k must be in [1, m={m}], got {k}")
         self.d, self.m, self.k, self.auxk_alpha = d, m, k, auxk_alpha
         self.backend = backend  # None: chosen by the device (or GSAE_KERNELS)
+        self.auxk = auxk  # forward's default AuxK: "sparse", "dense" or None (by the device)
         factory = {"device": device, "dtype": dtype}
         self.W_enc = nn.Parameter(torch.empty(m, d, **factory))
         self.b_enc = nn.Parameter(torch.zeros(m, **factory))
@@ -79,20 +85,32 @@ class TopKSAE(nn.Module):
         *,
         precision: str | None = None,
         aux_limit: int | None = None,
+        auxk: str | None = None,
     ) -> ForwardOutput:
         """Encode, decode and score ``x [N, d]``; AuxK uses ``k_aux`` latents of ``dead_mask``
         (at most ``aux_limit`` considered); ``precision``: the encoder matmul's (see
-        :func:`~gsae_kernels.topk_encode`)."""
+        :func:`~gsae_kernels.topk_encode`). ``auxk``: ``"sparse"`` (selected by the encoder,
+        decoded by the sparse kernels: ``latents.aux_*`` hold it) or ``"dense"``
+        (:func:`~gsae_kernels.auxk.auxk_recon`: GEMMs over the candidates, ``latents.aux_*``
+        None); None: dense on a GPU, sparse on a CPU."""
         # the kernels are called directly (not self.encode/decode) so subclasses that wrap
         # encode/decode, e.g. with an input scale, can reuse this forward on prepared inputs
         b = self.backend
         w = (self.W_enc, self.b_enc, self.b_dec)
+        auxk = auxk or self.auxk or ("dense" if x.is_cuda else "sparse")
+        if auxk not in ("sparse", "dense"):
+            raise ValueError(f"auxk must be 'sparse', 'dense' or None, got {auxk!r}")
+        dense = auxk == "dense" and k_aux > 0
         latents = topk_encode(
-            x, *w, self.k, dead_mask, k_aux, backend=b, precision=precision, aux_limit=aux_limit
-        )
+            x, *w, self.k, dead_mask, 0 if dense else k_aux, backend=b, precision=precision,
+            aux_limit=aux_limit,
+        )  # fmt: skip
         x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec, backend=b)
         aux_recon = None
-        if latents.aux_values is not None:
+        if dense:
+            aux_recon = auxk_recon(x, *w, self.W_dec, dead_mask, k_aux, precision=precision,
+                                   aux_limit=aux_limit)  # fmt: skip
+        elif latents.aux_values is not None:
             aux_recon = sparse_decode(
                 latents.aux_values, latents.aux_indices, self.W_dec, None, backend=b
             )

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 from typing import NamedTuple
 
 import torch
@@ -308,11 +309,65 @@ def _aux_candidates(dead_mask: torch.Tensor, limit: int, exact: bool | None = No
     return order, dead_mask[order]
 
 
-def _chunk_rows(n: int, m: int) -> int:
-    # one [rows, m] fp32 buffer of <= 32 MiB, reused by every chunk: big enough for an efficient
-    # GEMM, small enough that glibc serves it from the heap (larger blocks are mmap'd, and
-    # page-faulted in again on every call), and it bounds memory for any N
-    return max(1, min(n, max(64, (1 << 23) // max(1, m))))
+def _chunk_rows(n: int, m: int, gpu: bool = False) -> int:
+    # CPU: one [rows, m] fp32 buffer of <= 32 MiB, reused by every chunk: big enough for an
+    # efficient GEMM, small enough that glibc serves it from the heap (larger blocks are mmap'd,
+    # and page-faulted in again on every call). GPU: <= 1 GiB, so a tensor-core GEMM gets
+    # thousands of rows (4 chunks at N = m = 32768). Either way memory is bounded for any N.
+    budget = 1 << 28 if gpu else 1 << 23  # fp32 elements
+    return max(1, min(n, max(64, budget // max(1, m))))
+
+
+ENCODERS = ("gemm", "fused")
+ENCODER_ENV = "GSAE_ENCODER"
+
+
+def resolve_encoder(encoder: str | None) -> str:
+    """The Triton backend's forward: ``"gemm"`` (one tensor-core GEMM per row chunk by cuBLAS or
+    hipBLAS, then ``torch.topk``) or ``"fused"`` (``_encode_topk_kernel``: GEMM and selection in
+    one kernel, no ``[N, m]`` buffer). None: ``$GSAE_ENCODER``, else ``"gemm"``, which an H200
+    ran 2.5-7.6x faster than the fused kernel at Pythia-160M's and Pythia-1B's shapes in every
+    precision (benchmarks/results/gpu-h200-2026-12-04.md). The backward is the same for both."""
+    choice = encoder or os.environ.get(ENCODER_ENV) or "gemm"
+    if choice not in ENCODERS:
+        raise ValueError(f"encoder (or ${ENCODER_ENV}) must be one of {ENCODERS}, got {choice!r}")
+    return choice
+
+
+_OUT_DTYPE_MM: dict[str, bool] = {}
+
+
+def native_bf16_mm(device: torch.device) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on this device type: bf16
+    tensor cores with the fp32 sums written out unrounded, i.e. exactly the bf16 precision's
+    product at twice TF32's rate (CUDA, torch >= 2.8). Probed once per device type."""
+    kind = torch.device(device).type
+    if kind not in _OUT_DTYPE_MM:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _OUT_DTYPE_MM[kind] = ok and kind != "cpu"  # a CPU has no bf16 units to gain from
+    return _OUT_DTYPE_MM[kind]
+
+
+def _pre_acts(a: Tensor, w: Tensor, b: Tensor | None, precision: str, out: Tensor) -> Tensor:
+    """``a [c, d] @ w[C, d].T + b`` into ``out [>= c, C]`` (fp32) in the precision. ``w`` is a
+    bf16 copy when :func:`native_bf16_mm` (then ``a`` is rounded here), else already rounded."""
+    if w.dtype == torch.bfloat16 and a.dtype != torch.bfloat16:
+        z = torch.mm(a.to(torch.bfloat16), w.t(), out_dtype=torch.float32)  # [c, C]
+        return z.add_(b) if b is not None else z
+    a = round_operand(a, precision)
+    rows = out[: a.shape[0]]
+    return torch.addmm(b, a, w.t(), out=rows) if b is not None else torch.mm(a, w.t(), out=rows)
+
+
+def _gemm_weight(W_enc: Tensor, precision: str) -> Tensor:
+    """W_enc as :func:`_pre_acts` takes it: a bf16 copy for native bf16 GEMMs, else rounded."""
+    if precision == "bf16" and W_enc.dtype == torch.float32 and native_bf16_mm(W_enc.device):
+        return W_enc.to(torch.bfloat16)
+    return round_operand(W_enc, precision)
 
 
 def _aux_topk(z, cand, dead, ka, out_v, out_i):
@@ -334,13 +389,14 @@ def _aux_select(xc, W_enc, b_enc, dead_mask, k_aux, limit, precision, aux_values
     ka = min(k_aux, cand.shape[0])
     if ka == 0:
         return
-    w = round_operand(W_enc.index_select(0, cand), precision)  # [C, d]
+    w = _gemm_weight(W_enc.index_select(0, cand), precision)  # [C, d]
     b = b_enc.index_select(0, cand) if b_enc is not None else None
-    step = _chunk_rows(xc.shape[0], cand.shape[0])
+    step = _chunk_rows(xc.shape[0], cand.shape[0], xc.is_cuda)
+    native = w.dtype == torch.bfloat16 and xc.dtype != torch.bfloat16  # writes its own output
+    buf = None if native else xc.new_empty(step, cand.shape[0])
     with _matmul_precision(xc.device, precision):
         for s in range(0, xc.shape[0], step):
-            a = round_operand(xc[s : s + step], precision)
-            z = torch.addmm(b, a, w.t()) if b is not None else a @ w.t()  # [c, C]
+            z = _pre_acts(xc[s : s + step], w, b, precision, buf)  # [c, C]
             _aux_topk(z, cand, dead, ka, aux_values[s : s + step], aux_indices[s : s + step])
     aux_values.relu_()
 
@@ -379,17 +435,14 @@ def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, li
     aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=xc.device)
     cand, dead = _aux_candidates(dead_mask, limit) if k_aux > 0 else (None, None)
     ka = min(k_aux, cand.numel()) if cand is not None else 0
-    w = round_operand(W_enc, precision)
-    step = _chunk_rows(n, m)
-    buf = xc.new_empty(step, m)
+    w = _gemm_weight(W_enc, precision)
+    step = _chunk_rows(n, m, xc.is_cuda)
+    native = w.dtype == torch.bfloat16 and xc.dtype != torch.bfloat16  # writes its own output
+    buf = None if native else xc.new_empty(step, m)
     with _matmul_precision(xc.device, precision):
         for s in range(0, n, step):
             e = min(n, s + step)
-            a = round_operand(xc[s:e], precision)
-            if b_enc is not None:
-                z = torch.addmm(b_enc, a, w.t(), out=buf[: e - s])  # [c, m]
-            else:
-                z = torch.mm(a, w.t(), out=buf[: e - s])
+            z = _pre_acts(xc[s:e], w, b_enc, precision, buf)  # [c, m]
             torch.topk(z, k, dim=1, sorted=False, out=(values[s:e], indices[s:e]))
             if ka > 0:  # the same pre-activations, the candidates' columns
                 _aux_topk(
@@ -443,15 +496,16 @@ def _topk_encode_op(
     backend: str,
     precision: str,
     aux_limit: int,
+    fused: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(values [N, k], indices [N, k], aux_values [N, k_aux], aux_indices [N, k_aux])."""
     with launch_guard(x):
-        fwd = _encode_fwd_triton if backend == "triton" else _encode_fwd_torch
+        fwd = _encode_fwd_triton if backend == "triton" and fused else _encode_fwd_torch
         return fwd(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, aux_limit)
 
 
 @_topk_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, aux_limit):
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, aux_limit, fused):
     n = x.shape[0]
     return (x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64),
             x.new_empty(n, k_aux), x.new_empty(n, k_aux, dtype=torch.int64))  # fmt: skip
@@ -491,7 +545,7 @@ def _(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_i
 
 
 def _encode_setup_context(ctx, inputs, output):
-    x, W_enc, b_enc, b_dec, _k, _dead, _k_aux, backend, _precision, _limit = inputs
+    x, W_enc, b_enc, b_dec, _k, _dead, _k_aux, backend, _precision, _limit, _fused = inputs
     values, indices, aux_values, aux_indices = output
     ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
     ctx.backend = backend
@@ -511,7 +565,7 @@ def _encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indice
     )  # fmt: skip
     needs = (need_x, need_w, need_be, need_bd)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
-            None, None, None, None, None, None)  # fmt: skip
+            None, None, None, None, None, None, None)  # fmt: skip
 
 
 _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
@@ -572,6 +626,7 @@ def topk_encode(
     backend: str | None = None,
     precision: str | None = None,
     aux_limit: int | None = None,
+    encoder: str | None = None,
 ) -> EncodeOutput:
     """TopK SAE encoder with a sparse backward.
 
@@ -593,6 +648,8 @@ def topk_encode(
             dead latents than this and the later ones are left out): a bound on the number of
             dead latents, read when it costs no sync. None: all m (exact, at the cost of a GEMM
             over every latent). On a CPU the dead latents are found exactly whatever it is.
+        encoder: the Triton backend's forward, ``"gemm"`` or ``"fused"`` (see
+            :func:`resolve_encoder`); the torch backend always runs the GEMM.
 
     Returns:
         :class:`EncodeOutput`, in the compute dtype: W_enc's dtype, or the autocast dtype inside
@@ -605,6 +662,7 @@ def topk_encode(
     x, W_enc, b_enc, b_dec = (cast(t, dtype) for t in (x, W_enc, b_enc, b_dec))
     backend = resolve_backend(x.device, backend, dtype)
     precision = resolve_precision(precision, x)
+    fused = resolve_encoder(encoder) == "fused"
     m = W_enc.shape[0]
     limit = m if aux_limit is None else _integer(aux_limit)
     if limit is None or limit < 0:
@@ -615,7 +673,7 @@ def topk_encode(
         b_dec = b_dec if b_dec is not None else x.new_zeros(x.shape[1])
         return EncodeOutput(*reference.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux))
     out = torch.ops.gsae_kernels.topk_encode(
-        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, min(limit, m)
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, min(limit, m), fused
     )
     values, indices, aux_values, aux_indices = out
     if k_aux == 0:
