@@ -544,3 +544,18 @@ def test_a_build_killed_midway_does_not_hang_the_next_one(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0 and second.stdout.strip() == "True", second.stderr
+
+
+def test_sae_settings_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import gsae.train.pipeline as pipeline
+
+    def no_model(*_args, **_kwargs):
+        raise RuntimeError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    for flags, words in ((["--lr", "-1"], "lr must be > 0"), (["--k", "0"], "k must be in")):
+        out = tmp_path / flags[0].strip("-")
+        argv = ["--model", "demo", "--dataset", "demo", "--out", str(out), *flags]
+        assert train_cli.main(argv) == 2
+        one_line_error(capsys, "gsae-train", words)
+        assert not out.exists()  # nothing written

@@ -157,6 +157,9 @@ class RunSettings:
                 f"--log-every {self.log_every}: need at least 1 step between log lines"
             )
         check_threshold(self.threshold)  # --groups N records G_hat beside G too
+        # the SAE's own settings (--lr, --k, ...) now, not once the model has loaded: a width
+        # wide enough for any k stands in for the model's, which only the checks of m use
+        self.sae_config(64 * max(1, int(self.sae.get("k", SaeConfig.k))))
         return self
 
     def sae_config(self, d: int, layers_seed: int | None = None) -> SaeConfig:
