@@ -6,7 +6,9 @@ id in the Triton kernel); the values are then ReLU'd, so a row with fewer than `
 latents gets value 0 in its spare slots. Order within a row is unspecified (the Triton kernel
 returns it sorted, the torch path does not).
 
-Triton forward, ``_encode_topk_kernel``: one program owns ``BLOCK_N`` rows and walks all ``m``
+Triton backend forward: by default (:func:`resolve_encoder`) one tensor-core GEMM per chunk of
+rows and ``torch.topk``, the torch path's, faster on an H200 than the fused kernel below, which
+``encoder="fused"`` selects. ``_encode_topk_kernel``: one program owns ``BLOCK_N`` rows and walks all ``m``
 latents in ``BLOCK_M``-column tiles. For each tile it accumulates the ``[BLOCK_N, BLOCK_M]``
 pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the pre-bias is subtracted as x
 is loaded), packs every pre-activation with its latent id into one order-preserving int64 key
@@ -327,7 +329,7 @@ def resolve_encoder(encoder: str | None) -> str:
     hipBLAS, then ``torch.topk``) or ``"fused"`` (``_encode_topk_kernel``: GEMM and selection in
     one kernel, no ``[N, m]`` buffer). None: ``$GSAE_ENCODER``, else ``"gemm"``, which an H200
     ran 2.5-7.6x faster than the fused kernel at Pythia-160M's and Pythia-1B's shapes in every
-    precision (benchmarks/results/gpu-h200-2026-12-04.md). The backward is the same for both."""
+    precision (benchmarks/results/gpu-h200-2026-12-04-run1.md, -run2.md). The backward is the same for both."""
     choice = encoder or os.environ.get(ENCODER_ENV) or "gemm"
     if choice not in ENCODERS:
         raise ValueError(f"encoder (or ${ENCODER_ENV}) must be one of {ENCODERS}, got {choice!r}")
