@@ -8,19 +8,19 @@ returns it sorted, the torch path does not).
 
 Triton backend forward: by default (:func:`resolve_encoder`) one tensor-core GEMM per chunk of
 rows and ``torch.topk``, the torch path's, faster on an H200 than the fused kernel below, which
-``encoder="fused"`` selects. ``_encode_topk_kernel``: one program owns ``BLOCK_N`` rows and walks all ``m``
-latents in ``BLOCK_M``-column tiles. For each tile it accumulates the ``[BLOCK_N, BLOCK_M]``
-pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the pre-bias is subtracted as x
-is loaded), packs every pre-activation with its latent id into one order-preserving int64 key
-(float bits, sign-fixed, in the high word; the complemented id in the low word) and merges the
-tile into a running per-row top-``K_PAD`` buffer with a bitonic network (as ``tl.topk`` does).
-The ``[N, m]`` pre-activation matrix never reaches global memory. AuxK is a second, separate
-selection over the dead latents only (:func:`_aux_select`: one GEMM over the gathered dead rows
-of W_enc, then ``torch.topk``), so its cost follows the number of dead latents and no kernel
-buffer grows with k_aux (a per-row top-1024 buffer needs 128 KiB of shared memory at
-BLOCK_N = 16: twice an AMD GPU's 64 KiB). Block sizes are powers of two and
-at least 16, and kernels use only portable ``tl`` ops, so the same code runs on 32-wide NVIDIA
-warps and 64-wide AMD wavefronts.
+``encoder="fused"`` selects. ``_encode_topk_kernel``: one program owns ``BLOCK_N`` rows and
+walks all ``m`` latents in ``BLOCK_M``-column tiles. For each tile it accumulates the
+``[BLOCK_N, BLOCK_M]`` pre-activations with ``tl.dot`` over ``BLOCK_D`` slices of d (the
+pre-bias is subtracted as x is loaded), packs every pre-activation with its latent id into one
+order-preserving int64 key (float bits, sign-fixed, in the high word; the complemented id in the
+low word) and merges the tile into a running per-row top-``K_PAD`` buffer with a bitonic network
+(as ``tl.topk`` does). The ``[N, m]`` pre-activation matrix never reaches global memory. AuxK is
+a second, separate selection over the dead latents only (:func:`_aux_select`: one GEMM over the
+gathered dead rows of W_enc, then ``torch.topk``), so its cost follows the number of dead
+latents and no kernel buffer grows with k_aux (a per-row top-1024 buffer needs 128 KiB of shared
+memory at BLOCK_N = 16: twice an AMD GPU's 64 KiB). Block sizes are powers of two and at least
+16, and kernels use only portable ``tl`` ops, so the same code runs on 32-wide NVIDIA warps and
+64-wide AMD wavefronts.
 
 Precision (:func:`resolve_precision`): the pre-activation matmul rounds its operands to fp32,
 tf32 or bf16 and sums the products in fp32, the same on both backends (Triton: a bf16 copy of
@@ -329,7 +329,8 @@ def resolve_encoder(encoder: str | None) -> str:
     hipBLAS, then ``torch.topk``) or ``"fused"`` (``_encode_topk_kernel``: GEMM and selection in
     one kernel, no ``[N, m]`` buffer). None: ``$GSAE_ENCODER``, else ``"gemm"``, which an H200
     ran 2.5-7.6x faster than the fused kernel at Pythia-160M's and Pythia-1B's shapes in every
-    precision (benchmarks/results/gpu-h200-2026-12-04-run1.md, -run2.md). The backward is the same for both."""
+    precision (benchmarks/results/gpu-h200-2026-12-04-run1.md, -run2.md). The backward is the
+    same for both."""
     choice = encoder or os.environ.get(ENCODER_ENV) or "gemm"
     if choice not in ENCODERS:
         raise ValueError(f"encoder (or ${ENCODER_ENV}) must be one of {ENCODERS}, got {choice!r}")
