@@ -4,6 +4,7 @@ compiled or interpreted. With a GPU, the kernels are compiled and tested on it.
 """
 
 import os
+import signal
 import sys
 
 import torch
@@ -21,6 +22,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's d
 os.environ.setdefault("GSAE_ENCODER", "fused")
 
 import pytest  # noqa: E402
+
+# a shell starts background jobs (`.ci/run &`, nohup) with SIGINT ignored, and Python keeps an
+# ignored SIGINT: the Ctrl-C tests would then test nothing. Python's own handler, as in a
+# foreground run.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # where the Triton backend runs: the GPU when there is one, else the interpreter on the CPU
 TRITON_DEVICE = "cuda" if GPU else "cpu"
