@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gsae.cli.train import parser, resumed_settings, settings_from_args
+from gsae.cli.train import parser, resumed_settings, setting_flags, settings_from_args
 from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
 from gsae.synthetic import SparseFeatures
 from gsae.train import RunDir
@@ -95,6 +95,22 @@ def test_resume_refuses_another_recipe_by_name(tmp_path):
         resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--average-power", "0"]))
     same = resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "default"]))
     assert same.recipe == "default"
+
+
+def test_resume_refusal_names_the_flag_as_typed(tmp_path):
+    """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
+    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    with pytest.raises(ValueError, match=r"these cannot change: --init \(the run has 'fit'\)"):
+        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--init", "paper"]))
+
+
+def test_every_stored_setting_maps_to_a_flag_of_the_parser():
+    stored = settings_from_args(parser().parse_args(FLAGS)).flags()
+    flags = setting_flags(parser())
+    options = {o for a in parser()._actions for o in a.option_strings}
+    assert set(stored) <= set(flags), set(stored) - set(flags)
+    assert all(flags[k] in options for k in stored)
+    assert flags["init_encoder"] == "--init" and flags["ctx_len"] == "--ctx-len"
 
 
 def test_a_signum_config_saved_before_average_power_loads_as_it_was():

@@ -76,7 +76,3 @@ def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
-
-
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
