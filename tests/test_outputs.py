@@ -115,7 +115,7 @@ def autointerp_argv(run, stub, out, *extra) -> list:
         run,
         "--endpoint",
         stub.url,
-        "--model",
+        "--explainer-model",
         "stub",
         *BROWSE,
         "--latents",

@@ -27,7 +27,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True,
                    help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM), "
                    "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1")  # fmt: skip
-    p.add_argument("--model", required=True, help="the explainer (and scorer) model's name")
+    p.add_argument(
+        "--explainer-model", default=None, help="the explainer (and scorer) model's name (required)"
+    )
+    # the flag's old name, kept for users' scripts: --model is the transformer in every other
+    # command
+    p.add_argument("--model", dest="old_model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scorer-model", default=None, help="another model for scoring")
     p.add_argument("--scorer-endpoint", default=None, help="default: --endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -59,8 +64,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; the deprecated ``--model`` stands for ``--explainer-model``, with a warning."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.old_model is not None:
+        print(
+            "gsae-autointerp: warning: --model is deprecated, use --explainer-model",
+            file=sys.stderr,
+        )
+        if args.explainer_model not in (None, args.old_model):
+            p.error("--model and --explainer-model name different models: give --explainer-model")
+        args.explainer_model = args.old_model
+    if args.explainer_model is None:
+        p.error("the following arguments are required: --explainer-model")
+    return args
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
     from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
     from ..autointerp.score import load_collection, run_autointerp, write_results
@@ -92,9 +114,9 @@ def main(argv=None) -> int:
         cache = AnswerCache(out / "cache.jsonl")
         common = {"api_key": key, "concurrency": args.concurrency, "rate": args.rate,
                   "retries": args.retries, "timeout": args.timeout, "cache": cache}  # fmt: skip
-        explainer = ChatClient(args.endpoint, args.model, **common)
+        explainer = ChatClient(args.endpoint, args.explainer_model, **common)
         scorer = ChatClient(args.scorer_endpoint or args.endpoint,
-                            args.scorer_model or args.model, **common)  # fmt: skip
+                            args.scorer_model or args.explainer_model, **common)  # fmt: skip
         if args.collection:
             col = load_collection(args.run, args.collection)
         elif (out / "collection" / "collection.json").exists():
