@@ -120,16 +120,6 @@ def test_savings_formula():
     )  # noqa: E501
 
 
-def test_parse_count():
-    assert gp.parse_count("10M") == 10_000_000
-    assert gp.parse_count("500k") == 500_000
-    assert gp.parse_count("1B") == 1_000_000_000
-    assert gp.parse_count("2.5e6") == 2_500_000
-    assert gp.parse_count(42) == 42
-    with pytest.raises(ValueError, match="not a count"):
-        gp.parse_count("lots")
-
-
 def test_accumulator_merges_and_streams():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(4, 300, 16, generator=g).cumsum(0)

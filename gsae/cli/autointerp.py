@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .browse import add_collect_args, collect_config
+from .common import add_collect_args, collect_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,11 +87,11 @@ def main(argv=None) -> int:
     from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
-    from ..eval.report import add_autointerp, check_report_run
+    from ..eval.report import add_autointerp, check_report_run, pm
     from ..eval.runs import load_run
-    from ..grouping import parse_count
     from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
+    from ..units import parse_count
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     overall = result.summary["overall"]
     print(f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
-          f"detection {_pm(overall['detection'])}, fuzzing {_pm(overall['fuzzing'])}")  # fmt: skip
+          f"detection {pm(overall['detection'])}, fuzzing {pm(overall['fuzzing'])}")  # fmt: skip
     if result.summary["unreadable_answers"]:
         print(
             f"{result.summary['unreadable_answers']} answers could not be read: not cached, "
@@ -216,12 +216,6 @@ def collect_settings(args, run: Path) -> dict:
         "pool": args.pool,
         "seed": args.seed,
     }
-
-
-def _pm(stat: dict) -> str:
-    if stat["mean"] is None or stat["mean"] != stat["mean"]:
-        return "–"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 if __name__ == "__main__":

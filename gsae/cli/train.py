@@ -35,6 +35,7 @@ from ..train import (
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
 from ..train.settings import parse_save_every
+from ..units import parse_count
 from .common import add_data_args, data_defaults
 
 # the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
@@ -263,7 +264,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             setattr(args, key, value)
     data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
     for key in COUNTS:
-        setattr(args, key, gp.parse_count(getattr(args, key)))
+        setattr(args, key, parse_count(getattr(args, key)))
     args.save_every = parse_save_every(args.save_every)
     run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
     return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args)).check()

@@ -16,8 +16,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..activations import DEFAULT_DATASET, local_name
-from ..grouping import DEFAULT_THRESHOLD, check_threshold, parse_count
+from ..grouping import DEFAULT_THRESHOLD, check_threshold
 from ..sae import SaeConfig, legacy_fields
+from ..units import parse_count
 
 SETTINGS_VERSION = 2
 
