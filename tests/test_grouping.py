@@ -114,10 +114,10 @@ def test_savings_formula():
     # the dense convention reproduces the paper's T for Pythia-1B (d 2048, m 32768, 1B tokens)
     assert gp.sae_flops_per_token(2048, 32768, 128, "dense") * 1e9 == pytest.approx(
         0.671e18, rel=0.01
-    )  # noqa: E501
+    )
     assert gp.sae_flops_per_token(2048, 32768, 128, "sparse") < 0.21 * gp.sae_flops_per_token(
         2048, 32768, 128, "dense"
-    )  # noqa: E501
+    )
 
 
 def test_accumulator_merges_and_streams():

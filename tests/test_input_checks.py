@@ -1,6 +1,6 @@
-"""Issue 20: every flag and input file checked before any work, with one line naming the
-problem; held-out text that really is held out; the C++ extension's first build under Ctrl-C and
-after a killed build."""
+"""Every flag and input file of the commands is checked before any work, with one line naming
+the problem; held-out text that really is held out; the C++ extension's first build under Ctrl-C
+and after a killed build."""
 
 import gzip
 import json

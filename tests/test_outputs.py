@@ -1,4 +1,4 @@
-"""Nothing a user types destroys work (issue 20): the output folders of gsae-export, gsae-browse,
+"""Nothing a user types destroys work: the output folders of gsae-export, gsae-browse,
 gsae-eval, gsae-autointerp, gsae-groups and gsae-train are checked before any work, have one
 writer at a time, appear whole or not at all, and are never another command's or an input's.
 Each case is a mistake a user made; Ctrl-C is a real SIGINT sent at a point of the work."""
@@ -68,7 +68,7 @@ def call(main, argv) -> int | str:
         return main([str(a) for a in argv])
     except KeyboardInterrupt:
         return "KeyboardInterrupt escaped"
-    except Exception as err:  # noqa: BLE001 - the point: nothing but an exit code
+    except Exception as err:  # the point: nothing but an exit code
         return f"{type(err).__name__} escaped: {err}"
 
 

@@ -1,5 +1,6 @@
-"""Issue 19: `--recipe paper` is the paper's setting, exactly as gsae trained it before its
-defaults changed; the defaults are not it; recipes are run settings like any other."""
+"""`--recipe paper` is the paper's setting, exactly as gsae trained it before its defaults
+changed; the defaults are not it; recipes are run settings like any other, and a resumed run
+refuses another one (or any setting it cannot change) by its flag's name."""
 
 import math
 
