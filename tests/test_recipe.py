@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gsae.cli.train import parser, resumed_settings, setting_flags, settings_from_args
+from gsae.cli.train import main, parser, resumed_settings, setting_flags, settings_from_args
 from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
 from gsae.synthetic import SparseFeatures
 from gsae.train import RunDir
@@ -98,11 +98,12 @@ def test_resume_refuses_another_recipe_by_name(tmp_path):
     assert same.recipe == "default"
 
 
-def test_resume_refusal_names_the_flag_as_typed(tmp_path):
+def test_resume_refusal_names_the_flag_as_typed(tmp_path, capsys):
     """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
     RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
-    with pytest.raises(ValueError, match=r"these cannot change: --init \(the run has 'fit'\)"):
-        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--init", "paper"]))
+    assert main(["--resume", str(tmp_path), "--init", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "these cannot change: --init (the run has 'fit')" in err and "--init-" not in err
 
 
 def test_every_stored_setting_maps_to_a_flag_of_the_parser():

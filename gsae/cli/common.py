@@ -1,4 +1,5 @@
-"""Flags shared by the commands (the one gsae.cli module the others import)."""
+"""Flags shared by the commands and their one way of failing: the one gsae.cli module that the
+others import."""
 
 from __future__ import annotations
 
