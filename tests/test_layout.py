@@ -13,19 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def imports(path: Path) -> set[str]:
-    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+def import_statements(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of each import in ``path``, relative ones resolved: ``import a.b`` is
+    ``("a.b", [])``, ``from .x import f`` in gsae/y.py is ``("gsae.x", ["f"])``."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    names = set()
+    found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
+            found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = package.rsplit(".", node.level - 1)[0] if node.level else ""
             module = ".".join(x for x in (base, node.module) if x)
-            names.add(module)
-            names |= {f"{module}.{a.name}" for a in node.names}
-    return names
+            found.append((module, [a.name for a in node.names]))
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved), and of what
+    it imports from them (``gsae.x.f``)."""
+    found = set()
+    for module, names in import_statements(path):
+        found |= {module, *(f"{module}.{name}" for name in names)}
+    return found
 
 
 def test_library_modules_never_import_a_command_module():
@@ -54,16 +63,10 @@ def module_graph() -> dict[str, set[str]]:
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph = {}
     for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-                module = ".".join(x for x in (base, node.module) if x)
-                names = [f"{module}.{a.name}" for a in node.names]
-                found |= {n if n in files else module for n in names}
+        for module, names in import_statements(path):
+            inside = {f"{module}.{n}" for n in names} & set(files)  # from a package, a module
+            found |= inside if len(inside) == len(names) > 0 else {module, *inside}
         graph[name] = {n for n in found if n in files and n != name}
     return graph
 
