@@ -36,10 +36,11 @@ import pytest
 import torch
 
 from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model
-from gsae.grouping import even_groups, parse_count
+from gsae.grouping import even_groups
 from gsae.sae import Sae, SaeConfig, SaeTrainer, activation_scale
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
+from gsae.units import parse_count
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
 DEMO = bundled_dir() / "model"

@@ -47,7 +47,7 @@ def test_demo_throughput_and_predicted_savings(benchmark, report, tmp_path):
             f"demo --groups {name}",
             "tokens/s (SAEs)",
             f"{s['tokens'] / loop:,.0f} ({len(s['groups'])})",
-        )  # noqa: E501
+        )
         report(f"demo --groups {name}", "loop time split", parts)
     # measured unit costs from the per-layer run: A per token, T per token per SAE
     tokens, n_layers = per["tokens"], len(per["groups"])

@@ -18,7 +18,6 @@ source.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -452,21 +451,6 @@ def group_layers(
         savings=savings,
         extra={"cluster_space": cluster_space, **(extra or {})},
     )
-
-
-def parse_count(text: str | int) -> int:
-    """``"10M"`` -> 10_000_000; also k/K, M, B/G, T suffixes and plain or scientific numbers."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().replace("_", "").replace(",", "")
-    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}.get(s[-1:].lower())
-    try:
-        value = float(s[:-1]) * scale if scale else float(s)
-    except ValueError:
-        raise ValueError(f"not a count: {text!r} (try 10M, 500k, 1B or 1e6)") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"not a count: {text!r}")
-    return int(round(value))
 
 
 def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,

@@ -98,7 +98,7 @@ def test_token_stream_packs_documents_with_eos_and_no_bos():
         + [0]
         + [ord(c) for c in "ij"]
         + [0]
-    )  # noqa: E501
+    )
     assert flat[: len(want)] == want  # documents joined by EOS (0), nothing before the first
     masks = torch.cat([b.attention_mask for b in batches])
     assert int(masks.sum()) == len(want)  # the padded tail is masked out
@@ -107,7 +107,7 @@ def test_token_stream_packs_documents_with_eos_and_no_bos():
 
 def test_token_stream_resumes_exactly_from_a_saved_position():
     docs = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
-    texts = lambda: iter(docs)  # noqa: E731
+    texts = lambda: iter(docs)
     full = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3))
     head = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=4)
     saved = StreamPosition.from_dict(json.loads(json.dumps(head[-1].position.to_dict())))

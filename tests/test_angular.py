@@ -118,7 +118,7 @@ def test_bad_inputs_are_rejected_with_clear_messages(ext):
     hidden = torch.randn(3, 8, 10).transpose(1, 2).contiguous().transpose(1, 2)
     torch.testing.assert_close(
         angular_distance_sums(hidden)[0], brute_force(hidden), atol=1e-6, rtol=0
-    )  # noqa: E501
+    )
 
 
 def test_opcheck(ext):

@@ -17,7 +17,7 @@ from gsae.autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointE
 from gsae.autointerp.prompts import parse_explanation, parse_labels, render
 from gsae.autointerp.score import run_autointerp
 from gsae.browse.collect import CollectConfig, collect
-from gsae.cli.autointerp import main
+from gsae.cli.autointerp import main, parse_args, parser
 from gsae.cli.eval import main as eval_main
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -252,7 +252,7 @@ def test_unreadable_answers_are_recorded_not_scored(words_collection, trained_ru
 
 
 def run_cli(stub, run, out, *extra):
-    return main([str(run), "--endpoint", stub.url, "--model", "stub", "--out", str(out),
+    return main([str(run), "--endpoint", stub.url, "--explainer-model", "stub", "--out", str(out),
                  "--latents", "3", "--tokens", "1536", "--batch-tokens", "512", "--device",
                  "cpu", "--window", "16", "--top", "6", "--random", "4", "--pool", "32",
                  "--concurrency", "3", *extra])  # fmt: skip
@@ -316,6 +316,23 @@ def test_autointerp_refuses_bad_input(trained_runs, tmp_path, capsys):
             assert run_cli(stub, trained_runs["grouped"], tmp_path / "o", *extra) == 2
             assert message in capsys.readouterr().err
         assert stub.requests == []
+
+
+def test_explainer_model_flag_and_its_deprecated_alias(capsys):
+    """--explainer-model names the explainer LLM; --model, its old name (the transformer in
+    every other command), still works, hidden from --help, with one line of warning."""
+    base = ["RUN", "--endpoint", "http://localhost:8000/v1", "--out", "OUT"]
+    assert parse_args([*base, "--explainer-model", "qwen"]).explainer_model == "qwen"
+    assert capsys.readouterr().err == ""
+    assert parse_args([*base, "--model", "qwen"]).explainer_model == "qwen"
+    err = capsys.readouterr().err
+    assert err == "gsae-autointerp: warning: --model is deprecated, use --explainer-model\n"
+    for extra in ([], ["--model", "a", "--explainer-model", "b"]):
+        with pytest.raises(SystemExit) as stop:
+            parse_args([*base, *extra])
+        assert stop.value.code == 2 and "--explainer-model" in capsys.readouterr().err
+    usage = parser().format_help()
+    assert "--explainer-model" in usage and not re.search(r"(?<![\w-])--model(?![\w-])", usage)
 
 
 def test_endpoint_mistakes_get_one_clear_message():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import build_tiny_model, write_corpus
 
-from gsae.cli.eval import main, parse_bytes
+from gsae.cli.eval import main
 from gsae.cli.train import main as train_main
 from gsae.eval import load_run
 
@@ -193,14 +193,6 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
 def _copy(run, dest):
     shutil.copytree(run, dest)
     return dest
-
-
-def test_parse_bytes():
-    assert parse_bytes("4G") == 4 << 30 and parse_bytes("512MiB") == 512 << 20
-    assert parse_bytes("1000") == 1000
-    for bad in ("0", "-1G", "x"):
-        with pytest.raises(ValueError):
-            parse_bytes(bad)
 
 
 def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):

@@ -1,5 +1,5 @@
-"""gsae-train on several processes (issue 13): torchrun starts 2 gloo processes on the CPU, on a
-tiny random GPTNeoX. A 2-process run must train the SAEs a 1-process run trains over the same
+"""gsae-train on several processes: torchrun starts 2 gloo processes on the CPU, on a tiny
+random GPTNeoX. A 2-process run must train the SAEs a 1-process run trains over the same
 global batches (``--data-shards 2``), in both placements; resume on 2 or 1 processes; and end,
 with the failing process's error shown, when one process raises or stops answering."""
 

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_session.py (issue 18): the GPU session rehearsed on the CPU, every stage end to
-end at tiny shapes, as the device will run it: without ``datasets`` (the device has none, and
+"""benchmarks/gpu_session.py: the GPU session rehearsed on the CPU, every stage end to end at
+tiny shapes, as the device will run it: without ``datasets`` (the device has none, and
 sparsify's package imports it), so that only the device is new on the day."""
 
 import importlib.util

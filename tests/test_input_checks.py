@@ -1,6 +1,6 @@
-"""Issue 20: every flag and input file checked before any work, with one line naming the
-problem; held-out text that really is held out; the C++ extension's first build under Ctrl-C and
-after a killed build."""
+"""Every flag and input file of the commands is checked before any work, with one line naming
+the problem; held-out text that really is held out; the C++ extension's first build under Ctrl-C
+and after a killed build."""
 
 import gzip
 import json
@@ -86,7 +86,7 @@ def test_every_command_refuses_a_bad_device_in_one_line(
                     run,
                     "--endpoint",
                     "http://127.0.0.1:9",
-                    "--model",
+                    "--explainer-model",
                     "m",
                     "--out",
                     str(tmp_path / "a"),
@@ -188,7 +188,7 @@ def test_autointerp_refuses_more_latents_than_an_sae_has(trained_runs, tmp_path,
         str(trained_runs["grouped"]),
         "--endpoint",
         "http://127.0.0.1:9",
-        "--model",
+        "--explainer-model",
         "m",
         "--out",
         str(out),

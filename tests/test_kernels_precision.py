@@ -1,4 +1,4 @@
-"""The GPU-first parts of the SAE step (issue 18): the encoder matmul's precision, AuxK whose work
+"""The GPU-first parts of the SAE step: the encoder matmul's precision, AuxK whose work
 follows the number of dead latents, sync-free segments, and the trainer's plumbing of both."""
 
 import functools

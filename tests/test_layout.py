@@ -13,19 +13,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def imports(path: Path) -> set[str]:
-    """Absolute names of the modules ``path`` imports (relative imports resolved)."""
+def import_statements(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of each import in ``path``, relative ones resolved: ``import a.b`` is
+    ``("a.b", [])``, ``from .x import f`` in gsae/y.py is ``("gsae.x", ["f"])``."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    names = set()
+    found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
+            found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = package.rsplit(".", node.level - 1)[0] if node.level else ""
             module = ".".join(x for x in (base, node.module) if x)
-            names.add(module)
-            names |= {f"{module}.{a.name}" for a in node.names}
-    return names
+            found.append((module, [a.name for a in node.names]))
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` imports (relative imports resolved), and of what
+    it imports from them (``gsae.x.f``)."""
+    found = set()
+    for module, names in import_statements(path):
+        found |= {module, *(f"{module}.{name}" for name in names)}
+    return found
 
 
 def test_library_modules_never_import_a_command_module():
@@ -33,6 +42,51 @@ def test_library_modules_never_import_a_command_module():
     offenders = {str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("gsae.cli"))
                  for p in library}  # fmt: skip
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_command_modules_import_only_the_library():
+    """A command's module imports no other command's (only gsae.cli.common, their shared flags):
+    what two commands share lives in the library or in common."""
+    commands = [p for p in (ROOT / "gsae" / "cli").glob("*.py") if p.stem != "__init__"]
+    offenders = {p.name: sorted(n for n in imports(p) if n.startswith("gsae.cli.")
+                                and n.split(".")[2] not in ("common", p.stem))
+                 for p in commands}  # fmt: skip
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Each gsae module and the gsae modules it imports, anywhere in it: ``from .x import f``
+    is an edge to ``x``, ``from . import x`` to ``x`` (not to the package)."""
+    files = {}
+    for path in (ROOT / "gsae").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for module, names in import_statements(path):
+            inside = {f"{module}.{n}" for n in names} & set(files)  # from a package, a module
+            found |= inside if len(inside) == len(names) > 0 else {module, *inside}
+        graph[name] = {n for n in found if n in files and n != name}
+    return graph
+
+
+def test_gsae_has_no_import_cycle():
+    graph, done, path = module_graph(), set(), []
+
+    def visit(name):  # depth first: a module met again on the current path closes a cycle
+        if name in path:
+            raise AssertionError(" -> ".join([*path[path.index(name) :], name]))
+        if name in done:
+            return
+        path.append(name)
+        for other in sorted(graph[name]):
+            visit(other)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
 
 
 def test_only_activations_touches_transformers_and_datasets():

@@ -1,4 +1,4 @@
-"""Any model a user brings (issue 9): each family from a tiny config with a small position limit,
+"""Any model a user brings: each family from a tiny config with a small position limit,
 and one model-dtype policy for gsae-groups and gsae-train."""
 
 import json

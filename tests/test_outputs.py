@@ -1,4 +1,4 @@
-"""Nothing a user types destroys work (issue 20): the output folders of gsae-export, gsae-browse,
+"""Nothing a user types destroys work: the output folders of gsae-export, gsae-browse,
 gsae-eval, gsae-autointerp, gsae-groups and gsae-train are checked before any work, have one
 writer at a time, appear whole or not at all, and are never another command's or an input's.
 Each case is a mistake a user made; Ctrl-C is a real SIGINT sent at a point of the work."""
@@ -68,7 +68,7 @@ def call(main, argv) -> int | str:
         return main([str(a) for a in argv])
     except KeyboardInterrupt:
         return "KeyboardInterrupt escaped"
-    except Exception as err:  # noqa: BLE001 - the point: nothing but an exit code
+    except Exception as err:  # the point: nothing but an exit code
         return f"{type(err).__name__} escaped: {err}"
 
 
@@ -115,7 +115,7 @@ def autointerp_argv(run, stub, out, *extra) -> list:
         run,
         "--endpoint",
         stub.url,
-        "--model",
+        "--explainer-model",
         "stub",
         *BROWSE,
         "--latents",
@@ -274,7 +274,7 @@ def test_one_writer_per_output_folder(
             assert not out.exists(), name
         assert call(main, [*argv, "--out", out]) == 0, name  # free again once it ends
     with ChatStub() as stub, locked(tmp_path / "ai", "x"):
-        argv = [run, "--endpoint", stub.url, "--model", "s", *BROWSE, "--out", tmp_path / "ai"]
+        argv = autointerp_argv(run, stub, tmp_path / "ai")
         assert call(autointerp_main, argv) == 2 and stub.requests == []
 
 
@@ -481,7 +481,7 @@ def test_autointerp_rerun_with_other_settings_is_refused_by_name(trained_runs, t
             trained_runs["grouped"],
             "--endpoint",
             stub.url,
-            "--model",
+            "--explainer-model",
             "stub",
             "--latents",
             "2",
@@ -500,7 +500,14 @@ def test_autointerp_rerun_with_other_settings_is_refused_by_name(trained_runs, t
 
 def test_autointerp_names_a_missing_run(tmp_path, capsys):
     missing = tmp_path / "no-such-run"
-    endpoint = ["--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--out", tmp_path / "ai"]
+    endpoint = [
+        "--endpoint",
+        "http://127.0.0.1:9/v1",
+        "--explainer-model",
+        "m",
+        "--out",
+        tmp_path / "ai",
+    ]
     for extra in ([], ["--collection", tmp_path / "no-collection"]):
         assert call(autointerp_main, [missing, *endpoint, *extra]) == 2
         assert f"{missing}: no such directory" in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""Issue 19: `--recipe paper` is the paper's setting, exactly as gsae trained it before its
-defaults changed; the defaults are not it; recipes are run settings like any other."""
+"""`--recipe paper` is the paper's setting, exactly as gsae trained it before its defaults
+changed; the defaults are not it; recipes are run settings like any other, and a resumed run
+refuses another one (or any setting it cannot change) by its flag's name."""
 
 import math
 
 import pytest
 import torch
 
-from gsae.cli.train import parser, resumed_settings, settings_from_args
+from gsae.cli.train import main, parser, resumed_settings, setting_flags, settings_from_args
 from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
 from gsae.synthetic import SparseFeatures
 from gsae.train import RunDir
@@ -95,6 +96,23 @@ def test_resume_refuses_another_recipe_by_name(tmp_path):
         resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--average-power", "0"]))
     same = resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "default"]))
     assert same.recipe == "default"
+
+
+def test_resume_refusal_names_the_flag_as_typed(tmp_path, capsys):
+    """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
+    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    assert main(["--resume", str(tmp_path), "--init", "paper"]) == 2
+    err = capsys.readouterr().err
+    assert "these cannot change: --init (the run has 'fit')" in err and "--init-" not in err
+
+
+def test_every_stored_setting_maps_to_a_flag_of_the_parser():
+    stored = settings_from_args(parser().parse_args(FLAGS)).flags()
+    flags = setting_flags(parser())
+    options = {o for a in parser()._actions for o in a.option_strings}
+    assert set(stored) <= set(flags), set(stored) - set(flags)
+    assert all(flags[k] in options for k in stored)
+    assert flags["init_encoder"] == "--init" and flags["ctx_len"] == "--ctx-len"
 
 
 def test_a_signum_config_saved_before_average_power_loads_as_it_was():

@@ -1,4 +1,4 @@
-"""Issue 8: SAE initialisation (encoder scale, b_dec) and the schedule-free sign-SGD optimiser."""
+"""SAE initialisation (encoder scale, b_dec) and the schedule-free sign-SGD optimiser."""
 
 import math
 
@@ -62,7 +62,7 @@ def test_b_dec_inits():
     y = torch.randn(300, 5, dtype=torch.float64) + torch.tensor([1.0, -2, 0, 3, 0.5])
     med = geometric_median(y)
     # the geometric median minimises the sum of distances: no nearby point does better
-    cost = lambda p: float((y - p).norm(dim=1).sum())  # noqa: E731
+    cost = lambda p: float((y - p).norm(dim=1).sum())
     for _ in range(20):
         assert cost(med) <= cost(med + 1e-3 * torch.randn(5, dtype=torch.float64)) + 1e-9
 

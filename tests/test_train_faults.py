@@ -1,4 +1,4 @@
-"""gsae-train under faults (issue 9): Ctrl-C anywhere, a second Ctrl-C during the checkpoint
+"""gsae-train under faults: Ctrl-C anywhere, a second Ctrl-C during the checkpoint
 swap, interrupts before training, data running out, NaN, --overwrite, a full disk, corrupted
 checkpoints and file permissions. Each test injects the fault (real SIGINTs, failing writes) and
 checks that nothing trained is lost and that a resumed run ends bit-identical to an uninterrupted

@@ -1,6 +1,6 @@
-"""The model forward of the next batch runs ahead of the SAE steps of the current one (issue 18):
-on a GPU on a stream of its own, overlapping them; the weights are those of the plain order, bit
-for bit. Input ids reach the GPU from pinned memory."""
+"""The model forward of the next batch runs ahead of the SAE steps of the current one: on a GPU
+on a stream of its own, overlapping them; the weights are those of the plain order, bit for bit.
+Input ids reach the GPU from pinned memory."""
 
 import pytest
 import torch

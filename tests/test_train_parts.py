@@ -204,7 +204,7 @@ def test_the_guard_does_nothing_off_the_main_thread():
         try:
             with StepGuard() as guard, guard.step():
                 pass
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             errors.append(err)
 
     thread = threading.Thread(target=work)

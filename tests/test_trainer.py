@@ -54,7 +54,7 @@ def test_train_writes_every_output_and_fvu_falls(tiny_model_dir, tiny_corpus, tm
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     tiny_model_dir, tiny_corpus, tmp_path, offline, monkeypatch
-):  # noqa: E501
+):
     straight = tmp_path / "straight"
     assert train_main(base(tiny_model_dir, tiny_corpus, straight) + ["--save-every", "5k"]) == 0
 

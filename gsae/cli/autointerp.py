@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .browse import add_collect_args, collect_config
+from .common import add_collect_args, collect_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +27,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True,
                    help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM), "
                    "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1")  # fmt: skip
-    p.add_argument("--model", required=True, help="the explainer (and scorer) model's name")
+    p.add_argument(
+        "--explainer-model", default=None, help="the explainer (and scorer) model's name (required)"
+    )
+    # the flag's old name, kept for users' scripts: --model is the transformer in every other
+    # command
+    p.add_argument("--model", dest="old_model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scorer-model", default=None, help="another model for scoring")
     p.add_argument("--scorer-endpoint", default=None, help="default: --endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -59,17 +64,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; the deprecated ``--model`` stands for ``--explainer-model``, with a warning."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.old_model is not None:
+        print(
+            "gsae-autointerp: warning: --model is deprecated, use --explainer-model",
+            file=sys.stderr,
+        )
+        if args.explainer_model not in (None, args.old_model):
+            p.error("--model and --explainer-model name different models: give --explainer-model")
+        args.explainer_model = args.old_model
+    if args.explainer_model is None:
+        p.error("the following arguments are required: --explainer-model")
+    return args
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
     from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
-    from ..eval.report import add_autointerp, check_report_run
+    from ..eval.report import add_autointerp, check_report_run, pm
     from ..eval.runs import load_run
-    from ..grouping import parse_count
     from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
+    from ..units import parse_count
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None
@@ -92,9 +114,9 @@ def main(argv=None) -> int:
         cache = AnswerCache(out / "cache.jsonl")
         common = {"api_key": key, "concurrency": args.concurrency, "rate": args.rate,
                   "retries": args.retries, "timeout": args.timeout, "cache": cache}  # fmt: skip
-        explainer = ChatClient(args.endpoint, args.model, **common)
+        explainer = ChatClient(args.endpoint, args.explainer_model, **common)
         scorer = ChatClient(args.scorer_endpoint or args.endpoint,
-                            args.scorer_model or args.model, **common)  # fmt: skip
+                            args.scorer_model or args.explainer_model, **common)  # fmt: skip
         if args.collection:
             col = load_collection(args.run, args.collection)
         elif (out / "collection" / "collection.json").exists():
@@ -155,7 +177,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     overall = result.summary["overall"]
     print(f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
-          f"detection {_pm(overall['detection'])}, fuzzing {_pm(overall['fuzzing'])}")  # fmt: skip
+          f"detection {pm(overall['detection'])}, fuzzing {pm(overall['fuzzing'])}")  # fmt: skip
     if result.summary["unreadable_answers"]:
         print(
             f"{result.summary['unreadable_answers']} answers could not be read: not cached, "
@@ -194,12 +216,6 @@ def collect_settings(args, run: Path) -> dict:
         "pool": args.pool,
         "seed": args.seed,
     }
-
-
-def _pm(stat: dict) -> str:
-    if stat["mean"] is None or stat["mean"] != stat["mean"]:
-        return "–"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
 if __name__ == "__main__":

@@ -8,26 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_run_data_args
-
-
-def add_collect_args(p: argparse.ArgumentParser, tokens: str = "1M") -> None:
-    """The flags of the streamed collection (shared by gsae-browse and gsae-autointerp)."""
-    p.add_argument("--tokens", default=tokens, help="tokens to stream (default: %(default)s)")
-    add_run_data_args(p)
-    p.add_argument("--window", type=int, default=32,
-                   help="tokens per example window (default: %(default)s, the "
-                   "paper's)")  # fmt: skip
-    p.add_argument("--top", type=int, default=20,
-                   help="top-activating windows kept per latent and layer (default: "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--random", type=int, default=10,
-                   help="random activating windows kept per latent and layer (default: "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--pool", type=int, default=128,
-                   help="random windows kept per layer, for non-activating examples (default: "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+from .common import add_collect_args, add_overwrite_arg, collect_config, failed, stops
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,28 +31,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jaccard-memory", default="4G",
                    help="memory for the co-occurrence counts behind --baseline's Jaccard match "
                    "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an --out folder that gsae-browse did not write")  # fmt: skip
+    add_overwrite_arg(p)
     return p
-
-
-def collect_config(args):
-    from ..browse.collect import CollectConfig
-
-    cfg = CollectConfig(window=args.window, top=args.top, random=args.random, pool=args.pool,
-                        neighbours=getattr(args, "neighbours", 8), seed=args.seed)  # fmt: skip
-    return cfg.validate()
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
+    from ..activations import load_tokenizer
     from ..browse.collect import collect
     from ..browse.site import write_site
-    from ..grouping import parse_count
-    from ..outdir import claim, kept_words
+    from ..outdir import claim
     from ..progress import progress_bar
-    from .eval import parse_bytes
+    from ..units import parse_bytes, parse_count
 
     out = Path(args.out)
     existed, held = out.is_dir(), contextlib.ExitStack()
@@ -80,7 +51,7 @@ def main(argv=None) -> int:
         held.enter_context(claim(out, "gsae-browse", inputs=inputs, overwrite=args.overwrite))
         tokens = parse_count(args.tokens)
         config = collect_config(args)
-        memory = parse_bytes(args.jaccard_memory)
+        memory = parse_bytes(args.jaccard_memory, "--jaccard-memory")
         start = time.perf_counter()
         with progress_bar(tokens, "collect") as bar:
             col = collect(args.run, tokens=tokens, dataset=args.dataset, split=args.split,
@@ -90,12 +61,8 @@ def main(argv=None) -> int:
                           jaccard_memory=memory, progress=bar.update)  # fmt: skip
         seconds = time.perf_counter() - start
         write_site(col, load_tokenizer(col.meta["model"]), out)  # and the collection, at once
-    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
-        print(f"gsae-browse: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ngsae-browse: interrupted; {kept_words(out, existed)}", file=sys.stderr)
-        return 130
+    except stops() as err:
+        return failed("gsae-browse", err, out, existed)
     finally:
         held.close()  # the lock on --out
     for note in col.meta["notes"]:

@@ -1,8 +1,11 @@
-"""Flags shared by the commands."""
+"""Flags shared by the commands and their one way of failing: the one gsae.cli module that the
+others import."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 DEFAULT_MODEL = "pythia-160m"
 
@@ -46,6 +49,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    """--overwrite of a command that replaces its --out folder as a whole."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an --out folder that {p.prog} did not write",
+    )
+
+
 def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
     """The data flags of a command that reads a finished run (gsae-eval, gsae-browse,
     gsae-autointerp): each defaults to the run's own setting. ``whose``: "run's" or "runs'"."""
@@ -78,5 +90,52 @@ def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+# the streamed collection's sizes (CollectConfig's fields): flag, default, help
+COLLECT_SIZES = (
+    ("--window", 32, "tokens per example window (default: %(default)s, the paper's)"),
+    ("--top", 20, "top-activating windows kept per latent and layer (default: %(default)s)"),
+    ("--random", 10, "random activating windows kept per latent and layer (default: %(default)s)"),
+    (
+        "--pool",
+        128,
+        "random windows kept per layer, for non-activating examples (default: %(default)s)",
+    ),
+)
+
+
+def add_collect_args(p: argparse.ArgumentParser, tokens: str = "1M") -> None:
+    """The flags of the streamed collection (shared by gsae-browse and gsae-autointerp)."""
+    p.add_argument("--tokens", default=tokens, help="tokens to stream (default: %(default)s)")
+    add_run_data_args(p)
+    for name, default, what in COLLECT_SIZES:
+        p.add_argument(name, type=int, default=default, help=what)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def collect_config(args: argparse.Namespace):
+    """The :class:`~gsae.browse.collect.CollectConfig` of the collection flags, checked."""
+    from ..browse.collect import CollectConfig
+
+    cfg = CollectConfig(window=args.window, top=args.top, random=args.random, pool=args.pool,
+                        neighbours=getattr(args, "neighbours", 8), seed=args.seed)  # fmt: skip
+    return cfg.validate()
+
+
+def stops() -> tuple[type[BaseException], ...]:
+    """What ends a command with :func:`failed`: a bad input, a model or dataset that does not
+    load, a Ctrl-C (a function: the load errors' module imports torch)."""
+    from ..activations import DatasetLoadError, ModelLoadError
+
+    return (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError, KeyboardInterrupt)
+
+
+def failed(command: str, err: BaseException, out: Path, existed: bool) -> int:
+    """Say in one line why ``command`` stopped before its outputs in ``out`` were whole (what
+    ``out`` holds after a Ctrl-C); the exit code: 130 for a Ctrl-C, 2 for a bad input."""
+    from ..outdir import kept_words
+
+    if isinstance(err, KeyboardInterrupt):
+        print(f"\n{command}: interrupted; {kept_words(out, existed)}", file=sys.stderr)
+        return 130
+    print(f"{command}: error: {err}", file=sys.stderr)
+    return 2

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_run_data_args
+from .common import add_run_data_args, failed, stops
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,27 +46,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_bytes(text: str) -> int:
-    """``4G`` -> 4 GiB; also K, M, T and plain byte counts."""
-    s = str(text).strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
-    try:
-        value = float(s[:-1] if scale > 1 else s) * scale
-    except ValueError:
-        raise ValueError(f"not a memory size: {text!r} (try 4G or 512M)") from None
-    if value <= 0:
-        raise ValueError(f"--mmco-memory must be > 0, got {text!r}")
-    return int(value)
-
-
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import DatasetLoadError, ModelLoadError
     from ..eval import prepare, run_plan
     from ..eval.report import write_report
-    from ..grouping import parse_count
-    from ..outdir import claim, kept_words
+    from ..outdir import claim
     from ..progress import progress_bar
+    from ..units import parse_bytes, parse_count
 
     out = Path(args.out)
     existed, held = out.is_dir(), contextlib.ExitStack()
@@ -82,7 +68,7 @@ def main(argv=None) -> int:
             batch_tokens=args.batch_tokens, model=args.model, device=args.device,
             model_dtype=args.model_dtype, allow_overlap=args.allow_overlap,
             downstream=not args.no_downstream, pairs=args.mmco_pairs,
-            mmco_memory=parse_bytes(args.mmco_memory),
+            mmco_memory=parse_bytes(args.mmco_memory, "--mmco-memory"),
         )  # fmt: skip
         print(f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
               f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}")  # fmt: skip
@@ -92,12 +78,8 @@ def main(argv=None) -> int:
         with progress_bar(tokens, "eval") as bar:
             result = run_plan(plan, progress=bar.update)
         written = write_report(result, plan, out)  # all at once, or nothing
-    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
-        print(f"gsae-eval: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ngsae-eval: interrupted; {kept_words(out, existed)}", file=sys.stderr)
-        return 130
+    except stops() as err:
+        return failed("gsae-eval", err, out, existed)
     finally:
         held.close()
     seconds = time.perf_counter() - start

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import add_overwrite_arg, failed, stops
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -25,27 +27,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="read the hookpoint names from this copy of the run's model (a local "
                    "directory) instead of the run's own")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an --out folder that gsae-export did not write")  # fmt: skip
+    add_overwrite_arg(p)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import ModelLoadError
     from ..export import export_run
-    from ..outdir import kept_words
 
     existed = Path(args.out).is_dir()
     try:
         exported = export_run(args.run, args.format, args.out, prefix=args.hookpoint_prefix,
                               model=args.model, overwrite=args.overwrite)  # fmt: skip
-    except (ModelLoadError, ValueError, FileNotFoundError) as err:
-        print(f"gsae-export: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ngsae-export: interrupted; {kept_words(Path(args.out), existed)}", file=sys.stderr)
-        return 130
+    except stops() as err:
+        return failed("gsae-export", err, Path(args.out), existed)
     for e in exported:
         print(f"  {e.name:<28} layer {e.layer:>3}  from {e.group} (scale {e.scale:.4g} folded in)")
     loader = ("sparsify.SparseCoder.load_many(OUT, local=True)" if args.format == "sparsify"

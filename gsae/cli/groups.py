@@ -19,6 +19,7 @@ from ..activations import (
     open_texts,
 )
 from ..outdir import claim, write_marker
+from ..units import parse_count
 from .common import add_data_args, data_defaults
 
 
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
                 extra={"source": str(args.from_matrix)},
             )
         else:
-            tokens = gp.parse_count(args.tokens)
+            tokens = parse_count(args.tokens)
             texts = open_texts(args.dataset, args.split, args.column)  # named before the model
             loaded = load_model(args.model, args.model_dtype, args.device)
             ctx = context_length(loaded, args.ctx_len)

@@ -35,7 +35,8 @@ from ..train import (
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
 from ..train.settings import parse_save_every
-from .common import add_data_args, data_defaults, flag
+from ..units import parse_count
+from .common import add_data_args, data_defaults
 
 # the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
 DEFAULTS = {
@@ -177,13 +178,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add("--log-every", type=int, help="steps between log lines (default: 20)")
     add("--seed", type=int, help="(default: 0)")
-    add(
-        "--resume",
-        metavar="OUT",
-        help="continue the run in OUT; it may take "
-        + ", ".join(flag(k) for k in RESUMABLE)
-        + " (the rest is the run's own)",
-    )
+    resume = add("--resume", metavar="OUT")
     add(
         "--previous-checkpoint",
         action="store_true",
@@ -224,7 +219,18 @@ def parser() -> argparse.ArgumentParser:
     )
     add("--wandb", action="store_true", default=None, help="log to Weights & Biases if installed")
     add("--tensorboard", action="store_true", default=None, help="log to TensorBoard if installed")
+    flags = setting_flags(p)
+    resume.help = (
+        f"continue the run in OUT; it may take {', '.join(flags[k] for k in RESUMABLE)} (the "
+        "rest is the run's own)"
+    )
     return p
+
+
+def setting_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """Each flag by the name its value is stored under in the run's settings: the parser is
+    the one source (``init_encoder`` is ``--init``)."""
+    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
 
 
 def sae_fields(args: argparse.Namespace) -> dict:
@@ -258,7 +264,7 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             setattr(args, key, value)
     data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
     for key in COUNTS:
-        setattr(args, key, gp.parse_count(getattr(args, key)))
+        setattr(args, key, parse_count(getattr(args, key)))
     args.save_every = parse_save_every(args.save_every)
     run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
     return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args)).check()
@@ -277,7 +283,8 @@ def resumed_settings(args: argparse.Namespace) -> RunSettings:
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:
         had = {k: "its default" if kept[k] is None else repr(kept[k]) for k in refused}
-        names = ", ".join(f"{flag(k)} (the run has {had[k]})" for k in refused)
+        flags = setting_flags(parser())
+        names = ", ".join(f"{flags[k]} (the run has {had[k]})" for k in refused)
         raise ValueError(
             f"--resume keeps the run's own settings; these cannot change: {names}. "
             "They would make it another run: start one with a new --out"

@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     model = GPTNeoXForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = 100
-    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))  # noqa: E731, E501
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     start = time.perf_counter()
     for step in range(args.steps):

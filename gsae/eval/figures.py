@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..plots import subplots
+from .approaches import RunSummary
 from .evaluate import EvalPlan, EvalResult
-from .report import RunSummary
 
 
 def _style(s: RunSummary) -> dict:
@@ -97,15 +97,25 @@ def _group_blocks(ax, summary: RunSummary, layers: list[int]) -> None:
                                    edgecolor="black", linewidth=2))  # fmt: skip
 
 
+def _panels(summaries: list[RunSummary], by_run: dict) -> tuple | None:
+    """A grid of one axis per run but the baseline with values in ``by_run`` (by run name), in
+    :func:`_by_groups`' order:
+    ``(fig, axes, [(ax, summary, values)])``, or None when no run has any."""
+    shown = [s for s in _by_groups(summaries) if by_run.get(s.run.name)]
+    if not shown:
+        return None
+    fig, axes = _grid(len(shown))
+    return fig, axes, [(ax, s, by_run[s.run.name]) for ax, s in zip(axes, shown, strict=True)]
+
+
 def mmco_heatmaps(result: EvalResult, summaries: list[RunSummary], path: Path) -> bool:
     """One heatmap per run: MMCO of the baseline SAE at layer l1 (rows) with the run's SAE at
     layer l2 (columns); black squares mark the run's groups."""
-    shown = [s for s in _by_groups(summaries) if result.mmco.get(s.run.name)]
-    if not shown:
+    panels = _panels(summaries, result.mmco)
+    if panels is None:
         return False
-    fig, axes = _grid(len(shown))
-    for ax, s in zip(axes, shown, strict=True):
-        values = result.mmco[s.run.name]
+    fig, axes, shown = panels
+    for ax, s, values in shown:
         layers = sorted({x for pair in values for x in pair})
         grid = np.full((len(layers), len(layers)), np.nan)
         for (l1, l2), v in values.items():
@@ -134,12 +144,11 @@ def mmco_heatmaps(result: EvalResult, summaries: list[RunSummary], path: Path) -
 def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> bool:
     """Per run, MMCS of each baseline layer's SAE with each of the run's SAEs (one colour per
     SAE; filled markers on the layers the SAE was trained on)."""
-    shown = [s for s in _by_groups(summaries) if result.mmcs.get(s.run.name)]
-    if not shown:
+    panels = _panels(summaries, result.mmcs)
+    if panels is None:
         return False
-    fig, axes = _grid(len(shown))
-    for ax, s in zip(axes, shown, strict=True):
-        values = result.mmcs[s.run.name]
+    fig, _, shown = panels
+    for ax, s, values in shown:
         for number, sae in enumerate(s.run.saes):
             pairs = sorted((l1, v) for (l1, g), v in values.items() if g == sae.name)
             xs = [x for x, _ in pairs]

@@ -17,14 +17,12 @@ import html
 import io
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from .. import grouping as gp
 from ..io import atomic_dir, atomic_path, write_json
 from ..outdir import write_marker
+from .approaches import POOLED, RunSummary, g_hat_of, summarize, table_layers
 from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
 from .runs import RunInfo
@@ -36,133 +34,6 @@ CSV_COLUMNS = [
     "m", "k",
     "tokens_trained", "model", "dataset", "split", "start_document",
 ]  # fmt: skip
-POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "never_fired",
-          "mmcs", "mmco")  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# Runs as the paper's approaches
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunSummary:
-    """One run as a point of the paper's comparisons."""
-
-    run: RunInfo
-    approach: str
-    num_groups: int
-    expansion: float
-    amad: float  # AMAD(G) of its partition (NaN: no distances known)
-    flops_fraction: float  # training FLOPs relative to the reference per-layer SAEs
-    metrics: dict[str, Pooled]  # over the table's layers
-    is_baseline: bool
-    is_g_hat: bool
-
-
-def g_hat_of(runs: list[RunInfo]) -> int | None:
-    """Ĝ of the model (the smallest G with AMAD(G) below the threshold), from the first run
-    whose groups.json measured the distances (its ``g_hat`` is the G trained for ``--groups
-    N``, so Ĝ is chosen again from the partitions, as gsae-groups does)."""
-    import warnings
-
-    for run in runs:
-        g = run.grouping
-        if g is not None and g.distances:
-            with warnings.catch_warnings():  # none below the threshold: the largest G, quietly
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return gp.choose_g_hat({n: p.amad for n, p in g.partitions.items()}, g.threshold)
-    return None
-
-
-def distances_of(runs: list[RunInfo]) -> tuple[np.ndarray, list[int]] | None:
-    for run in runs:
-        if run.grouping is not None and run.grouping.distances:
-            return np.asarray(run.grouping.distances), list(run.grouping.layers)
-    return None
-
-
-def approach(run: RunInfo, reference_c: float, g_hat: int | None) -> str:
-    """The run's row name in Table 1 (from its ``--groups`` setting and size)."""
-    spec = run.groups_spec
-    c = run.expansion_factor
-    if run.per_layer:
-        if c < reference_c:
-            return f"Smaller SAEs (all layers, c'={c:g})"
-        return f"Per-layer SAEs (baseline, c={c:g})"
-    g = run.num_groups
-    mark = "Ĝ" if g == g_hat else "G"
-    if spec.startswith("even:"):
-        return f"Group SAEs (evenly spaced, {mark}={g})"
-    if spec == "file":
-        return f"Group SAEs (groups file, {mark}={g})"
-    return f"Group SAEs (AMAD, {mark}={g})"
-
-
-def table_layers(runs: list[RunInfo]) -> list[int]:
-    """The layers Table 1 averages over: those every run grouped (all but the last, usually:
-    the last layer has an SAE of its own in every approach)."""
-    common = set(runs[0].grouped_layers)
-    for run in runs[1:]:
-        common &= set(run.grouped_layers)
-    return sorted(common) or sorted(set.intersection(*(set(r.layers) for r in runs)))
-
-
-def training_flops(run: RunInfo, loaded, kernels: str = "dense") -> float:
-    """Per-token training FLOPs of a run: one forward A plus one step T of each of its SAEs
-    (:func:`gsae.grouping.model_costs`, at the run's context, expansion and k)."""
-    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
-                                  run.k, kernels)  # fmt: skip
-    steps = sum(gp.sae_flops_per_token(loaded.d_model, sae.m, sae.k, kernels) for sae in run.saes)
-    return float(a_cost + steps)  # T at each SAE's own width
-
-
-def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
-    runs = plan.runs
-    layers = table_layers(runs)
-    g_hat = g_hat_of(runs)
-    reference = plan.baseline or max(
-        (r for r in runs if r.per_layer), key=lambda r: r.expansion_factor, default=None
-    )
-    reference_c = max(r.expansion_factor for r in runs) if reference is None else (
-        reference.expansion_factor)  # fmt: skip
-    known = distances_of(runs)
-    out = []
-    for run in runs:
-        rows = {r.layer: r.flat() for r in result.for_run(run.name)}
-        by_group = {}
-        for layer in layers:
-            by_group.setdefault(rows[layer]["group"], []).append(rows[layer])
-        metrics = {key: pooled([[row.get(key) for row in group] for group in by_group.values()])
-                   for key in POOLED}  # fmt: skip
-        amad = float("nan")
-        if known is not None:
-            dist, dist_layers = known
-            if set(run.grouped_layers) == set(dist_layers):
-                amad = gp.amad(dist, run_labels(run, dist_layers))
-        cost = training_flops(run, plan.loaded)
-        if reference is not None:
-            ref_cost = training_flops(reference, plan.loaded)
-        else:  # one SAE per layer at the largest expansion among the runs
-            ref_cost = _per_layer_cost(run, plan.loaded, reference_c)
-        out.append(RunSummary(
-            run, approach(run, reference_c, g_hat), run.num_groups, run.expansion_factor, amad,
-            cost / ref_cost, metrics, reference is not None and run is reference,
-            run.num_groups == g_hat and not run.per_layer,
-        ))  # fmt: skip
-    return out
-
-
-def run_labels(run: RunInfo, layers: list[int]) -> list[int]:
-    first: dict[str, int] = {}
-    return [first.setdefault(run.sae_for(x).name, len(first)) for x in layers]
-
-
-def _per_layer_cost(run: RunInfo, loaded, c: float) -> float:
-    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
-                                  run.k, "dense")  # fmt: skip
-    d = loaded.d_model
-    return a_cost + loaded.num_layers * gp.sae_flops_per_token(d, int(c * d), run.k, "dense")
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,10 +112,14 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
         tmp.write_text(buffer.getvalue())
 
 
-def _pm(p: Pooled, scale: float = 1.0, digits: int = 3) -> str:
-    if math.isnan(p.mean):
+def pm(stat: Pooled | dict, scale: float = 1.0, digits: int = 3) -> str:
+    """``mean ± std`` of a :class:`~.metrics.Pooled` or of a summary's ``{"mean", "std"}``
+    (gsae-autointerp's: None where nothing was scored); "–" without a mean."""
+    pair = (stat["mean"], stat["std"]) if isinstance(stat, dict) else (stat.mean, stat.std)
+    mean, std = (_nan(x) for x in pair)
+    if math.isnan(mean):
         return "–"
-    return f"{p.mean * scale:.{digits}f} ± {p.std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def table1(summaries: list[RunSummary], layers: list[int]) -> tuple[str, list[dict]]:
@@ -259,8 +134,8 @@ def table1(summaries: list[RunSummary], layers: list[int]) -> tuple[str, list[di
         m = s.metrics
         lines.append(
             f"| {s.approach} | {s.run.name} | {s.num_groups} | {s.expansion:g} "
-            f"| {s.flops_fraction:.3f} | {_pm(m['fvu'])} | {_pm(m['delta_ce_pct'], digits=2)} "
-            f"| {_pm(m['ce_recovered'])} | {_pm(m['kl_score'])} |"
+            f"| {s.flops_fraction:.3f} | {pm(m['fvu'])} | {pm(m['delta_ce_pct'], digits=2)} "
+            f"| {pm(m['ce_recovered'])} | {pm(m['kl_score'])} |"
         )
         rows.append({
             "approach": s.approach, "run": s.run.name, "groups": s.num_groups,
@@ -553,8 +428,7 @@ def _autointerp_html(entries: list[dict], out: Path) -> str:
         det, fuz = e["overall"]["detection"], e["overall"]["fuzzing"]
         rows.append(f"<tr><td>{html.escape(str(info.get('approach', '')))}</td>"
                     f"<td>{html.escape(e['run'])}</td><td>{e['latents_scored']}</td>"
-                    f"<td>{_pm(Pooled(_nan(det['mean']), _nan(det['std']), []))}</td>"
-                    f"<td>{_pm(Pooled(_nan(fuz['mean']), _nan(fuz['std']), []))}</td>"
+                    f"<td>{pm(det)}</td><td>{pm(fuz)}</td>"
                     "</tr>")  # fmt: skip
     layer_rows = []
     for e in entries:

@@ -79,7 +79,7 @@ class JsonlLog:
                 os.truncate(self.path, truncate_to)
         elif truncate_to is None and self.path.exists():
             os.truncate(self.path, 0)  # a new run: the log starts empty
-        self.file = open(self.path, "a")  # noqa: SIM115
+        self.file = open(self.path, "a")
 
     @property
     def size(self) -> int:

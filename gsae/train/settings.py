@@ -1,8 +1,9 @@
 """What a gsae-train run is: its settings, as ``run.json`` records them, and each group's
 :class:`~gsae.sae.SaeConfig`.
 
-Field names are the command's flag names (``ctx_len`` is ``--ctx-len``), so a message can name
-the flag of any setting. ``sae`` holds the :class:`~gsae.sae.SaeConfig` fields set by flags (all
+Field names are the names gsae-train's parser stores its flags under (``ctx_len`` is
+``--ctx-len``, ``init_encoder`` is ``--init``): ``gsae.cli.train.setting_flags`` names the flag
+of any setting. ``sae`` holds the :class:`~gsae.sae.SaeConfig` fields set by flags (all
 but ``d``, which comes from the model): a new SaeConfig field needs no change here.
 """
 
@@ -15,8 +16,9 @@ import zlib
 from dataclasses import dataclass, field
 
 from ..activations import DEFAULT_DATASET, local_name
-from ..grouping import DEFAULT_THRESHOLD, check_threshold, parse_count
+from ..grouping import DEFAULT_THRESHOLD, check_threshold
 from ..sae import SaeConfig, legacy_fields
+from ..units import parse_count
 
 SETTINGS_VERSION = 2
 
@@ -183,7 +185,8 @@ class RunSettings:
         return max(1, self.batch_tokens // int(self.ctx_len or 1))
 
     def flags(self) -> dict:
-        """Every setting by its flag's name (``--k`` is ``k``), the SAE's too."""
+        """Every setting by the name its flag stores it under (``--k`` is ``k``), the SAE's
+        too."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**{k: v for k, v in values.items() if k != "sae"}, **self.sae}
 
