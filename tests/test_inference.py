@@ -1,17 +1,15 @@
 """GroupSAEs: every SAE of a run by model layer, in model units; its splice and record are
-gsae.activations' hooks with the SAEs plugged in; the README's example on a demo run."""
+gsae.activations' hooks with the SAEs plugged in; the docs' examples on a demo run."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from test_docs import code_blocks
 
 from gsae.activations import ActivationReader, lm_logits, record, splice
 from gsae.cli.train import main as train_main
 from gsae.inference import GroupSAEs
-
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +89,18 @@ def test_record_gives_the_latents_of_each_layer(setup):
 
 
 def test_readme_inference_example_on_a_demo_run(tmp_path, one_thread, monkeypatch, capsys):
-    """The README's example, as written, on a small run of the demo model saved where the
-    quick start saves it (``out/demo``, relative to the working directory)."""
+    """The docs' examples that use the quick start's run, as written, on a small run of the demo
+    model saved where the quick start saves it (``out/demo``, relative to the working directory)."""
     monkeypatch.chdir(tmp_path)
     argv = ["--model", "demo", "--dataset", "demo", "--out", "out/demo", "--groups", "even:2",
             "--tokens", "2k", "--scale-tokens", "1k", "--batch-tokens", "512", "--device",
             "cpu"]  # fmt: skip
     assert train_main(argv) == 0
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-              if "out/demo" in b]  # fmt: skip
-    assert len(blocks) == 1
+    blocks = [(where, code) for where, code in code_blocks("python") if "out/demo" in code]
+    assert blocks, "no python example of the README or docs/ uses the quick start's run"
     capsys.readouterr()
-    exec(compile(blocks[0], str(README), "exec"), {})
+    for where, code in blocks:  # tests/test_docs.py runs the others
+        exec(compile(code, where, "exec"), {})
     printed = capsys.readouterr().out
     for layer in range(6):
         assert f"layer {layer} (SAE " in printed
