@@ -856,7 +856,7 @@ def build_model(kind: str, folder: Path, device) -> Path:
     import transformers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from gsae.activations import bundled_dir
+    from gsae.hf.hub import bundled_dir
 
     transformers.utils.logging.disable_progress_bar()
     hidden, layers, heads, inter = MODELS[kind]
@@ -1048,7 +1048,7 @@ def demo_batches(tokenizer, ctx: int, batch: int):
     packs it), ``batch`` rows at a time, cycled."""
     import torch
 
-    from gsae.activations import bundled_dir
+    from gsae.hf.hub import bundled_dir
 
     with gzip.open(bundled_dir() / "corpus.txt.gz", "rt") as f:
         text = f.read()

@@ -218,7 +218,9 @@ def test_plan_owners_balances_whole_saes_or_splits_them():
 
 def test_text_shards_split_the_documents(tiny_model_dir, tiny_corpus):
     """Two shards read every document once between them: the same tokens as the whole text."""
-    from gsae.activations import TokenStream, load_model, open_texts
+    from gsae.hf.models import load_model
+    from gsae.hf.texts import open_texts
+    from gsae.hf.tokens import TokenStream
 
     tokenizer = load_model(str(tiny_model_dir), "fp32", "cpu").tokenizer
     texts = open_texts(str(tiny_corpus), "train", "text")

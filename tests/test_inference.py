@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae.activations import ActivationReader, lm_logits, record, splice
 from gsae.cli.train import main as train_main
+from gsae.hf.hooks import ActivationReader, lm_logits, record, splice
 from gsae.inference import GroupSAEs
 
 README = Path(__file__).resolve().parents[1] / "README.md"

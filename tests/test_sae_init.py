@@ -223,7 +223,11 @@ DEMO_LAYERS, STEPS, BATCH, HELD_OUT = (1, 4), 25, 2048, 16_384
 def demo_layers(one_thread):
     """Residual streams of two demo-model layers: 25 batches of 2,048 tokens to train on, then
     16k later tokens to evaluate on, in stream order, scaled to mean squared norm 1."""
-    from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model
+    from gsae.hf.hooks import ActivationReader
+    from gsae.hf.hub import bundled_dir
+    from gsae.hf.models import load_model
+    from gsae.hf.texts import iter_texts
+    from gsae.hf.tokens import TokenStream
 
     if not (bundled_dir() / "model" / "config.json").exists():
         pytest.skip("demo model not built")

@@ -65,10 +65,11 @@ def collect_config(args):
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
     from ..browse.collect import collect
     from ..browse.site import write_site
     from ..grouping import parse_count
+    from ..hf.models import ModelLoadError, load_tokenizer
+    from ..hf.texts import DatasetLoadError
     from ..outdir import claim, kept_words
     from ..progress import progress_bar
     from .eval import parse_bytes

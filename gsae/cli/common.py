@@ -9,7 +9,8 @@ DEFAULT_MODEL = "pythia-160m"
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--model, --dataset, --split, --column, --ctx-len, --repeat, --device, --model-dtype."""
-    from ..activations import DEFAULT_CTX_LEN, DEFAULT_DATASET  # torch: not for the light commands
+    from ..hf.models import DEFAULT_CTX_LEN  # torch: not for the light commands
+    from ..hf.texts import DEFAULT_DATASET
 
     p.add_argument(
         "--model",
@@ -62,7 +63,7 @@ def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
 
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the data flags that were not given."""
-    from ..activations import DEFAULT_DATASET
+    from ..hf.texts import DEFAULT_DATASET
 
     defaults = {
         "model": DEFAULT_MODEL,

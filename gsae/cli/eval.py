@@ -61,10 +61,11 @@ def parse_bytes(text: str) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import DatasetLoadError, ModelLoadError
     from ..eval import prepare, run_plan
     from ..eval.report import write_report
     from ..grouping import parse_count
+    from ..hf.models import ModelLoadError
+    from ..hf.texts import DatasetLoadError
     from ..outdir import claim, kept_words
     from ..progress import progress_bar
 

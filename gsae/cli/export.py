@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import ModelLoadError
     from ..export import export_run
+    from ..hf.models import ModelLoadError
     from ..outdir import kept_words
 
     existed = Path(args.out).is_dir()

@@ -18,7 +18,8 @@ import traceback
 from pathlib import Path
 
 from .. import grouping as gp
-from ..activations import DatasetLoadError, ModelLoadError
+from ..hf.models import ModelLoadError
+from ..hf.texts import DatasetLoadError
 from ..progress import set_progress
 from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS, SaeConfig
 from ..train import (

@@ -30,7 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ..activations import ActivationReader, LoadedModel, StreamPosition, TextSource
+from ..hf.hooks import ActivationReader
+from ..hf.models import LoadedModel
+from ..hf.texts import TextSource
+from ..hf.tokens import StreamPosition
 from ..io import write_json
 from ..progress import progress_bar
 from ..sae import Sae, SaeTrainer, StepOutput

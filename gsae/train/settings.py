@@ -14,8 +14,9 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from ..activations import DEFAULT_DATASET, local_name
 from ..grouping import DEFAULT_THRESHOLD, check_threshold, parse_count
+from ..hf.hub import local_name
+from ..hf.texts import DEFAULT_DATASET
 from ..sae import SaeConfig, legacy_fields
 
 SETTINGS_VERSION = 2

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..activations import StreamPosition, TextSource, TokenStream
+from ..hf.texts import TextSource
+from ..hf.tokens import StreamPosition, TokenStream
 
 
 @dataclass(frozen=True)
