@@ -41,9 +41,11 @@ from gsae.hf.hub import bundled_dir
 from gsae.hf.models import load_model
 from gsae.hf.texts import iter_texts
 from gsae.hf.tokens import TokenStream
-from gsae.sae import Sae, SaeConfig, SaeTrainer, activation_scale
+from gsae.init import activation_scale
+from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
+from gsae.train.step import SaeTrainer
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU
 DEMO = bundled_dir() / "model"

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import gpu_available, interleaved, peak_extra_bytes
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 
 CPU_CASES = [
     pytest.param(4096, 512, 8192, 32, id="N4096-d512-m8192-k32"),

@@ -483,7 +483,8 @@ def precision_support() -> dict:
 
 def python_precision() -> str | None:
     """Where the Python API takes ``precision``: "SaeConfig", "SaeTrainer" or None."""
-    from gsae.sae import SaeConfig, SaeTrainer
+    from gsae.sae import SaeConfig
+    from gsae.train.step import SaeTrainer
 
     if "precision" in getattr(SaeConfig, "__dataclass_fields__", {}):
         return "SaeConfig"
@@ -604,7 +605,8 @@ def ratio(a, b) -> float | None:
 def gsae_trainer(shape: dict, device, precision: str | None, aux: bool, optimizer=None):
     """gsae's SaeTrainer for ``shape``; ``precision`` where this gsae takes one; ``optimizer``
     None for gsae's default."""
-    from gsae.sae import Sae, SaeConfig, SaeTrainer
+    from gsae.sae import Sae, SaeConfig
+    from gsae.train.step import SaeTrainer
 
     kwargs = dict(
         d=shape["d"], num_latents=shape["m"], k=shape["k"], dead_threshold=1 if aux else 10**15

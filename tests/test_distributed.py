@@ -259,7 +259,8 @@ def test_a_part_of_the_batch_draws_the_layers_the_whole_batch_draws():
 def test_data_parallel_halves_sum_to_the_whole_batch_step():
     """backward_part on two halves, their sums (what the all_reduce computes), apply_reduced:
     the one-process step on the whole batch, losses, counters and weights."""
-    from gsae.sae import Sae, SaeConfig, SaeTrainer
+    from gsae.sae import Sae, SaeConfig
+    from gsae.train.step import SaeTrainer
 
     cfg = SaeConfig(d=12, expansion_factor=16, k=2, dead_threshold=40, init_encoder="fit")
     x = torch.randn(64, 12) * torch.linspace(0.5, 2, 12) + 0.3

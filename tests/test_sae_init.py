@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from gsae.init import geometric_median, geometry_encoder_scale
 from gsae.optim import ScheduleFreeSignSGD
-from gsae.sae import Sae, SaeConfig, SaeTrainer, geometric_median, geometry_encoder_scale
+from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
+from gsae.train.step import SaeTrainer
 
 
 def config(**kw):

@@ -466,9 +466,8 @@ def test_an_exception_anywhere_in_a_step_keeps_a_checkpoint_that_resumes_identic
 def test_an_exception_says_what_was_kept(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys, straight, where, saved
 ):
-    from gsae.train.step import SaeTrainer
-
     from gsae.hf import hooks
+    from gsae.train.step import SaeTrainer
 
     out = tmp_path / "run"
     calls = []

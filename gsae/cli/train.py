@@ -21,7 +21,7 @@ from .. import grouping as gp
 from ..hf.models import ModelLoadError
 from ..hf.texts import DatasetLoadError
 from ..progress import set_progress
-from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS, SaeConfig
+from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SaeConfig
 from ..train import (
     RECIPES,
     RESUMABLE,
@@ -36,6 +36,7 @@ from ..train import (
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
 from ..train.settings import parse_save_every
+from ..train.step import SAE_PRECISIONS
 from .common import add_data_args, data_defaults, flag
 
 # the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
