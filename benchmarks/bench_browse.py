@@ -118,9 +118,12 @@ def test_collection_memory_does_not_grow_with_tokens(benchmark, report):
 def test_browse_collection_on_a_demo_run(benchmark, report, tmp_path):
     """gsae-browse's pass (forward, encode, collection) against the plain forward."""
     benchmark.group = "browse-demo"
-    from gsae.activations import ActivationReader, TokenStream, iter_texts, load_model
     from gsae.browse.collect import collect
     from gsae.cli.train import main as train_main
+    from gsae.hf.hooks import ActivationReader
+    from gsae.hf.models import load_model
+    from gsae.hf.texts import iter_texts
+    from gsae.hf.tokens import TokenStream
 
     tokens = 4096 if benchmark.disabled else 131_072
     run = tmp_path / "run"

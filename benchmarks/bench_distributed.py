@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gsae.activations import bundled_dir
+from gsae.hf.hub import bundled_dir
 
 DEMO = bundled_dir() / "model"
 WORKER = Path(__file__).with_name("dist_bytes_worker.py")

@@ -160,9 +160,9 @@ write_report(result, plan, r"{root}/out-{tokens}")
 
 
 def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
-    from gsae.activations import ActivationReader
     from gsae.eval import prepare, run_plan
     from gsae.eval.report import write_report
+    from gsae.hf.hooks import ActivationReader
 
     benchmark.group = "eval-demo"
     tokens = 1024 if benchmark.disabled else 32768

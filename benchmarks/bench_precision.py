@@ -17,7 +17,8 @@ from bench_quality import (  # noqa: F401  (demo_activations: a fixture used by 
     train,
 )
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 
 PRECISIONS = ("fp32", "bf16", "tf32")
 DEMO_STEPS = 98  # 200,704 tokens per layer in batches of 2,048

@@ -35,11 +35,17 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model
 from gsae.grouping import even_groups
-from gsae.sae import Sae, SaeConfig, SaeTrainer, activation_scale
+from gsae.hf.hooks import ActivationReader
+from gsae.hf.hub import bundled_dir
+from gsae.hf.models import load_model
+from gsae.hf.texts import iter_texts
+from gsae.hf.tokens import TokenStream
+from gsae.init import activation_scale
+from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
+from gsae.train.step import SaeTrainer
 from gsae.units import parse_count
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # its Triton decoder needs a GPU

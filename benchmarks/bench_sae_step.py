@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import gpu_available, interleaved, peak_extra_bytes
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 
 CPU_CASES = [
     pytest.param(4096, 512, 8192, 32, id="N4096-d512-m8192-k32"),
@@ -56,7 +57,8 @@ def test_cpu_train_step(benchmark, report, rounds, n, d, m, k):
 
 _SETUP = """
 import torch
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 torch.manual_seed(0)
 sae = Sae(SaeConfig(d={d}, num_latents={m}, k={k}))
 sae.backend = "{backend}"

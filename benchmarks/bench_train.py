@@ -13,8 +13,8 @@ import pytest
 from conftest import interleaved
 
 from gsae import grouping as gp
-from gsae.activations import bundled_dir
 from gsae.cli.train import main as train_main
+from gsae.hf.hub import bundled_dir
 
 DEMO = bundled_dir() / "model"
 
@@ -85,7 +85,7 @@ def _quadratic_packing(tokens: list[int], ctx: int) -> int:
 def test_packing_a_long_document(benchmark, report, rounds):
     """TokenStream on one long document (a Pile document can have millions of tokens): tokens/s
     at two lengths; linear packing keeps tokens/s flat as the document grows."""
-    from gsae.activations import TokenStream
+    from gsae.hf.tokens import TokenStream
 
     benchmark.group = "token-packing"
     ctx = 1024

@@ -483,7 +483,8 @@ def precision_support() -> dict:
 
 def python_precision() -> str | None:
     """Where the Python API takes ``precision``: "SaeConfig", "SaeTrainer" or None."""
-    from gsae.sae import SaeConfig, SaeTrainer
+    from gsae.sae import SaeConfig
+    from gsae.train.step import SaeTrainer
 
     if "precision" in getattr(SaeConfig, "__dataclass_fields__", {}):
         return "SaeConfig"
@@ -604,7 +605,8 @@ def ratio(a, b) -> float | None:
 def gsae_trainer(shape: dict, device, precision: str | None, aux: bool, optimizer=None):
     """gsae's SaeTrainer for ``shape``; ``precision`` where this gsae takes one; ``optimizer``
     None for gsae's default."""
-    from gsae.sae import Sae, SaeConfig, SaeTrainer
+    from gsae.sae import Sae, SaeConfig
+    from gsae.train.step import SaeTrainer
 
     kwargs = dict(
         d=shape["d"], num_latents=shape["m"], k=shape["k"], dead_threshold=1 if aux else 10**15
@@ -856,7 +858,7 @@ def build_model(kind: str, folder: Path, device) -> Path:
     import transformers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from gsae.activations import bundled_dir
+    from gsae.hf.hub import bundled_dir
 
     transformers.utils.logging.disable_progress_bar()
     hidden, layers, heads, inter = MODELS[kind]
@@ -1048,7 +1050,7 @@ def demo_batches(tokenizer, ctx: int, batch: int):
     packs it), ``batch`` rows at a time, cycled."""
     import torch
 
-    from gsae.activations import bundled_dir
+    from gsae.hf.hub import bundled_dir
 
     with gzip.open(bundled_dir() / "corpus.txt.gz", "rt") as f:
         text = f.read()

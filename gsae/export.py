@@ -29,8 +29,9 @@ from typing import NamedTuple
 
 import torch
 
-from .activations import ModelLoadError, hub_id, layer_prefix, load_structure
 from .eval.runs import RunInfo, load_run
+from .hf.hub import hub_id
+from .hf.models import ModelLoadError, layer_prefix, load_structure
 from .io import atomic_dir, save_safetensors
 from .outdir import claim, write_marker
 from .sae import SPARSIFY_NAMES, Sae

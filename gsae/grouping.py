@@ -471,7 +471,7 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
     accumulator of every process combined (:meth:`AngularDistances.merge`)."""
     import time
 
-    from .activations import hidden_states
+    from .hf.hooks import hidden_states
 
     check_threshold(threshold)  # before the measurement, not after it
     if tokens < 1:

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from gsae_kernels.topk_encode import EncodeOutput
 
-from .activations import LoadedModel, load_model, record, splice
 from .eval.runs import RunInfo, load_run
+from .hf.hooks import record, splice
+from .hf.models import LoadedModel, load_model
 from .sae import Sae
 
 

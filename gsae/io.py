@@ -211,3 +211,62 @@ def recover_dir(path: str | os.PathLike) -> None:
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         journal.unlink(missing_ok=True)
+
+
+# ---- SAE and trainer files: JSON and safetensors, never pickle
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupted (not JSON: {err})") from None
+
+
+def read_safetensors(path: Path, device) -> dict:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path} is corrupted ({type(err).__name__}: {err})") from None
+
+
+def tensors_to_json(obj, key: str, tensors: dict):
+    """``obj`` as JSON, its tensors moved into ``tensors`` under their path; tuples and
+    int-keyed dicts (an optimiser's state) are marked so that :func:`tensors_from_json` restores
+    them."""
+    import torch  # here: the light commands import this module without torch
+
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if obj and all(isinstance(k, int) for k in obj):
+            return {"__int_keys__": [[k, tensors_to_json(v, f"{key}.{k}", tensors)]
+                                     for k, v in obj.items()]}  # fmt: skip
+        return {str(k): tensors_to_json(v, f"{key}.{k}" if key else str(k), tensors)
+                for k, v in obj.items()}  # fmt: skip
+    if isinstance(obj, tuple):
+        return {"__tuple__": [tensors_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [tensors_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def tensors_from_json(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__int_keys__" in obj:
+            return {int(k): tensors_from_json(v, tensors) for k, v in obj["__int_keys__"]}
+        if "__tuple__" in obj:
+            return tuple(tensors_from_json(v, tensors) for v in obj["__tuple__"])
+        return {k: tensors_from_json(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [tensors_from_json(v, tensors) for v in obj]
+    return obj

@@ -1,50 +1,34 @@
-"""The TopK SAE of the paper and its training step.
+"""The TopK SAE of the paper and its config.
 
 ``Sae`` is :class:`gsae_kernels.TopKSAE` plus what training and reuse need: a config, the layers
 it covers and a per-layer activation scale. The scale is applied inside encode/decode, so callers
 pass and get activations in the model's own units, while the SAE itself (and its loss) works on
 activations normalised to mean squared norm 1 (paper, Appendix A).
 
-``SaeTrainer`` owns the optimiser and the dead-latent counters and runs one step at a time:
-
-1. normalise x, encode (TopK + the AuxK selection among dead latents), decode, FVU + AuxK/32;
-2. backward through the sparse kernels;
-3. drop the part of each decoder row's gradient parallel to the row, optimiser step (signum by
-   default, Adam for ``--recipe paper``), renormalise the rows to unit norm;
-4. reset the counter of every latent that fired (value > 0), advance the others by N.
-
-A step whose loss is not finite changes nothing: with ``check_finite=True`` (the default) it
-raises ``FloatingPointError`` before the update; with ``check_finite=False`` (the trainer's hot
-loop, which must not sync the GPU every step) the optimiser (fused Adam, or signum through its
-``found_inf``) skips the update on the device
-and :attr:`SaeTrainer.skipped_steps` counts it, for the caller to check at its logging interval.
-
-Everything is saved as safetensors and JSON (no pickle is ever loaded): the SAE as
-``sae.safetensors`` + ``cfg.json``, the trainer's optimiser and counters as ``state.safetensors``
-+ ``state.json``. A file that cannot be read gives a ``ValueError`` naming it.
+Initialisation (:mod:`gsae.init`) and the activation scales are estimated beside it; its training
+step is :class:`gsae.train.step.SaeTrainer`. The SAE is saved as safetensors and JSON (no pickle
+is ever loaded): ``sae.safetensors`` + ``cfg.json``; a file that cannot be read gives a
+``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from gsae_kernels import ForwardOutput, TopKSAE
 from gsae_kernels.topk_encode import EncodeOutput
 from safetensors.torch import load_file
 
-from .io import atomic_dir, dumps_json, recover_dir, save_safetensors
-from .optim import ScheduleFreeSignSGD
+from .init import SCALE_MODES, geometry_encoder_scale, init_from_batch
+from .io import atomic_dir, dumps_json, read_json, read_safetensors, recover_dir, save_safetensors
 
-SCALE_MODES = ("mean_sq", "mean_norm", "none")
 ENCODER_INITS = ("fit", "geometry", "paper")
 B_DEC_INITS = ("zeros", "mean", "median")
 OPTIMIZERS = ("signum", "adam")
@@ -52,8 +36,6 @@ OPTIMIZERS = ("signum", "adam")
 # half sparsify's 5e-3, which the sweep of benchmarks/bench_quality.py found better at every budget
 BASE_LR = {"adam": 2e-4, "signum": 2.5e-3}
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"  # beside the SAE files
-NORM_CHUNK_ELEMENTS = 1 << 24  # scale estimate: at most this many values upcast at once
 # EleutherAI sparsify's tensor names for gsae's weights (``SparseCoder``: an nn.Linear encoder)
 SPARSIFY_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec",
                   "b_dec": "b_dec"}  # fmt: skip
@@ -155,118 +137,6 @@ def legacy_fields(data: dict) -> dict:
     return data
 
 
-def activation_scales(
-    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq", merge=None
-) -> list[float]:
-    """Per-source scales s with ``E||s x||^2 = 1`` (``mean_sq``) or ``E||s x|| = 1``
-    (``mean_norm``), from the first ``tokens`` tokens of ``batches`` (each ``[L, N, d]``: L
-    sources side by side). Streamed: each token's norm is taken in float32 (a bounded slice of
-    tokens upcast at a time) and only the sums over tokens are float64, so no float64 copy of the
-    activations is ever made (8 GiB at Pythia-1B sizes).
-
-    ``merge((sums [L] float64, tokens))`` combines the sums of several processes, each over its
-    own part of the data (distributed training), and returns the totals."""
-    if mode not in SCALE_MODES:
-        raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
-    total, seen = activation_norm_sums(batches, tokens, mode)
-    if merge is not None:
-        total, seen = merge((total, seen))
-    if total is None or seen == 0:
-        raise ValueError(f"cannot estimate an activation scale from {seen} tokens")
-    if mode == "none":
-        return [1.0] * len(total)
-    mean = total / seen
-    if not bool(torch.isfinite(mean).all()) or bool((mean <= 0).any()):
-        raise ValueError(f"cannot estimate an activation scale from {seen} tokens (means {mean})")
-    return (mean.rsqrt() if mode == "mean_sq" else mean.reciprocal()).tolist()
-
-
-def activation_norm_sums(
-    batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq"
-) -> tuple[torch.Tensor | None, int]:
-    """Per-source float64 sums of ``||x||^2`` (``mean_sq``) or ``||x||`` over the first
-    ``tokens`` tokens of ``batches [L, N, d]``, and the number of tokens summed (None: none)."""
-    total, seen = None, 0
-    for batch in batches:
-        h = batch[:, : tokens - seen]  # [L, n, d]
-        chunk = max(1, NORM_CHUNK_ELEMENTS // max(1, h.shape[0] * h.shape[2]))
-        for i in range(0, h.shape[1], chunk):
-            norms = torch.linalg.vector_norm(h[:, i : i + chunk], dim=2, dtype=torch.float32)
-            values = norms.square() if mode == "mean_sq" else norms  # [L, chunk]
-            part = values.sum(1, dtype=torch.float64).cpu()  # [L]
-            total = part if total is None else total + part
-        if total is None and h.shape[1] == 0:  # an empty part (distributed): sums of nothing
-            total = torch.zeros(h.shape[0], dtype=torch.float64)
-        seen += h.shape[1]
-        if seen >= tokens:
-            break
-    return total, seen
-
-
-def activation_scale(batches: Iterable[torch.Tensor], tokens: int, mode: str = "mean_sq") -> float:
-    """:func:`activation_scales` for a single source: ``batches`` are ``[N, d]``."""
-    if mode == "none":
-        return 1.0
-    return activation_scales((b.unsqueeze(0) for b in batches), tokens, mode)[0]
-
-
-def geometry_encoder_scale(d: int, m: int, k: int) -> float:
-    """The encoder scale c that best fits, in expectation, isotropic data at init.
-
-    With unit decoder rows w_i drawn at random and ``W_enc = c W_dec^T``, an input x has
-    pre-activations f_i = <w_i, x> ~ N(0, |x|^2 / d). The top k of m lie beyond the normal
-    quantile t = Phi^-1(1 - k/m), so with z = f sqrt(d) / |x| and p = k/m:
-
-        S = sum f_i^2 = |x|^2 (k/d) E[z^2 | z > t],    E[z^2 | z > t] = 1 + t phi(t) / p
-        Q = sum f_i^4 = |x|^4 (k/d^2) E[z^4 | z > t],  E[z^4 | z > t] = 3 + (t^3 + 3t) phi(t) / p
-
-    Their reconstruction r = sum f_i w_i has <x, r> = S, and since each chosen row leans towards
-    x (w_i = f_i x / |x|^2 + a part orthogonal to x, random), |r|^2 = S + (S^2 - Q) / |x|^2.
-    The c minimising |x - c r|^2 is <x, r> / |r|^2 = ``1 / (1 + S/|x|^2 - Q/(S |x|^2))``:
-    0.39 at d=128, m=2048, k=32 (a Monte-Carlo fit gives 0.40), 0.65 at the paper's d=2048,
-    m=32768, k=128. The paper's c = 1 overshoots by the inverse of that.
-    """
-    from statistics import NormalDist
-
-    p = k / m
-    if p >= 1:  # every latent is chosen: the full Gaussian moments
-        e2, e4 = 1.0, 3.0
-    else:
-        t = NormalDist().inv_cdf(1 - p)
-        phi = NormalDist().pdf(t)
-        e2, e4 = 1 + t * phi / p, 3 + (t**3 + 3 * t) * phi / p
-    s = k / d * e2  # S / |x|^2
-    q = k / d**2 * e4  # Q / |x|^4
-    return 1 / (1 + s - q / s)
-
-
-def geometric_median(
-    x: torch.Tensor, iters: int = 50, tol: float = 1e-6, reduce=None
-) -> torch.Tensor:
-    """Geometric median of the rows of ``x [N, d]`` (Weiszfeld's iterations from the mean).
-
-    ``reduce(t)``: the sum of a float64 tensor over the processes that each hold some of the rows
-    (distributed training); every process then gets the median of all of them, iterating alike."""
-    x = x.double()
-    if reduce is None:
-        y = x.mean(0)
-    else:
-        sums = reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
-        y = sums[:-1] / sums[-1]
-    for _ in range(iters):
-        w = (x - y).norm(dim=1).clamp_min(1e-12).reciprocal()  # [N]
-        if reduce is None:
-            new = (w[:, None] * x).sum(0) / w.sum()
-        else:
-            sums = reduce(torch.cat([(w[:, None] * x).sum(0), w.sum().view(1)]))
-            new = sums[:-1] / sums[-1]
-        done = float((new - y).norm()) <= tol * max(float(y.norm()), 1e-12)
-        y = new
-        if done:
-            break
-    return y
-
-
 def _check_layer_ids(device: torch.device) -> bool:
     """Whether per-token layer ids on ``device`` are checked (a host sync on a GPU)."""
     return device.type == "cpu" or os.environ.get("GSAE_CHECK_LAYERS") == "1"
@@ -293,8 +163,8 @@ class Sae(TopKSAE):
       (:func:`geometry_encoder_scale`); on the demo model it lands within 3% of "fit".
 
     ``init_b_dec``: ``"mean"`` (default) of the first batch, ``"median"`` (geometric), or
-    ``"zeros"`` (the paper). :class:`SaeTrainer` applies the data-dependent parts on its first
-    step (:meth:`init_from_batch`).
+    ``"zeros"`` (the paper). :class:`~gsae.train.step.SaeTrainer` applies the data-dependent parts
+    on its first step (:meth:`init_from_batch`).
 
     Measured at equal tokens (held-out FVU, 200k tokens, k=32, m=2048, Adam at the paper's
     learning rate, layers 0-5 of the demo model; benchmarks/bench_quality.py):
@@ -344,59 +214,12 @@ class Sae(TopKSAE):
         """The data-dependent part of the initialisation, from a first batch ``x [N, d]`` in
         model units: ``b_dec`` (``init_b_dec``), then the encoder scale (``init_encoder="fit"``).
         Returns the factor applied to ``W_enc`` (1.0 if none), or None, changing nothing, when
-        the batch is not finite (NaN activations, or a layer id the SAE does not cover). One
-        host sync: it runs once per training.
+        the batch is not finite (NaN activations, or a layer id the SAE does not cover).
 
         ``reduce(t)``, for data-parallel training: the sum of a float64 tensor over the processes
-        that train this SAE, each holding its part of the batch in ``x`` (possibly none). The
-        statistics are then those of the whole batch, so every replica gets the same init, the
-        one a single process would compute from the whole batch."""
-        if reduce is not None:
-            return self._init_from_parts(x, layer, reduce)
-        xs = self.normalize(x, layer)  # [N, d], the SAE's units
-        if xs.shape[0] == 0 or not bool(torch.isfinite(xs).all()):
-            return None
-        if self.cfg.init_b_dec == "mean":
-            self.b_dec.copy_(xs.double().mean(0))
-        elif self.cfg.init_b_dec == "median":
-            self.b_dec.copy_(geometric_median(xs))
-        if self.cfg.init_encoder != "fit":
-            return 1.0
-        enc = super().encode(xs)
-        r = (super().decode(enc.values, enc.indices) - self.b_dec).double()  # [N, d], c = 1
-        e = (xs - self.b_dec).double()
-        num, den = float((e * r).sum()), float(r.pow(2).sum())
-        if not (den > 0 and math.isfinite(num) and num > 0):
-            return 1.0  # a degenerate batch (e.g. every row equals b_dec): keep c = 1
-        self.W_enc.mul_(num / den)
-        return num / den
-
-    def _init_from_parts(self, x: torch.Tensor, layer, reduce) -> float | None:
-        """:meth:`init_from_batch` from sums over every process's part (see there). Every
-        process makes the same ``reduce`` calls whatever its part holds."""
-        xs = self.normalize(x, layer).double()  # [n, d], the SAE's units (n may be 0)
-        sums = reduce(torch.cat([xs.sum(0), xs.new_tensor([xs.shape[0]])]))  # [d + 1]
-        count = float(sums[-1])
-        if count == 0 or not bool(torch.isfinite(sums).all()):
-            return None  # NaN/inf rows anywhere poison the sums: nobody initialises
-        if self.cfg.init_b_dec == "mean":
-            self.b_dec.copy_(sums[:-1] / count)
-        elif self.cfg.init_b_dec == "median":
-            self.b_dec.copy_(geometric_median(xs, reduce=reduce))
-        if self.cfg.init_encoder != "fit":
-            return 1.0
-        part = xs.new_zeros(2)
-        if xs.shape[0]:
-            xs32 = xs.float()
-            enc = super().encode(xs32)
-            r = (super().decode(enc.values, enc.indices) - self.b_dec).double()  # c = 1
-            e = (xs32 - self.b_dec).double()
-            part = torch.stack([(e * r).sum(), r.pow(2).sum()])
-        num, den = reduce(part).tolist()
-        if not (den > 0 and math.isfinite(num) and num > 0):
-            return 1.0
-        self.W_enc.mul_(num / den)
-        return num / den
+        that train this SAE, each holding its part of the batch in ``x`` (possibly none); see
+        :func:`gsae.init.init_from_batch`."""
+        return init_from_batch(self, self.normalize(x, layer), reduce)
 
     # ---- scales
 
@@ -550,391 +373,3 @@ class Sae(TopKSAE):
                                      f"expected {tuple(getattr(sae, name).shape)}")  # fmt: skip
                 getattr(sae, name).copy_(weight.float())
         return sae
-
-
-class StepOutput(NamedTuple):
-    """Device scalars of one step (reading them syncs the GPU): the loss that was minimised,
-    its FVU and AuxK terms, the mean number of active latents and the fraction of dead ones."""
-
-    loss: torch.Tensor
-    fvu: torch.Tensor
-    auxk: torch.Tensor
-    l0: torch.Tensor
-    dead_fraction: torch.Tensor
-
-
-SAE_PRECISIONS = ("auto", "bf16", "tf32", "fp32")
-AUX_REFRESH_STEPS = 8  # GPU: steps between reads of the number of dead latents
-
-
-def resolve_sae_precision(precision: str, device: torch.device) -> str:
-    """The encoder matmul precision of training (``--sae-precision``): ``auto`` is bf16 on a
-    GPU (tensor cores, fp32 sums; weights, gradients and optimiser state stay fp32) and fp32
-    (the paper's) on a CPU, where bf16 would only be emulated."""
-    if precision not in SAE_PRECISIONS:
-        raise ValueError(f"precision must be one of {'|'.join(SAE_PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-class DeadCount:
-    """The number of dead latents on the host, without a per-step sync on a GPU.
-
-    On a CPU it is read every step (free). On a GPU the count is copied to pinned host memory
-    behind an event every ``AUX_REFRESH_STEPS`` steps and read at the next refresh, one
-    interval later, when the GPU is long past it (waiting on the event only if the host is a
-    whole interval ahead of the GPU, when a wait costs nothing). So AuxK's width follows the
-    number of dead latents as it was up to 2 intervals earlier; the first read (at the start,
-    or after a resume) is a blocking one."""
-
-    def __init__(self, device: torch.device):
-        self.gpu = torch.device(device).type == "cuda"
-        self.value: int | None = None
-        self._host = torch.zeros((), dtype=torch.int64, pin_memory=self.gpu)
-        self._event = None
-
-    def read(self, dead: torch.Tensor, step: int) -> int:
-        if not self.gpu:
-            return int(dead.sum())
-        if self.value is None:  # first use: one blocking read
-            self.value = int(dead.sum())
-        if step % AUX_REFRESH_STEPS == 0:
-            if self._event is not None:
-                self._event.synchronize()  # passed long ago, except when the host runs ahead
-                self.value = int(self._host)
-            self._host.copy_(dead.sum(), non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        return self.value
-
-
-def make_optimizer(sae: Sae) -> torch.optim.Optimizer:
-    """Schedule-free sign-SGD (``signum``, the default: sparsify's optimiser with gsae's learning
-    rate and averaging weights) or Adam (the paper's). Both honour ``found_inf`` on the device, so
-    a non-finite step is skipped without a sync."""
-    cfg = sae.cfg
-    if cfg.optimizer == "signum":
-        return ScheduleFreeSignSGD(
-            sae.parameters(), lr=cfg.lr_value, average_power=cfg.average_power
-        )
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr_value, betas=cfg.betas, fused=True)
-
-
-class SaeTrainer:
-    """Optimiser, dead-latent counters and the training step of one :class:`Sae`.
-
-    With ``optimizer="signum"`` the parameters hold the point where gradients are taken, not the
-    model to use: evaluate inside :meth:`averaged`, which swaps in the averaged weights. The
-    SAE files written by :meth:`save_files` always hold the weights to use.
-
-    ``precision``: the encoder matmul's (:func:`resolve_sae_precision`; ``auto`` is bf16 on a
-    GPU). AuxK is ``min(k_aux, dead latents)`` wide (:class:`DeadCount`): no AuxK work at all
-    while no latent is dead. On a GPU a step with ``check_finite=False`` never syncs the host.
-    """
-
-    def __init__(self, sae: Sae, precision: str = "auto"):
-        self.sae = sae
-        self.cfg = sae.cfg
-        device = sae.W_dec.device
-        self.precision = resolve_sae_precision(precision, device)  # of the encoder matmul
-        self.dead_count = DeadCount(device)
-        self.optimizer = make_optimizer(sae)
-        self.tokens_since_fired = torch.zeros(sae.m, dtype=torch.int64, device=device)
-        self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.skipped_tokens = torch.zeros((), dtype=torch.int64, device=device)
-        self.tokens_seen = 0  # tokens of every step, skipped ones included (no sync to know)
-        self.steps = 0
-        self.initialized = False  # init_from_batch has run
-
-    @property
-    def tokens_trained(self) -> int:
-        """Tokens of the steps that updated the SAE (reading it syncs the GPU)."""
-        return self.tokens_seen - int(self.skipped_tokens)
-
-    def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.cfg.dead_threshold
-
-    def _k_aux(self, dead: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-        """AuxK width for this step (``min(k_aux, dead latents)``: 0, so no AuxK work, while
-        none is dead) and, on a GPU, a 0/1 factor for 'any latent dead now' (the count may be a
-        few steps old: without a dead latent the AuxK term is 0, as k_aux = 0 would give)."""
-        if self.tokens_seen < self.cfg.dead_threshold:
-            return 0, None  # nothing can be dead yet: skip AuxK without looking
-        width = min(self.cfg.k_aux_value, self.dead_count.read(dead, self.steps))
-        if dead.device.type == "cpu" or width == 0:
-            return width, None
-        return width, dead.any().to(torch.float32)
-
-    def _forward(self, x: torch.Tensor, dead: torch.Tensor):
-        """The SAE's forward on ``x`` in its own units with this step's AuxK, in the trainer's
-        precision; and the AuxK term to train."""
-        k_aux, any_dead = self._k_aux(dead)
-        mask, limit = (dead if k_aux else None), self.dead_count.value
-        out = TopKSAE.forward(self.sae, x, mask, k_aux, precision=self.precision, aux_limit=limit)
-        auxk = out.loss.auxk if any_dead is None else out.loss.auxk * any_dead
-        return out, auxk
-
-    def step(
-        self, x: torch.Tensor, layer: int | torch.Tensor | None = None, check_finite: bool = True,
-        tokens: int | None = None,
-    ) -> StepOutput:  # fmt: skip
-        """One optimisation step on ``x [N, d]`` (model units) from ``layer``. ``tokens``: how
-        many tokens the rows stand for (default N; fewer when x stacks several layers of each
-        token), which is what the dead-latent counters count."""
-        sae = self.sae
-        if not self.initialized:  # the first finite batch completes the init
-            self.initialized = sae.init_from_batch(x, layer) is not None
-        dead = self.dead_mask()
-        out, auxk = self._forward(sae.normalize(x, layer), dead)
-        loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        finite = torch.isfinite(loss)
-        if check_finite and not bool(finite):
-            self.optimizer.zero_grad(set_to_none=True)
-            x_finite = bool(torch.isfinite(x).all())
-            raise FloatingPointError(
-                f"non-finite loss {float(loss.detach())} at step {self.steps} (x: shape "
-                f"{tuple(x.shape)}, all finite: {x_finite}); the weights were not updated"
-            )
-        self._update(finite)
-        self._count_firing(out.latents, finite, x.shape[0] if tokens is None else tokens)
-        with torch.no_grad():
-            l0 = (out.latents.values > 0).sum(1).float().mean()
-        return StepOutput(loss.detach(), out.loss.fvu.detach(), auxk.detach(), l0,
-                          dead.float().mean())  # fmt: skip
-
-    @torch.no_grad()
-    def _update(self, finite: torch.Tensor) -> None:
-        w_dec = self.sae.W_dec
-        if w_dec.grad is not None:
-            # keep the rows on the unit sphere: no gradient along the row itself
-            parallel = torch.bmm(w_dec.grad.unsqueeze(1), w_dec.unsqueeze(2)).view(-1, 1)  # [m, 1]
-            w_dec.grad.addcmul_(parallel, w_dec, value=-1)  # in place: no [m, d] temporary
-        self.optimizer.found_inf = (~finite).to(torch.float32)
-        self.optimizer.step()
-        # renormalise; a skipped step divides by exactly 1 and leaves the rows bit-identical
-        norms = w_dec.norm(dim=1, keepdim=True)
-        w_dec.div_(torch.where(finite, norms, torch.ones_like(norms)))
-        self.skipped_steps += (~finite).to(torch.int64)
-
-    @torch.no_grad()
-    def _count_firing(self, latents: EncodeOutput, finite: torch.Tensor, n: int) -> None:
-        # integer index_add: deterministic, and no data-dependent shape (a mask index would sync)
-        hits = torch.zeros_like(self.tokens_since_fired)
-        hits.index_add_(0, latents.indices.reshape(-1), (latents.values > 0).reshape(-1).long())
-        self._advance_counters(hits, finite, n)
-
-    @torch.no_grad()
-    def _advance_counters(self, hits: torch.Tensor, finite: torch.Tensor, n: int) -> None:
-        """Reset the counter of every latent with ``hits > 0``, advance the others by ``n``."""
-        since = torch.where(hits > 0, 0, self.tokens_since_fired + n)
-        self.tokens_since_fired.copy_(torch.where(finite, since, self.tokens_since_fired))
-        self.skipped_tokens += (~finite).to(torch.int64) * n
-        self.tokens_seen += n
-        self.steps += 1
-
-    # ---- data-parallel steps: each process holds a part of the batch
-
-    def part_stats_size(self) -> int:
-        """Length of the ``stats`` vector :meth:`backward_part` fills (see there)."""
-        return self.sae.d + 6
-
-    def backward_part(
-        self, x: torch.Tensor, layer, hits: torch.Tensor, stats: torch.Tensor
-    ) -> None:
-        """The first half of a data-parallel :meth:`step`, on this process's part ``x [n, d]``
-        (n may be 0) of a batch split over processes.
-
-        The FVU and AuxK of the whole batch share one denominator, the batch's total variance
-        ``V = sum ||x - mean||^2``, which depends on the data only: so their gradient is the sum
-        over parts of the gradients of the *unnormalised* terms, divided by the whole batch's V.
-        This accumulates those unnormalised gradients into the parameters' ``.grad`` (which the
-        caller zeroed, typically views into one buffer it all-reduces), counts the latents that
-        fired into ``hits [m]`` and writes into ``stats`` (zeroed, length
-        :meth:`part_stats_size`) what the whole batch's V, losses and L0 are combined from:
-        ``[n, n * mean (d), n * |mean|^2, n * var, FVU * n var, AuxK * n var, active latents]``.
-        Sum ``hits`` and ``stats`` (and the gradients) over processes, then call
-        :meth:`apply_reduced`. The init (:meth:`Sae.init_from_batch` with ``reduce``) is the
-        caller's, on the first step."""
-        n = x.shape[0]
-        if n == 0:
-            return
-        sae, d = self.sae, self.sae.d
-        xs = sae.normalize(x, layer)  # [n, d], the SAE's units
-        dead = self.dead_mask()
-        out, auxk = self._forward(xs, dead)  # the same kernels
-        with torch.no_grad():
-            var, mean = torch.var_mean(xs.double(), dim=0, correction=0)  # [d], float64
-            within = var.sum() * n  # this part's own total variance
-        loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
-        # FVU * V_part = the part's squared error: its gradient is the unnormalised one
-        (loss * within.float()).backward()
-        with torch.no_grad():
-            latents = out.latents
-            fired = (latents.values > 0).reshape(-1)
-            hits.index_add_(0, latents.indices.reshape(-1), fired.to(hits.dtype))
-            stats[0] = n
-            stats[1 : d + 1] = mean * n
-            stats[d + 1] = mean.dot(mean) * n
-            stats[d + 2] = within
-            stats[d + 3] = out.loss.fvu.double() * within
-            stats[d + 4] = auxk.double() * within
-            stats[d + 5] = fired.sum()
-
-    @torch.no_grad()
-    def apply_reduced(self, hits: torch.Tensor, stats: torch.Tensor, tokens: int) -> StepOutput:
-        """The second half of a data-parallel step, given ``hits`` and ``stats`` summed over the
-        processes' parts (and the ``.grad`` of the unnormalised terms too): divide the gradients
-        by the whole batch's total variance, update (skipped on the device if the loss is not
-        finite, as :meth:`step` does) and count ``tokens`` for the dead-latent counters. Every
-        process that applies the same sums makes the same update, bit for bit."""
-        d = self.sae.d
-        s = stats.double()
-        n, mean_sum = s[0], s[1 : d + 1]
-        # total variance of the whole batch: within the parts, plus between their means
-        var = s[d + 2] + s[d + 1] - mean_sum.dot(mean_sum) / n.clamp_min(1)
-        fvu, auxk = s[d + 3] / var, s[d + 4] / var
-        loss = (fvu + self.cfg.auxk_alpha * auxk).float()
-        dead = self.dead_mask()
-        for p in self.sae.parameters():
-            if p.grad is not None:
-                p.grad.div_(var.float())
-        finite = torch.isfinite(loss)
-        self._update(finite)
-        self._advance_counters(hits, finite, tokens)
-        l0 = (s[d + 5] / n.clamp_min(1)).float()
-        return StepOutput(loss, fvu.float(), auxk.float(), l0, dead.float().mean())
-
-    def averaged(self) -> contextlib.AbstractContextManager:
-        """Inside the block the SAE holds the weights to evaluate and save: the running average
-        for ``signum`` (restored bit-exactly afterwards), the weights themselves for Adam."""
-        if isinstance(self.optimizer, ScheduleFreeSignSGD):
-            return self.optimizer.averaged()
-        return contextlib.nullcontext()
-
-    # ---- resume state
-
-    def state_dict(self) -> dict:
-        # signum: the SAE files hold the average, so the training point is saved here
-        train_weights = (
-            {n: p.detach().cpu().clone() for n, p in self.sae.named_parameters()}
-            if isinstance(self.optimizer, ScheduleFreeSignSGD)
-            else None
-        )
-        return {
-            "train_weights": train_weights,
-            "optimizer": self.optimizer.state_dict(),
-            "tokens_since_fired": self.tokens_since_fired.cpu(),
-            "skipped_steps": int(self.skipped_steps),
-            "skipped_tokens": int(self.skipped_tokens),
-            "tokens_seen": self.tokens_seen,
-            "steps": self.steps,
-            "initialized": self.initialized,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("train_weights") is not None:
-            with torch.no_grad():
-                for name, p in self.sae.named_parameters():
-                    p.copy_(state["train_weights"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-        self.skipped_steps.fill_(state["skipped_steps"])
-        self.skipped_tokens.fill_(state.get("skipped_tokens", 0))
-        self.tokens_seen = state["tokens_seen"]
-        self.steps = state["steps"]
-        self.initialized = state.get("initialized", self.steps > 0)
-
-    def save(self, path: str | Path) -> None:
-        """The SAE and this trainer's state, in ``path`` as a whole, so that a resumed run
-        continues exactly."""
-        with atomic_dir(path) as tmp:
-            self.save_files(tmp)
-
-    def save_files(self, directory: Path) -> None:
-        """The SAE's files and the state files into an existing directory (the caller makes the
-        write atomic, e.g. one directory swap for a whole multi-SAE checkpoint)."""
-        with self.averaged():  # the SAE files hold the weights to use (signum: the average)
-            self.sae.save_files(directory)
-        tensors: dict[str, torch.Tensor] = {}
-        meta = _to_json(self.state_dict(), "", tensors)
-        save_safetensors(tensors, directory / STATE_TENSORS)
-        (directory / STATE_JSON).write_text(dumps_json(meta))
-
-    def load_files(self, directory: Path) -> None:
-        """Weights, scales and state written by :meth:`save_files`, into this trainer."""
-        directory = Path(directory)
-        device = self.sae.W_dec.device
-        saved = Sae.load(directory, device=device)
-        if saved.layers != self.sae.layers or saved.cfg != self.cfg:
-            raise ValueError(f"{directory} holds an SAE for layers {saved.layers} with another "
-                             "config, not this one")  # fmt: skip
-        self.sae.load_state_dict(saved.state_dict())
-        meta = read_json(directory / STATE_JSON)
-        tensors = read_safetensors(directory / STATE_TENSORS, "cpu")
-        try:
-            self.load_state_dict(_from_json(meta, tensors))
-        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
-            raise ValueError(f"{directory / STATE_JSON} does not fit this SAE: {err}") from None
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu") -> SaeTrainer:
-        trainer = cls(Sae.load(path, device=device))
-        trainer.load_files(Path(path))
-        return trainer
-
-
-# ---- files: JSON and safetensors, never pickle
-
-
-def read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is corrupted (not JSON: {err})") from None
-
-
-def read_safetensors(path: Path, device) -> dict[str, torch.Tensor]:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise ValueError(f"{path} is corrupted ({type(err).__name__}: {err})") from None
-
-
-def _to_json(obj, key: str, tensors: dict):
-    """``obj`` as JSON, its tensors moved into ``tensors`` under their path; tuples and
-    int-keyed dicts (an optimiser's state) are marked so that :func:`_from_json` restores them."""
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if obj and all(isinstance(k, int) for k in obj):
-            return {"__int_keys__": [[k, _to_json(v, f"{key}.{k}", tensors)]
-                                     for k, v in obj.items()]}  # fmt: skip
-        return {str(k): _to_json(v, f"{key}.{k}" if key else str(k), tensors)
-                for k, v in obj.items()}  # fmt: skip
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
-    return obj
-
-
-def _from_json(obj, tensors: dict):
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__int_keys__" in obj:
-            return {int(k): _from_json(v, tensors) for k, v in obj["__int_keys__"]}
-        if "__tuple__" in obj:
-            return tuple(_from_json(v, tensors) for v in obj["__tuple__"])
-        return {k: _from_json(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_json(v, tensors) for v in obj]
-    return obj

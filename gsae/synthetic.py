@@ -12,7 +12,9 @@ import time
 
 import torch
 
-from .sae import Sae, SaeConfig, SaeTrainer, activation_scale
+from .init import activation_scale
+from .sae import Sae, SaeConfig
+from .train.step import SaeTrainer
 
 
 class SparseFeatures:

@@ -8,18 +8,11 @@ import time
 import pytest
 import torch
 
-from gsae.activations import (
-    ActivationReader,
-    DatasetLoadError,
-    ModelLoadError,
-    StreamPosition,
-    TokenStream,
-    find_layers,
-    hub_id,
-    iter_texts,
-    load_model,
-    open_texts,
-)
+from gsae.hf.hooks import ActivationReader
+from gsae.hf.hub import hub_id
+from gsae.hf.models import ModelLoadError, find_layers, load_model
+from gsae.hf.texts import DatasetLoadError, iter_texts, open_texts
+from gsae.hf.tokens import StreamPosition, TokenStream
 
 
 def test_short_names_map_to_pythia():
@@ -207,7 +200,7 @@ def test_a_position_stays_small_inside_a_long_document():
 
 
 def test_resuming_a_file_reads_no_document_before_the_position(tmp_path, monkeypatch):
-    import gsae.activations as acts
+    import gsae.hf.texts as acts
 
     docs = [f"document {i} " + "words " * (i % 7) for i in range(400)]
     path = tmp_path / "docs.jsonl"
@@ -234,7 +227,7 @@ def test_the_hub_probe_asks_the_configured_endpoint_through_the_proxy(monkeypatc
 
     from huggingface_hub import close_session, constants
 
-    from gsae.activations import hub_reachable
+    from gsae.hf.hub import hub_reachable
 
     asked = []
 
@@ -271,7 +264,7 @@ def test_a_streamed_dataset_resumes_from_its_own_state(monkeypatch):
     its shard and offset (here a local dataset streamed in 4 shards, as a hub one would be)."""
     import datasets
 
-    from gsae.activations import _HubStream
+    from gsae.hf.texts import _HubStream
 
     docs = [f"streamed document {i} " + "more " * (i % 5) for i in range(300)]
     stream = datasets.Dataset.from_dict({"text": docs}).to_iterable_dataset(num_shards=4)

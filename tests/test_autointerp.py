@@ -12,13 +12,14 @@ import pytest
 import torch
 from chat_stub import EXPLANATION, ChatStub, scripted
 
-from gsae.activations import TokenText, load_tokenizer
 from gsae.autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
 from gsae.autointerp.prompts import parse_explanation, parse_labels, render
 from gsae.autointerp.score import run_autointerp
 from gsae.browse.collect import CollectConfig, collect
 from gsae.cli.autointerp import main, parse_args, parser
 from gsae.cli.eval import main as eval_main
+from gsae.hf.models import load_tokenizer
+from gsae.hf.tokens import TokenText
 
 HELLO = [{"role": "user", "content": "hello"}]
 

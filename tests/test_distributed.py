@@ -218,7 +218,9 @@ def test_plan_owners_balances_whole_saes_or_splits_them():
 
 def test_text_shards_split_the_documents(tiny_model_dir, tiny_corpus):
     """Two shards read every document once between them: the same tokens as the whole text."""
-    from gsae.activations import TokenStream, load_model, open_texts
+    from gsae.hf.models import load_model
+    from gsae.hf.texts import open_texts
+    from gsae.hf.tokens import TokenStream
 
     tokenizer = load_model(str(tiny_model_dir), "fp32", "cpu").tokenizer
     texts = open_texts(str(tiny_corpus), "train", "text")
@@ -257,7 +259,8 @@ def test_a_part_of_the_batch_draws_the_layers_the_whole_batch_draws():
 def test_data_parallel_halves_sum_to_the_whole_batch_step():
     """backward_part on two halves, their sums (what the all_reduce computes), apply_reduced:
     the one-process step on the whole batch, losses, counters and weights."""
-    from gsae.sae import Sae, SaeConfig, SaeTrainer
+    from gsae.sae import Sae, SaeConfig
+    from gsae.train.step import SaeTrainer
 
     cfg = SaeConfig(d=12, expansion_factor=16, k=2, dead_threshold=40, init_encoder="fit")
     x = torch.randn(64, 12) * torch.linspace(0.5, 2, 12) + 0.3

@@ -7,8 +7,11 @@ import pytest
 import torch
 from test_activations import _save_family
 
-from gsae.activations import TokenStream, iter_texts, lm_logits, load_model, record, splice
 from gsae.eval import RunSaes, evaluate
+from gsae.hf.hooks import lm_logits, record, splice
+from gsae.hf.models import load_model
+from gsae.hf.texts import iter_texts
+from gsae.hf.tokens import TokenStream
 from gsae.sae import Sae, SaeConfig
 
 

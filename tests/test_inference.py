@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_docs import code_blocks
 
-from gsae.activations import ActivationReader, lm_logits, record, splice
 from gsae.cli.train import main as train_main
+from gsae.hf.hooks import ActivationReader, lm_logits, record, splice
 from gsae.inference import GroupSAEs
 
 

@@ -16,17 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from gsae.activations import (
-    DatasetLoadError,
-    StreamPosition,
-    open_texts,
-    resolve_device,
-)
 from gsae.cli import autointerp, browse, groups
 from gsae.cli import eval as eval_cli
 from gsae.cli import train as train_cli
+from gsae.device import resolve_device
 from gsae.eval import load_run
 from gsae.eval.runs import heldout_start
+from gsae.hf.texts import DatasetLoadError, open_texts
+from gsae.hf.tokens import StreamPosition
 
 
 def one_line_error(capsys, command: str, *words: str) -> str:
@@ -261,7 +258,7 @@ def test_train_and_groups_name_a_binary_dataset_before_the_model_loads(
 
 
 def test_the_demo_corpus_has_a_test_split_training_never_reads():
-    from gsae.activations import demo_texts
+    from gsae.hf.texts import demo_texts
 
     train = list(demo_texts("train").texts())
     test = list(demo_texts("test").texts())
@@ -271,7 +268,8 @@ def test_the_demo_corpus_has_a_test_split_training_never_reads():
     with pytest.raises(DatasetLoadError, match="train and test"):
         open_texts("demo", "validation")
     # --repeat cycles over the train split only
-    from gsae.activations import TokenStream, load_tokenizer
+    from gsae.hf.models import load_tokenizer
+    from gsae.hf.tokens import TokenStream
 
     tokenizer = load_tokenizer("demo")
     texts = demo_texts("train")

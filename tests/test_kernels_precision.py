@@ -12,7 +12,8 @@ from gsae_kernels.sparse_ops import latent_segments
 from gsae_kernels.topk_encode import resolve_precision, round_operand
 from test_kernels import dead_mask_for, dense, make_params
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer, resolve_sae_precision
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer, resolve_sae_precision
 
 GPU = torch.cuda.is_available()
 te = importlib.import_module("gsae_kernels.topk_encode")  # the module (the package exports the op)

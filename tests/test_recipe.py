@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gsae.cli.train import main, parser, resumed_settings, setting_flags, settings_from_args
-from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
+from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
 from gsae.train import RunDir
+from gsae.train.step import SaeTrainer
 
 # Produced by the code before issue 19 (commit 5cb6572), whose defaults were then the paper's
 # optimiser: SaeConfig(d=32, num_latents=256, k=8, dead_threshold=512, init_encoder="paper",

@@ -7,9 +7,11 @@ import pytest
 import torch
 from gsae_kernels import sparse_decode, topk_encode
 
+from gsae.init import activation_scale
 from gsae.io import atomic_dir
-from gsae.sae import Sae, SaeConfig, SaeTrainer, activation_scale
+from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures as SparseData
+from gsae.train.step import SaeTrainer
 
 
 def small_config(**kw):
@@ -203,7 +205,7 @@ def test_activation_scales_accumulate_in_float64_without_float64_copies():
     the [L, N, d] activations is 8 GiB)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from gsae.sae import activation_scales
+    from gsae.init import activation_scales
 
     class Float64Watch(TorchDispatchMode):
         largest = 0

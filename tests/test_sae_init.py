@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
+from gsae.init import geometric_median, geometry_encoder_scale
 from gsae.optim import ScheduleFreeSignSGD
-from gsae.sae import Sae, SaeConfig, SaeTrainer, geometric_median, geometry_encoder_scale
+from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
 from gsae.train import RECIPES
+from gsae.train.step import SaeTrainer
 
 
 def config(**kw):
@@ -65,6 +67,56 @@ def test_b_dec_inits():
     cost = lambda p: float((y - p).norm(dim=1).sum())
     for _ in range(20):
         assert cost(med) <= cost(med + 1e-3 * torch.randn(5, dtype=torch.float64)) + 1e-9
+
+
+def parts_init(cfg: SaeConfig, parts: list[torch.Tensor]) -> list[tuple[Sae, float | None]]:
+    """Each part on its own replica, in its own thread, with a ``reduce`` that sums over the
+    threads (what the all_reduce of data-parallel training computes, in the same order for
+    every replica)."""
+    import threading
+
+    barrier, slots = threading.Barrier(len(parts)), [None] * len(parts)
+    saes, results = [Sae(cfg) for _ in parts], [None] * len(parts)
+
+    def run(i: int) -> None:
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            slots[i] = t
+            barrier.wait()
+            total = sum(slots[1:], slots[0])
+            barrier.wait()  # every replica has read the slots before any writes the next ones
+            return total
+
+        results[i] = saes[i].init_from_batch(parts[i], reduce=reduce)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(parts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return list(zip(saes, results, strict=True))
+
+
+@pytest.mark.parametrize("b_dec", ["mean", "median", "zeros"])
+def test_the_init_from_parts_is_the_init_of_the_whole_batch(b_dec):
+    """Data-parallel init: replicas holding parts of a batch (one of them none) all get the init
+    one process computes from the whole batch; the whole batch on one replica and nothing on the
+    other gives it bit for bit (the sums are then the same sums)."""
+    cfg = config(init_encoder="fit", init_b_dec=b_dec)
+    x = SparseFeatures(d=32, seed=1000).batch(300)
+    alone = Sae(cfg)
+    c = alone.init_from_batch(x)
+    for parts, exact in (([x, x[:0]], True), ([x[:120], x[:0], x[120:]], False)):
+        for sae, fitted in parts_init(cfg, parts):
+            for name in ("W_enc", "b_dec"):
+                if exact:
+                    assert torch.equal(getattr(sae, name), getattr(alone, name)), name
+                else:
+                    torch.testing.assert_close(getattr(sae, name), getattr(alone, name))
+            assert fitted == (c if exact else pytest.approx(c, rel=1e-6))
+    nan = x.clone()
+    nan[7, 3] = float("nan")  # a NaN on one replica: no replica initialises
+    for sae, fitted in parts_init(cfg, [x, nan]):
+        assert fitted is None and torch.equal(sae.W_enc, Sae(cfg).W_enc)
 
 
 def test_degenerate_first_batch_keeps_the_paper_scale():
@@ -223,7 +275,11 @@ DEMO_LAYERS, STEPS, BATCH, HELD_OUT = (1, 4), 25, 2048, 16_384
 def demo_layers(one_thread):
     """Residual streams of two demo-model layers: 25 batches of 2,048 tokens to train on, then
     16k later tokens to evaluate on, in stream order, scaled to mean squared norm 1."""
-    from gsae.activations import ActivationReader, TokenStream, bundled_dir, iter_texts, load_model
+    from gsae.hf.hooks import ActivationReader
+    from gsae.hf.hub import bundled_dir
+    from gsae.hf.models import load_model
+    from gsae.hf.texts import iter_texts
+    from gsae.hf.tokens import TokenStream
 
     if not (bundled_dir() / "model" / "config.json").exists():
         pytest.skip("demo model not built")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gsae.sae
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 
 
 def make_sae():

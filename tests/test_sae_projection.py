@@ -9,7 +9,8 @@ step's result, which Adam's per-element scaling makes depend on the projection.
 import pytest
 import torch
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
+from gsae.train.step import SaeTrainer
 
 
 def make_trainer(seed=0):

@@ -268,9 +268,9 @@ def test_a_finished_run_resumed_with_more_tokens_goes_on_exactly(
 def test_non_finite_loss_checkpoints_what_was_trained_and_stops(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys
 ):
-    from gsae import activations
+    from gsae.hf import hooks
 
-    reader_call = activations.ActivationReader.__call__
+    reader_call = hooks.ActivationReader.__call__
     calls = []
 
     def poisoned(self, ids, mask=None):
@@ -281,7 +281,7 @@ def test_non_finite_loss_checkpoints_what_was_trained_and_stops(
             hidden[:, 3, 5] = float("nan")  # token 3, at every layer: every SAE sees it
         return hidden
 
-    monkeypatch.setattr(activations.ActivationReader, "__call__", poisoned)
+    monkeypatch.setattr(hooks.ActivationReader, "__call__", poisoned)
     out = tmp_path / "run"
     code = train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat"))
     err = capsys.readouterr().err
@@ -466,7 +466,8 @@ def test_an_exception_anywhere_in_a_step_keeps_a_checkpoint_that_resumes_identic
 def test_an_exception_says_what_was_kept(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys, straight, where, saved
 ):
-    from gsae import activations, sae
+    from gsae.hf import hooks
+    from gsae.train.step import SaeTrainer
 
     out = tmp_path / "run"
     calls = []
@@ -481,11 +482,11 @@ def test_an_exception_says_what_was_kept(
         return call
 
     if where == "forward":  # two scale batches, then steps 0..4
-        target = (activations.ActivationReader, "__call__", 2 + 5)
+        target = (hooks.ActivationReader, "__call__", 2 + 5)
     elif where == "log":  # log lines after steps 2, 4, 6
         target = (loop.Run, "log_step", 3)
     else:  # three SAEs per step: step 4's first and second updates
-        target = (sae.SaeTrainer, "_update", 3 * 4 + (1 if where == "first update" else 2))
+        target = (SaeTrainer, "_update", 3 * 4 + (1 if where == "first update" else 2))
     owner, name, at = target
     monkeypatch.setattr(owner, name, failing(getattr(owner, name), at))
     code = train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "300"))

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 from tiny import train_flags
 
-from gsae import activations
 from gsae.cli.train import main as train_main
+from gsae.device import to_device
+from gsae.hf import hooks
 from gsae.train import loop
 
 pytestmark = [pytest.mark.usefixtures("offline", "one_thread")]
@@ -20,10 +21,10 @@ NAMES = ("layers_0-1", "layer_2", "layer_3")
 def train(model, corpus, out, device: str, monkeypatch, ahead: bool | None) -> list[str]:
     """A run; returns the order of the training forwards (F) and SAE steps (S)."""
     order = []
-    reader, step = activations.ActivationReader.__call__, loop.Run.step
+    reader, step = hooks.ActivationReader.__call__, loop.Run.step
     monkeypatch.setattr(loop.Feed, "forward_ahead", ahead)
     monkeypatch.setattr(
-        activations.ActivationReader,
+        hooks.ActivationReader,
         "__call__",
         lambda self, *a, **k: order.append("F") or reader(self, *a, **k),
     )
@@ -67,13 +68,13 @@ def test_on_a_gpu_the_forward_runs_ahead_on_its_own_stream(
     tiny_model_dir, tiny_corpus, tmp_path, monkeypatch
 ):
     streams = []
-    reader = activations.ActivationReader.__call__
+    reader = hooks.ActivationReader.__call__
 
     def on_stream(self, *a, **k):
         streams.append(torch.cuda.current_stream().cuda_stream)
         return reader(self, *a, **k)
 
-    monkeypatch.setattr(activations.ActivationReader, "__call__", on_stream)
+    monkeypatch.setattr(hooks.ActivationReader, "__call__", on_stream)
     default_stream = torch.cuda.current_stream().cuda_stream
     ahead = train(tiny_model_dir, tiny_corpus, tmp_path / "b", "cuda", monkeypatch, None)
     plain = train(tiny_model_dir, tiny_corpus, tmp_path / "a", "cuda", monkeypatch, False)
@@ -89,10 +90,10 @@ def test_input_ids_reach_the_gpu_from_pinned_memory(monkeypatch):
     pin = torch.Tensor.pin_memory
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(1) or pin(t, *a))
     ids = torch.arange(64).view(2, 32)
-    on_gpu = activations.to_device(ids, torch.device("cuda"))
+    on_gpu = to_device(ids, torch.device("cuda"))
     assert pinned and torch.equal(on_gpu.cpu(), ids)
 
 
 def test_on_a_cpu_nothing_is_pinned_or_copied():
     ids = torch.arange(8)
-    assert activations.to_device(ids, torch.device("cpu")) is ids
+    assert to_device(ids, torch.device("cpu")) is ids

@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from gsae.sae import Sae, SaeConfig, SaeTrainer
+from gsae.sae import Sae, SaeConfig
 from gsae.train import checkpoint
 from gsae.train.interrupt import StepGuard
 from gsae.train.log import StepTimer
 from gsae.train.sampler import LayerSampler
+from gsae.train.step import SaeTrainer
 
 GROUPS = [[0, 1, 2], [3, 4], [5]]
 
@@ -167,7 +168,8 @@ def test_a_failed_write_leaves_the_checkpoints_as_they_were(tmp_path, monkeypatc
             raise OSError(28, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr("gsae.sae.save_safetensors", full_disk)
+    monkeypatch.setattr("gsae.sae.save_safetensors", full_disk)  # the SAE files
+    monkeypatch.setattr("gsae.train.step.save_safetensors", full_disk)  # the trainer state
     with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device"):
         save(out, 300, mark=3)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_activations import _save_family
 
-from gsae.activations import lm_logits
 from gsae.browse import collect, write_site
 from gsae.browse.collect import CollectConfig
 from gsae.cli.train import main as train_main
 from gsae.export import export_run
+from gsae.hf.hooks import lm_logits
 from gsae.inference import GroupSAEs
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -40,7 +40,7 @@ def test_export_hooks_and_browser_per_family(kind, tiny_model_dir, tiny_corpus, 
     ids = loaded.tokenizer(tiny_corpus.read_text()[:600], return_tensors="pt").input_ids[:, :64]
     with saes.record(loaded) as latents, torch.no_grad():
         loaded.model(input_ids=ids)
-    from gsae.activations import record
+    from gsae.hf.hooks import record
 
     with record(loaded, [0, 1, 2]) as hidden, torch.no_grad():
         loaded.model(input_ids=ids)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from ..activations import TokenText
 from ..browse.collect import Collection
 from ..eval.metrics import pooled
+from ..hf.tokens import TokenText
 from ..io import atomic_path, finite, write_json
 from . import prompts
 from .client import ChatClient

@@ -28,20 +28,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..activations import (
-    ActivationReader,
-    LoadedModel,
-    StreamPosition,
-    TextSource,
-    TokenStream,
-    context_length,
-    load_model,
-    open_texts,
-    resolve_device,
-)
+from ..device import resolve_device
 from ..eval.evaluate import trim_mask
 from ..eval.runs import RunInfo, check_model, check_runs, load_run
 from ..eval.similarity import CoOccurrence, feature_distribution, mmcs, nearest
+from ..hf.hooks import ActivationReader
+from ..hf.models import LoadedModel, context_length, load_model
+from ..hf.texts import TextSource, open_texts
+from ..hf.tokens import StreamPosition, TokenStream
 from ..io import atomic_dir, save_safetensors
 from ..sae import Sae
 from .heap import WindowHeap, window_candidates

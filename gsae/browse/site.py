@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..activations import TokenText
+from ..hf.tokens import TokenText
 from ..io import atomic_dir
 from ..outdir import write_marker
 from .collect import HIST_BINS, Collection, log_bin_edges

@@ -83,12 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..activations import DatasetLoadError, ModelLoadError, load_tokenizer
     from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
     from ..eval.report import add_autointerp, check_report_run, pm
     from ..eval.runs import load_run
+    from ..hf.models import ModelLoadError, load_tokenizer
+    from ..hf.texts import DatasetLoadError
     from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
     from ..units import parse_count

@@ -37,9 +37,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from ..activations import load_tokenizer
     from ..browse.collect import collect
     from ..browse.site import write_site
+    from ..hf.models import load_tokenizer
     from ..outdir import claim
     from ..progress import progress_bar
     from ..units import parse_bytes, parse_count

@@ -12,7 +12,8 @@ DEFAULT_MODEL = "pythia-160m"
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--model, --dataset, --split, --column, --ctx-len, --repeat, --device, --model-dtype."""
-    from ..activations import DEFAULT_CTX_LEN, DEFAULT_DATASET  # torch: not for the light commands
+    from ..hf.models import DEFAULT_CTX_LEN  # torch: not for the light commands
+    from ..hf.texts import DEFAULT_DATASET
 
     p.add_argument(
         "--model",
@@ -74,7 +75,7 @@ def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
 
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the data flags that were not given."""
-    from ..activations import DEFAULT_DATASET
+    from ..hf.texts import DEFAULT_DATASET
 
     defaults = {
         "model": DEFAULT_MODEL,
@@ -124,7 +125,8 @@ def collect_config(args: argparse.Namespace):
 def stops() -> tuple[type[BaseException], ...]:
     """What ends a command with :func:`failed`: a bad input, a model or dataset that does not
     load, a Ctrl-C (a function: the load errors' module imports torch)."""
-    from ..activations import DatasetLoadError, ModelLoadError
+    from ..hf.models import ModelLoadError
+    from ..hf.texts import DatasetLoadError
 
     return (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError, KeyboardInterrupt)
 

@@ -11,13 +11,8 @@ from pathlib import Path
 
 from .. import grouping as gp
 from .. import plots
-from ..activations import (
-    DatasetLoadError,
-    ModelLoadError,
-    context_length,
-    load_model,
-    open_texts,
-)
+from ..hf.models import ModelLoadError, context_length, load_model
+from ..hf.texts import DatasetLoadError, open_texts
 from ..outdir import claim, write_marker
 from ..units import parse_count
 from .common import add_data_args, data_defaults

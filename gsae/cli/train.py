@@ -18,9 +18,10 @@ import traceback
 from pathlib import Path
 
 from .. import grouping as gp
-from ..activations import DatasetLoadError, ModelLoadError
+from ..hf.models import ModelLoadError
+from ..hf.texts import DatasetLoadError
 from ..progress import set_progress
-from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SAE_PRECISIONS, SaeConfig
+from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SaeConfig
 from ..train import (
     RECIPES,
     RESUMABLE,
@@ -35,6 +36,7 @@ from ..train import (
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
 from ..train.settings import parse_save_every
+from ..train.step import SAE_PRECISIONS
 from ..units import parse_count
 from .common import add_data_args, data_defaults
 

@@ -43,7 +43,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 def main(argv=None) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from gsae.activations import iter_texts
+    from gsae.hf.texts import iter_texts
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)

@@ -24,23 +24,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..activations import (
-    ActivationReader,
-    LoadedModel,
-    StreamPosition,
-    TextSource,
-    TokenBatch,
-    TokenStream,
-    context_length,
-    default_dtype,
-    heldout_split,
-    lm_logits,
-    load_model,
-    open_texts,
-    record,
-    resolve_device,
-    splice,
-)
+from ..device import default_dtype, resolve_device
+from ..hf.hooks import ActivationReader, lm_logits, record, splice
+from ..hf.models import LoadedModel, context_length, load_model
+from ..hf.texts import TextSource, heldout_split, open_texts
+from ..hf.tokens import StreamPosition, TokenBatch, TokenStream
 from ..sae import Sae
 from .metrics import (
     Downstream,

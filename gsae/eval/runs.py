@@ -25,8 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ..activations import StreamPosition, TextSource, bundled_dir, next_document, open_texts
 from ..grouping import Grouping
+from ..hf.hub import bundled_dir
+from ..hf.texts import TextSource, open_texts
+from ..hf.tokens import StreamPosition, next_document
 from ..sae import Sae
 
 RUN_FILE = "run.json"

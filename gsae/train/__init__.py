@@ -4,6 +4,8 @@
 - ``rundir.py``: :class:`RunDir`, a run's output folder: its files, reading a finished run
 - ``groups.py``: which layers share an SAE (measured, from a file, or a layout), checked
 - ``sampler.py``: :class:`LayerSampler`, per token the layer each group SAE trains on
+- ``step.py``: :class:`SaeTrainer`, one SAE's optimiser, dead-latent counters and step (whole
+  batch, or data-parallel halves)
 - ``checkpoint.py``: JSON + safetensors, one atomic swap, recovery, the previous checkpoint
 - ``interrupt.py``: :class:`StepGuard`, Ctrl-C held to step boundaries
 - ``log.py``: ``log.jsonl``, TensorBoard, W&B and the time split

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..activations import resolve_device
+from ..device import resolve_device
 
 DEFAULT_TIMEOUT = 600.0  # seconds, torch's own default for NCCL
 

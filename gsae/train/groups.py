@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import grouping as gp
-from ..activations import LoadedModel, TextSource, hub_id
+from ..hf.hub import hub_id
+from ..hf.models import LoadedModel
+from ..hf.texts import TextSource
 from .settings import RunSettings
 
 SPEC_HELP = "--groups must be auto, N, per-layer or even:N"

@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
-from ..activations import ActivationReader, LoadedModel, StreamPosition, TextSource
+from ..hf.hooks import ActivationReader
+from ..hf.models import LoadedModel
+from ..hf.texts import TextSource
+from ..hf.tokens import StreamPosition
 from ..io import write_json
 from ..progress import progress_bar
-from ..sae import Sae, SaeTrainer, StepOutput
+from ..sae import Sae
 from . import checkpoint
 from .distributed import World, plan_owners
 from .groups import group_name
@@ -44,6 +47,7 @@ from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
 from .settings import RunSettings, sae_seed, save_interval
 from .shards import ShardLayout, ShardStreams, furthest
+from .step import SaeTrainer, StepOutput
 
 clock = time.monotonic  # the clock of --save-every as a time (a module name: tests set it)
 

@@ -4,7 +4,7 @@
 - :class:`ReplicatedSteps` (the default with several processes): every process holds every SAE
   and its own part of the batch. The FVU and AuxK of the whole batch share one denominator, the
   batch's total variance, so their gradient is the sum over parts of the unnormalised terms'
-  gradients divided by it (:meth:`gsae.sae.SaeTrainer.backward_part`). Each process writes those
+  gradients divided by it (:meth:`.step.SaeTrainer.backward_part`). Each process writes those
   gradients, every SAE's, with the latents that fired, the parts' statistics and the step's
   flags, into one flat buffer (:class:`GradientBucket`); one ``all_reduce`` per step sums it;
   every process then applies the same update and holds the same weights, bit for bit. The
@@ -30,10 +30,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..sae import SaeTrainer, StepOutput
 from .distributed import World
 from .sampler import LayerSampler
 from .shards import ShardLayout
+from .step import SaeTrainer, StepOutput
 
 
 @dataclass

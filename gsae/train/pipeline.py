@@ -27,20 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .. import grouping as gp
-from ..activations import (
-    ActivationReader,
-    ContextLength,
-    LoadedModel,
-    TextSource,
-    context_length,
-    default_dtype,
-    hidden_states,
-    load_model,
-    open_texts,
-)
+from ..device import default_dtype
+from ..hf.hooks import ActivationReader, hidden_states
+from ..hf.models import ContextLength, LoadedModel, context_length, load_model
+from ..hf.texts import TextSource, open_texts
+from ..init import activation_scales
 from ..outdir import acquire
 from ..progress import progress_bar
-from ..sae import activation_scales
 from . import checkpoint, groups
 from .distributed import World
 from .loop import DataExhausted, NonFiniteLoss, Run

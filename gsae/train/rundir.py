@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from .. import grouping as gp
-from ..activations import StreamPosition
+from ..hf.tokens import StreamPosition
 from ..io import temp_origin, write_json
 from ..sae import Sae
 from . import checkpoint

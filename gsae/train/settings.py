@@ -15,8 +15,9 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from ..activations import DEFAULT_DATASET, local_name
 from ..grouping import DEFAULT_THRESHOLD, check_threshold
+from ..hf.hub import local_name
+from ..hf.texts import DEFAULT_DATASET
 from ..sae import SaeConfig, legacy_fields
 from ..units import parse_count
 

@@ -2,7 +2,7 @@
 
 A run with S data shards (``--data-shards``, by default its number of processes when it
 starts) splits the text by document: shard s packs the documents whose number is s modulo S
-(gsae.activations.TokenStream with ``shard=(s, S)``). Each training step's batch of B sequences
+(gsae.hf.tokens.TokenStream with ``shard=(s, S)``). Each training step's batch of B sequences
 is made of B/S sequences of every shard (the first B mod S shards give one more), side by side
 in shard order; a process reads the shards s with ``s mod world size == rank`` and holds their
 part of the batch. So the batches of a run depend on S alone: the same on 1 process or N, and
@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..activations import StreamPosition, TextSource, TokenStream
+from ..hf.texts import TextSource
+from ..hf.tokens import StreamPosition, TokenStream
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def _launches(
     m: int | None = None,
     precision: str = "bf16",
 ):
-    """Every kernel variant :class:`gsae.sae.SaeTrainer` launches for contiguous ``[n, d]``
+    """Every kernel variant :class:`gsae.train.step.SaeTrainer` launches for contiguous ``[n, d]``
     activations, an ``[m, d]`` dictionary (default m = 16 d), ``k`` latents a row and AuxK up
     to ``k_aux`` wide, with the encoder matmul in ``precision`` (the trainer's default on a GPU
     is bf16): the encoder, the decode of the top-k (with b_dec) and of AuxK (without), their
