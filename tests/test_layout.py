@@ -13,12 +13,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_statements(path: Path) -> list[tuple[str, list[str]]]:
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:`` (imported by type checkers, never run)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for child in node.body for n in ast.walk(child)}
+    return skip
+
+
+def import_statements(path: Path, runtime: bool = False) -> list[tuple[str, list[str]]]:
     """``(module, names)`` of each import in ``path``, relative ones resolved: ``import a.b`` is
-    ``("a.b", [])``, ``from .x import f`` in gsae/y.py is ``("gsae.x", ["f"])``."""
+    ``("a.b", [])``, ``from .x import f`` in gsae/y.py is ``("gsae.x", ["f"])``. ``runtime``:
+    only those that run (not the ones under ``if TYPE_CHECKING:``)."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_only(tree) if runtime else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -55,8 +69,8 @@ def test_command_modules_import_only_the_library():
 
 
 def module_graph() -> dict[str, set[str]]:
-    """Each gsae module and the gsae modules it imports, anywhere in it: ``from .x import f``
-    is an edge to ``x``, ``from . import x`` to ``x`` (not to the package)."""
+    """Each gsae module and the gsae modules it imports when it runs, anywhere in it: ``from .x
+    import f`` is an edge to ``x``, ``from . import x`` to ``x`` (not to the package)."""
     files = {}
     for path in (ROOT / "gsae").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
@@ -64,7 +78,7 @@ def module_graph() -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         found = set()
-        for module, names in import_statements(path):
+        for module, names in import_statements(path, runtime=True):
             inside = {f"{module}.{n}" for n in names} & set(files)  # from a package, a module
             found |= inside if len(inside) == len(names) > 0 else {module, *inside}
         graph[name] = {n for n in found if n in files and n != name}
