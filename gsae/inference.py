@@ -1,6 +1,6 @@
 """Trained Group-SAEs on a model: every SAE of a run, addressed by model layer.
 
-:class:`GroupSAEs` loads a gsae-train output folder (through :func:`gsae.eval.runs.load_run`)
+:class:`GroupSAEs` loads a gsae-train output folder (through :func:`gsae.run.load_run`)
 and, in the model's own units:
 
 - :meth:`~GroupSAEs.encode_layer` / :meth:`~GroupSAEs.decode_layer` /
@@ -25,7 +25,7 @@ import torch
 from gsae_kernels.topk_encode import EncodeOutput
 
 from .activations import LoadedModel, load_model, record, splice
-from .eval.runs import RunInfo, load_run
+from .run import FinishedRun, load_run
 from .sae import Sae
 
 
@@ -35,7 +35,7 @@ class GroupSAEs:
     ``GroupSAEs.load("runs/auto")``; ``saes.layers`` lists the covered model layers,
     ``saes.sae(layer)`` the SAE of a layer and ``saes.group(layer)`` its group's name."""
 
-    def __init__(self, saes: dict[str, Sae], run: RunInfo | None = None):
+    def __init__(self, saes: dict[str, Sae], run: FinishedRun | None = None):
         self.saes = dict(saes)
         self.run = run
         self._by_layer: dict[int, str] = {}

@@ -21,7 +21,7 @@ from gsae.activations import (
 from gsae.browse.collect import HIST_BINS, CollectConfig, Collection, collect
 from gsae.browse.heap import WindowHeap, window_candidates
 from gsae.cli.browse import main
-from gsae.eval import load_run
+from gsae.run import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -6,8 +6,9 @@ import pytest
 
 from gsae.activations import ActivationReader
 from gsae.cli.train import main as train_main
-from gsae.eval import CoOccurrence, evaluate_runs, load_run, mmcs, prepare
+from gsae.eval import CoOccurrence, evaluate_runs, mmcs, prepare
 from gsae.eval.evaluate import trim_mask
+from gsae.run import load_run
 
 TOKENS = 384
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from gsae.activations import ActivationReader, layer_prefix, load_model, load_structure
 from gsae.cli.export import main
-from gsae.eval import load_run
 from gsae.export import MANIFEST, export_run, fold_scale
+from gsae.run import load_run
 from gsae.sae import Sae, SaeConfig
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gsae.cli.train import parser, resumed_settings, settings_from_args
+from gsae.run import RunFolder
 from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeTrainer
 from gsae.synthetic import SparseFeatures
-from gsae.train import RunDir
 
 # Produced by the code before issue 19 (commit 5cb6572), whose defaults were then the paper's
 # optimiser: SaeConfig(d=32, num_latents=256, k=8, dead_threshold=512, init_encoder="paper",
@@ -88,7 +88,7 @@ def test_flags_override_the_recipe():
 
 
 def test_resume_refuses_another_recipe_by_name(tmp_path):
-    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
     with pytest.raises(ValueError, match="--recipe"):
         resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "paper"]))
     with pytest.raises(ValueError, match="--average-power"):

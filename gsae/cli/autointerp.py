@@ -66,10 +66,10 @@ def main(argv=None) -> int:
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
     from ..eval.report import add_autointerp, check_report_run
-    from ..eval.runs import load_run
     from ..grouping import parse_count
     from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
+    from ..run import load_run
 
     out = Path(args.out)
     key = os.environ.get(args.api_key_env) or None
