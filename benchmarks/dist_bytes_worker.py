@@ -44,7 +44,7 @@ def _to_others(out, inp, out_rows=None, in_rows=None, *args, **kwargs) -> int:
 
 wrap("all_reduce", lambda t, *a, **k: _bytes(t))
 wrap("all_to_all_single", _to_others)
-step = loop.Run.step
+step = loop.TrainingLoop.step
 
 
 def counted_step(run, *args, **kwargs):
@@ -56,7 +56,7 @@ def counted_step(run, *args, **kwargs):
         inside["steps"] += 1
 
 
-loop.Run.step = counted_step
+loop.TrainingLoop.step = counted_step
 
 
 def write_counts() -> None:

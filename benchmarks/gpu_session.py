@@ -987,7 +987,7 @@ def gsae_run(plan: dict) -> dict:
     from gsae.train import loop
 
     cli.set_progress = progress.set_progress  # the no-op e2e_child put there
-    loop.Run.save_checkpoint = lambda run: None
+    loop.TrainingLoop.save_checkpoint = lambda run: None
     Sae.save = lambda self, folder: None
     groups = plan["impl"].split()[1]
     out = Path(plan["work"]) / "gsae"

@@ -29,11 +29,11 @@ from typing import NamedTuple
 
 import torch
 
-from .eval.runs import RunInfo, load_run
 from .hf.hub import hub_id
 from .hf.models import ModelLoadError, layer_prefix, load_structure
 from .io import atomic_dir, save_safetensors
 from .outdir import claim, write_marker
+from .run import FinishedRun, load_run
 from .sae import SPARSIFY_NAMES, Sae
 
 FORMATS = ("sparsify", "saelens")
@@ -169,7 +169,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | 
         return _write(run, fmt, out, prefix)
 
 
-def _check_model(run: RunInfo, model: str):
+def _check_model(run: FinishedRun, model: str):
     """``model``'s structure, refused unless it has the run's layers and width."""
     structure = load_structure(model)
     widths = {e.d for e in run.saes}
@@ -183,7 +183,7 @@ def _check_model(run: RunInfo, model: str):
     return structure
 
 
-def _write(run: RunInfo, fmt: str, out: Path, prefix: str | None) -> list[Exported]:
+def _write(run: FinishedRun, fmt: str, out: Path, prefix: str | None) -> list[Exported]:
     metadata = {"model_name": hub_id(run.model), "context_size": int(run.arg("ctx_len", 0)),
                 "prepend_bos": False, "dataset_path": run.arg("dataset"),
                 "model_from_pretrained_kwargs": {}}  # fmt: skip

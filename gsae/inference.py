@@ -1,6 +1,6 @@
 """Trained Group-SAEs on a model: every SAE of a run, addressed by model layer.
 
-:class:`GroupSAEs` loads a gsae-train output folder (through :func:`gsae.eval.runs.load_run`)
+:class:`GroupSAEs` loads a gsae-train output folder (through :func:`gsae.run.load_run`)
 and, in the model's own units:
 
 - :meth:`~GroupSAEs.encode_layer` / :meth:`~GroupSAEs.decode_layer` /
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from gsae_kernels.topk_encode import EncodeOutput
 
-from .eval.runs import RunInfo, load_run
 from .hf.hooks import record, splice
 from .hf.models import LoadedModel, load_model
+from .run import FinishedRun, load_run
 from .sae import Sae
 
 
@@ -36,7 +36,7 @@ class GroupSAEs:
     ``GroupSAEs.load("runs/auto")``; ``saes.layers`` lists the covered model layers,
     ``saes.sae(layer)`` the SAE of a layer and ``saes.group(layer)`` its group's name."""
 
-    def __init__(self, saes: dict[str, Sae], run: RunInfo | None = None):
+    def __init__(self, saes: dict[str, Sae], run: FinishedRun | None = None):
         self.saes = dict(saes)
         self.run = run
         self._by_layer: dict[int, str] = {}

@@ -27,17 +27,17 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .io import write_json
+from .run import CHECKPOINT, RUN_FILE, SUMMARY_FILE
 
 MARKER = ".gsae-output.json"  # {"command": "gsae-eval", "settings": {...}}
 LOCK_SUFFIX = ".gsae-lock"
-RUN_FILE = "run.json"
 REPLACED = ("gsae-export", "gsae-browse", "gsae-eval")  # the commands that swap in a new folder
 SCAN_LIMIT = 20_000  # entries looked at when searching a folder for gsae outputs
 
 # what a folder written before MARKER existed holds, per command (the first match wins)
 LEGACY = (
     ("gsae-train", (RUN_FILE,)),
-    ("gsae-train", ("checkpoint", "summary.json")),
+    ("gsae-train", (CHECKPOINT, SUMMARY_FILE)),
     ("gsae-export", ("gsae_export.json",)),
     ("gsae-browse", ("index.html", "collection")),
     ("gsae-autointerp", ("cache.jsonl",)),

@@ -24,7 +24,7 @@ RANK = int(os.environ.get("RANK", "0"))
 
 
 def inject(rank: int, step: int, kind: str) -> None:
-    train_batch = loop.Run.train_batch
+    train_batch = loop.TrainingLoop.train_batch
 
     def faulty(run, *args, **kwargs):
         train_batch(run, *args, **kwargs)
@@ -48,7 +48,7 @@ def inject(rank: int, step: int, kind: str) -> None:
         else:
             raise ValueError(f"unknown fault {kind}")
 
-    loop.Run.train_batch = faulty
+    loop.TrainingLoop.train_batch = faulty
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import torch
 from gsae.browse.collect import HIST_BINS, CollectConfig, Collection, collect
 from gsae.browse.heap import WindowHeap, window_candidates
 from gsae.cli.browse import main
-from gsae.eval import load_run
 from gsae.hf.hooks import ActivationReader
 from gsae.hf.models import load_model, load_tokenizer
 from gsae.hf.texts import iter_texts
 from gsae.hf.tokens import TokenStream, TokenText
+from gsae.run import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -12,7 +12,7 @@ from tiny import build_tiny_model, write_corpus
 
 from gsae.cli.eval import main
 from gsae.cli.train import main as train_main
-from gsae.eval import load_run
+from gsae.run import load_run
 
 FAST = ["--batch-tokens", "512", "--ctx-len", "64", "--k", "8", "--scale-tokens", "1k",
         "--grouping-tokens", "2k", "--dead-threshold", "3k", "--expansion-factor", "4",

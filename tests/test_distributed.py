@@ -307,14 +307,14 @@ def test_one_process_run_resumes_on_two(reference, tiny_model_dir, tiny_corpus, 
     from gsae.train import loop
 
     cut = tmp_path / "cut"
-    train_batch = loop.Run.train_batch
+    train_batch = loop.TrainingLoop.train_batch
 
     def ctrl_c_after_step_3(run, *a, **k):
         train_batch(run, *a, **k)
         if run.steps == 3:
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(loop.Run, "train_batch", ctrl_c_after_step_3)
+    monkeypatch.setattr(loop.TrainingLoop, "train_batch", ctrl_c_after_step_3)
     assert train_main(args(tiny_model_dir, tiny_corpus, cut, "--data-shards", "2")) == 130
     monkeypatch.undo()
     assert json.loads((cut / "checkpoint" / "run_state.json").read_text())["steps"] == 3

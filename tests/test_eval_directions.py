@@ -5,9 +5,10 @@ width a swapped direction can go unnoticed; with different widths it cannot."""
 import pytest
 
 from gsae.cli.train import main as train_main
-from gsae.eval import CoOccurrence, evaluate_runs, load_run, mmcs, prepare
+from gsae.eval import CoOccurrence, evaluate_runs, mmcs, prepare
 from gsae.eval.evaluate import trim_mask
 from gsae.hf.hooks import ActivationReader
+from gsae.run import load_run
 
 TOKENS = 384
 

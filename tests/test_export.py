@@ -11,10 +11,10 @@ from gsae_kernels import reference
 from safetensors.torch import load_file
 
 from gsae.cli.export import main
-from gsae.eval import load_run
 from gsae.export import MANIFEST, export_run, fold_scale
 from gsae.hf.hooks import ActivationReader
 from gsae.hf.models import layer_prefix, load_model, load_structure
+from gsae.run import load_run
 from gsae.sae import Sae, SaeConfig
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU

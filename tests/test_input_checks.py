@@ -20,10 +20,10 @@ from gsae.cli import autointerp, browse, groups
 from gsae.cli import eval as eval_cli
 from gsae.cli import train as train_cli
 from gsae.device import resolve_device
-from gsae.eval import load_run
 from gsae.eval.runs import heldout_start
 from gsae.hf.texts import DatasetLoadError, open_texts
 from gsae.hf.tokens import StreamPosition
+from gsae.run import load_run
 
 
 def one_line_error(capsys, command: str, *words: str) -> str:

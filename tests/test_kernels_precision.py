@@ -265,7 +265,7 @@ def test_sae_precision_is_a_run_setting(tiny_model_dir, tiny_corpus, tmp_path, o
     """--sae-precision reaches every group's trainer, is saved in run.json, and --resume refuses
     another one by name (it changes what is trained); an old run.json without it is fp32."""
     from gsae.cli.train import main as train_main
-    from gsae.train import RunDir, RunSettings, loop
+    from gsae.train import RunSettings, loop
 
     out = tmp_path / "run"
     made = []
@@ -285,7 +285,7 @@ def test_sae_precision_is_a_run_setting(tiny_model_dir, tiny_corpus, tmp_path, o
     finally:
         loop.SaeTrainer = real
     assert made and set(made) == {"tf32"}
-    assert RunDir(out).read_settings().sae_precision == "tf32"
+    assert RunSettings.read(out).sae_precision == "tf32"
     capsys.readouterr()
     assert train_main(["--resume", str(out), "--sae-precision", "bf16"]) == 2
     err = capsys.readouterr().err

@@ -187,3 +187,23 @@ def test_import_kernels_at_the_root_gets_hugging_faces_package():
     code = "from transformers.integrations import hub_kernels"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_only_gsae_run_names_the_files_of_a_run_folder():
+    """One place names what gsae-train writes (run.json, scales.json, log.jsonl, the checkpoint
+    folders and their manifest): every other module takes the names from :mod:`gsae.run`, so
+    that the trainer and the readers of a run (eval, export, inference, browse) cannot drift."""
+    from gsae import run
+
+    names = {run.RUN_FILE, run.SCALES_FILE, run.LOG_FILE, run.MANIFEST, *run.CHECKPOINTS}
+    offenders = {}
+    for path in (ROOT / "gsae").rglob("*.py"):
+        if path == ROOT / "gsae" / "run.py":
+            continue
+        tree = ast.parse(path.read_text())
+        found = {
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in names
+        }
+        if found:
+            offenders[str(path.relative_to(ROOT))] = sorted(found)
+    assert not offenders

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from gsae.cli.train import main, parser, resumed_settings, setting_flags, settings_from_args
+from gsae.run import RunFolder
 from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig
 from gsae.synthetic import SparseFeatures
-from gsae.train import RunDir
 from gsae.train.step import SaeTrainer
 
 # Produced by the code before issue 19 (commit 5cb6572), whose defaults were then the paper's
@@ -90,7 +90,7 @@ def test_flags_override_the_recipe():
 
 
 def test_resume_refuses_another_recipe_by_name(tmp_path):
-    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
     with pytest.raises(ValueError, match="--recipe"):
         resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "paper"]))
     with pytest.raises(ValueError, match="--average-power"):
@@ -101,7 +101,7 @@ def test_resume_refuses_another_recipe_by_name(tmp_path):
 
 def test_resume_refusal_names_the_flag_as_typed(tmp_path, capsys):
     """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
-    RunDir(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
     assert main(["--resume", str(tmp_path), "--init", "paper"]) == 2
     err = capsys.readouterr().err
     assert "these cannot change: --init (the run has 'fit')" in err and "--init-" not in err

@@ -97,7 +97,7 @@ class InStep:
 
     def __init__(self, monkeypatch, step: int, event: int | None, method: str = "train_batch"):
         self.step, self.event, self.events, self.sent = step, event, 0, False
-        original = getattr(loop.Run, method)
+        original = getattr(loop.TrainingLoop, method)
         calls = []
 
         def wrapped(run, *args, **kwargs):
@@ -110,7 +110,7 @@ class InStep:
             finally:
                 sys.setprofile(None)
 
-        monkeypatch.setattr(loop.Run, method, wrapped)
+        monkeypatch.setattr(loop.TrainingLoop, method, wrapped)
 
     def _profile(self, frame, what, arg):
         self.events += 1
@@ -484,7 +484,7 @@ def test_an_exception_says_what_was_kept(
     if where == "forward":  # two scale batches, then steps 0..4
         target = (hooks.ActivationReader, "__call__", 2 + 5)
     elif where == "log":  # log lines after steps 2, 4, 6
-        target = (loop.Run, "log_step", 3)
+        target = (loop.TrainingLoop, "log_step", 3)
     else:  # three SAEs per step: step 4's first and second updates
         target = (SaeTrainer, "_update", 3 * 4 + (1 if where == "first update" else 2))
     owner, name, at = target
@@ -506,17 +506,17 @@ def test_save_every_accepts_a_time(tiny_model_dir, tiny_corpus, tmp_path, monkey
     which a minute has passed since the last one (2, 4, 6, 8), whatever the tokens."""
     now = [0.0]
     monkeypatch.setattr(loop, "clock", lambda: now[0])
-    original = loop.Run.train_batch
+    original = loop.TrainingLoop.train_batch
 
     def slow(run, *args, **kwargs):
         now[0] += 40.0
         return original(run, *args, **kwargs)
 
-    monkeypatch.setattr(loop.Run, "train_batch", slow)
+    monkeypatch.setattr(loop.TrainingLoop, "train_batch", slow)
     saved = []
-    save = loop.Run.save_checkpoint
-    monkeypatch.setattr(loop.Run, "save_checkpoint", lambda run: saved.append(run.steps) or
-                        save(run))  # fmt: skip
+    save = loop.TrainingLoop.save_checkpoint
+    monkeypatch.setattr(loop.TrainingLoop, "save_checkpoint",
+                        lambda run: saved.append(run.steps) or save(run))  # fmt: skip
     out = tmp_path / "run"
     assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "1m")) == 0
     assert saved == [2, 4, 6, 8]

@@ -21,7 +21,7 @@ NAMES = ("layers_0-1", "layer_2", "layer_3")
 def train(model, corpus, out, device: str, monkeypatch, ahead: bool | None) -> list[str]:
     """A run; returns the order of the training forwards (F) and SAE steps (S)."""
     order = []
-    reader, step = hooks.ActivationReader.__call__, loop.Run.step
+    reader, step = hooks.ActivationReader.__call__, loop.TrainingLoop.step
     monkeypatch.setattr(loop.Feed, "forward_ahead", ahead)
     monkeypatch.setattr(
         hooks.ActivationReader,
@@ -29,7 +29,7 @@ def train(model, corpus, out, device: str, monkeypatch, ahead: bool | None) -> l
         lambda self, *a, **k: order.append("F") or reader(self, *a, **k),
     )
     monkeypatch.setattr(
-        loop.Run, "step", lambda self, *a, **k: order.append("S") or step(self, *a, **k)
+        loop.TrainingLoop, "step", lambda self, *a, **k: order.append("S") or step(self, *a, **k)
     )
     argv = ["--model", str(model), "--dataset", str(corpus), "--out", str(out), *SMALL]
     assert train_main([*argv, "--device", device]) == 0

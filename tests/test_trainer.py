@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from gsae.cli.train import main as train_main
-from gsae.train import RunDir, loop
+from gsae.run import RunFolder
+from gsae.train import RunSettings, loop
 
 # tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +47,10 @@ def test_train_writes_every_output_and_fvu_falls(tiny_model_dir, tiny_corpus, tm
     first, last = log[0]["groups"], log[-1]["groups"]
     assert all(last[n]["fvu"] < first[n]["fvu"] for n in names), (first, last)
     # what evaluation reads back from the folder
-    run = RunDir(out)
-    assert run.read_settings().model == str(tiny_model_dir)
+    run = RunFolder(out)
+    assert RunSettings.read(out).model == str(tiny_model_dir)
     assert set(run.load_saes()) == set(names)
-    assert run.final_position().to_dict() == summary["position"]
+    assert run.position().to_dict() == summary["position"]
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
@@ -59,14 +60,14 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(
     assert train_main(base(tiny_model_dir, tiny_corpus, straight) + ["--save-every", "5k"]) == 0
 
     cut = tmp_path / "cut"
-    train_batch = loop.Run.train_batch
+    train_batch = loop.TrainingLoop.train_batch
 
     def ctrl_c_after_step_9(run, *args):
         train_batch(run, *args)
         if run.steps == 9:  # after a checkpoint at 5k tokens, before the next one
             signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(loop.Run, "train_batch", ctrl_c_after_step_9)
+    monkeypatch.setattr(loop.TrainingLoop, "train_batch", ctrl_c_after_step_9)
     assert train_main(base(tiny_model_dir, tiny_corpus, cut) + ["--save-every", "5k"]) == 130
     assert json.loads((cut / "checkpoint" / "run_state.json").read_text())["steps"] == 9
     monkeypatch.undo()

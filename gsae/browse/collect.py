@@ -30,13 +30,14 @@ from safetensors.torch import load_file
 
 from ..device import resolve_device
 from ..eval.evaluate import trim_mask
-from ..eval.runs import RunInfo, check_model, check_runs, load_run
+from ..eval.runs import check_model, check_runs
 from ..eval.similarity import CoOccurrence, feature_distribution, mmcs, nearest
 from ..hf.hooks import ActivationReader
 from ..hf.models import LoadedModel, context_length, load_model
 from ..hf.texts import TextSource, open_texts
 from ..hf.tokens import StreamPosition, TokenStream
 from ..io import atomic_dir, save_safetensors
+from ..run import FinishedRun, load_run
 from ..sae import Sae
 from .heap import WindowHeap, window_candidates
 
@@ -336,8 +337,8 @@ def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None
 
 @dataclass
 class _Plan:
-    run: RunInfo
-    base: RunInfo | None
+    run: FinishedRun
+    base: FinishedRun | None
     model: str
     dataset: str
     split: str
@@ -351,11 +352,9 @@ class _Plan:
         base = load_run(baseline) if baseline is not None else None
         if base is not None:
             check_runs([run], base, model)
-        dataset = dataset or run.arg("dataset")
-        ctx_len = int(ctx_len or run.arg("ctx_len"))
+        dataset, split, column, ctx_len = run.data_settings(dataset, split, column, ctx_len)
         if ctx_len < 2:
             raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
-        split, column = split or run.arg("split", "train"), column or run.arg("column", "text")
         texts = open_texts(dataset, split, column)  # fails now if it cannot be opened
         return cls(run, base, model or run.model, dataset, split, column, ctx_len, texts)
 

@@ -87,11 +87,11 @@ def main(argv=None) -> int:
     from ..autointerp.score import load_collection, run_autointerp, write_results
     from ..browse.collect import Collection, collect
     from ..eval.report import add_autointerp, check_report_run, pm
-    from ..eval.runs import load_run
     from ..hf.models import ModelLoadError, load_tokenizer
     from ..hf.texts import DatasetLoadError
     from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
     from ..progress import progress_bar
+    from ..run import load_run
     from ..units import parse_count
 
     out = Path(args.out)

@@ -21,6 +21,7 @@ from .. import grouping as gp
 from ..hf.models import ModelLoadError
 from ..hf.texts import DatasetLoadError
 from ..progress import set_progress
+from ..run import DAMAGED_CHECKPOINT
 from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SaeConfig
 from ..train import (
     RECIPES,
@@ -28,7 +29,6 @@ from ..train import (
     CheckpointError,
     DataExhausted,
     NonFiniteLoss,
-    RunDir,
     RunSettings,
     StepFailed,
     TrainingRun,
@@ -277,7 +277,7 @@ def resumed_settings(args: argparse.Namespace) -> RunSettings:
     a different value is refused, naming it."""
     if args.out and Path(args.out) != Path(args.resume):
         raise ValueError(f"--out {args.out} and --resume {args.resume}: give only --resume")
-    saved = RunDir(args.resume).read_settings()
+    saved = RunSettings.read(args.resume)
     given = {k for k, v in vars(args).items() if v is not None and k not in NOT_SETTINGS}
     asked = settings_from_args(args).flags()
     kept = saved.flags()
@@ -317,7 +317,7 @@ def print_plan(run: TrainingRun) -> None:
     if run.resume:
         print(f"resuming from {run.resumed_from}")
     if run.previous_checkpoint:
-        print(f"the damaged checkpoint is set aside in {run.out / 'checkpoint.damaged'}")
+        print(f"the damaged checkpoint is set aside in {run.out / DAMAGED_CHECKPOINT}")
 
 
 def main(argv=None) -> int:
@@ -453,7 +453,7 @@ def stopped(run: TrainingRun | None, why: str, code: int) -> int:
         why += " inside a training step (Ctrl-C twice): that step was not saved"
     elif code == 130 and run.stage != "training":
         why += f" while {run.stage}"
-    kept = run.dir.describe()
+    kept = run.describe()
     saes = "; the SAEs of what was trained and summary.json too" if run.outputs_written else ""
     print(
         f"\ngsae-train: {why}.\n{run.out} holds {kept}{saes}; continue with gsae-train "

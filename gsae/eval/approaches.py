@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import grouping as gp
+from ..run import FinishedRun
 from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
-from .runs import RunInfo
 
 POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "never_fired",
           "mmcs", "mmco")  # fmt: skip
@@ -22,7 +22,7 @@ POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "ne
 class RunSummary:
     """One run as a point of the paper's comparisons."""
 
-    run: RunInfo
+    run: FinishedRun
     approach: str
     num_groups: int
     expansion: float
@@ -33,7 +33,7 @@ class RunSummary:
     is_g_hat: bool
 
 
-def g_hat_of(runs: list[RunInfo]) -> int | None:
+def g_hat_of(runs: list[FinishedRun]) -> int | None:
     """Ĝ of the model (the smallest G with AMAD(G) below the threshold), from the first run
     whose groups.json measured the distances (its ``g_hat`` is the G trained for ``--groups
     N``, so Ĝ is chosen again from the partitions, as gsae-groups does)."""
@@ -48,14 +48,14 @@ def g_hat_of(runs: list[RunInfo]) -> int | None:
     return None
 
 
-def distances_of(runs: list[RunInfo]) -> tuple[np.ndarray, list[int]] | None:
+def distances_of(runs: list[FinishedRun]) -> tuple[np.ndarray, list[int]] | None:
     for run in runs:
         if run.grouping is not None and run.grouping.distances:
             return np.asarray(run.grouping.distances), list(run.grouping.layers)
     return None
 
 
-def approach(run: RunInfo, reference_c: float, g_hat: int | None) -> str:
+def approach(run: FinishedRun, reference_c: float, g_hat: int | None) -> str:
     """The run's row name in Table 1 (from its ``--groups`` setting and size)."""
     spec = run.groups_spec
     c = run.expansion_factor
@@ -72,7 +72,7 @@ def approach(run: RunInfo, reference_c: float, g_hat: int | None) -> str:
     return f"Group SAEs (AMAD, {mark}={g})"
 
 
-def table_layers(runs: list[RunInfo]) -> list[int]:
+def table_layers(runs: list[FinishedRun]) -> list[int]:
     """The layers Table 1 averages over: those every run grouped (all but the last, usually:
     the last layer has an SAE of its own in every approach)."""
     common = set(runs[0].grouped_layers)
@@ -81,7 +81,7 @@ def table_layers(runs: list[RunInfo]) -> list[int]:
     return sorted(common) or sorted(set.intersection(*(set(r.layers) for r in runs)))
 
 
-def training_flops(run: RunInfo, loaded, kernels: str = "dense") -> float:
+def training_flops(run: FinishedRun, loaded, kernels: str = "dense") -> float:
     """Per-token training FLOPs of a run: one forward A plus one step T of each of its SAEs
     (:func:`gsae.grouping.model_costs`, at the run's context, expansion and k)."""
     a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
@@ -126,12 +126,12 @@ def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
     return out
 
 
-def run_labels(run: RunInfo, layers: list[int]) -> list[int]:
+def run_labels(run: FinishedRun, layers: list[int]) -> list[int]:
     first: dict[str, int] = {}
     return [first.setdefault(run.sae_for(x).name, len(first)) for x in layers]
 
 
-def _per_layer_cost(run: RunInfo, loaded, c: float) -> float:
+def _per_layer_cost(run: FinishedRun, loaded, c: float) -> float:
     a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
                                   run.k, "dense")  # fmt: skip
     d = loaded.d_model

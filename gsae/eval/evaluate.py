@@ -29,6 +29,7 @@ from ..hf.hooks import ActivationReader, lm_logits, record, splice
 from ..hf.models import LoadedModel, context_length, load_model
 from ..hf.texts import TextSource, heldout_split, open_texts
 from ..hf.tokens import StreamPosition, TokenBatch, TokenStream
+from ..run import FinishedRun, load_run
 from ..sae import Sae
 from .metrics import (
     Downstream,
@@ -40,7 +41,7 @@ from .metrics import (
     reference_logprobs,
     scored_positions,
 )
-from .runs import RunError, RunInfo, check_model, check_runs, heldout_start, load_run
+from .runs import check_model, check_runs, heldout_start
 from .similarity import CoOccurrence, FeatureDistribution, Mmco, feature_distribution, mmcs
 
 MMCO_PAIRS = ("all", "same-group", "diagonal", "none")
@@ -379,8 +380,8 @@ def evaluate(loaded: LoadedModel, runs: Sequence[RunSaes],
 class EvalPlan:
     """Everything checked and opened, nothing computed: what :func:`run_plan` evaluates."""
 
-    runs: list[RunInfo]
-    baseline: RunInfo | None
+    runs: list[FinishedRun]
+    baseline: FinishedRun | None
     model: str  # as asked for (the runs' model unless overridden)
     loaded: LoadedModel
     dataset: str
@@ -452,8 +453,9 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
             allow_overlap: bool = False, downstream: bool = True, pairs: str = "all",
             mmco_memory: int = DEFAULT_MMCO_MEMORY) -> EvalPlan:  # fmt: skip
     """Read and check the runs, load the model, open the held-out text and make sure it holds
-    tokens: every refusal (:class:`RunError`, :class:`~gsae.eval.runs.HeldOut`, ``ValueError``,
-    and the model's and dataset's load errors) comes from here, before any work."""
+    tokens: every refusal (:class:`~gsae.run.RunError`, :class:`~gsae.eval.runs.HeldOut`,
+    ``ValueError``, and the model's and dataset's load errors) comes from here, before any
+    work."""
     if tokens <= 0:
         raise ValueError(f"--tokens must be > 0, got {tokens}: an evaluation set of 0 tokens")
     if pairs not in MMCO_PAIRS:
@@ -471,12 +473,9 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         runs = _renamed(runs)
     check_runs(runs, base, model)
     first = next((r for r in runs if not r.foreign), runs[0])  # a gsae-train run's settings
-    dataset = dataset or first.arg("dataset")
-    trained_split = first.arg("split", "train")
+    dataset, trained_split, column, ctx_len = first.data_settings(dataset, None, column, ctx_len)
     held_split = heldout_split(dataset, trained_split) if split is None else None
     split = split or held_split or trained_split
-    column = column or first.arg("column", "text")
-    ctx_len = ctx_len or int(first.arg("ctx_len"))
     if ctx_len < 2 or batch_tokens < 1:
         raise ValueError(f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, "
                          f"{batch_tokens}")  # fmt: skip
@@ -517,7 +516,7 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     return plan
 
 
-def _unique(runs: list[RunInfo]) -> list[RunInfo]:
+def _unique(runs: list[FinishedRun]) -> list[FinishedRun]:
     seen, out = set(), []
     for run in runs:
         key = run.path.resolve()
@@ -527,7 +526,7 @@ def _unique(runs: list[RunInfo]) -> list[RunInfo]:
     return out
 
 
-def _renamed(runs: list[RunInfo]) -> list[RunInfo]:
+def _renamed(runs: list[FinishedRun]) -> list[FinishedRun]:
     """Runs in folders of the same name (a/run, b/run): named by parent/name instead."""
     for run in runs:
         run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
@@ -565,5 +564,5 @@ def evaluate_run(run_dir: str | Path, **kwargs) -> EvalResult:
     return evaluate_runs([run_dir], **kwargs)[0]
 
 
-__all__ = ["EvalPlan", "EvalResult", "LayerResult", "RunError", "RunSaes", "evaluate",
+__all__ = ["EvalPlan", "EvalResult", "LayerResult", "RunSaes", "evaluate",
            "evaluate_run", "evaluate_runs", "mmco_pairs", "prepare", "run_plan"]  # fmt: skip

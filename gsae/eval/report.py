@@ -22,10 +22,10 @@ from pathlib import Path
 from .. import grouping as gp
 from ..io import atomic_dir, atomic_path, write_json
 from ..outdir import write_marker
+from ..run import FinishedRun
 from .approaches import POOLED, RunSummary, g_hat_of, summarize, table_layers
 from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
-from .runs import RunInfo
 
 CSV_COLUMNS = [
     "run", "approach", "group", "group_layers", "layer", "tokens", "fvu", "explained_variance",
@@ -219,7 +219,7 @@ def write_report(result: EvalResult, plan: EvalPlan, out: str | Path) -> list[Pa
     return [out / path.name for path in written]
 
 
-def _same_run(path: str | None, runs: list[RunInfo]) -> bool:
+def _same_run(path: str | None, runs: list[FinishedRun]) -> bool:
     return path is not None and Path(path).resolve() in {r.path.resolve() for r in runs}
 
 

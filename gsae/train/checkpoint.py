@@ -33,11 +33,10 @@ import os
 from pathlib import Path
 
 from ..io import dumps_json, fsync_dir, fsync_tree, remove_temp_dirs, remove_tree
+from ..run import CHECKPOINTS as NAMES
+from ..run import MANIFEST, RunFolder
 
-LATEST, PREVIOUS, STAGING = "checkpoint", "checkpoint.prev", "checkpoint.new"
-DAMAGED = "checkpoint.damaged"  # a latest checkpoint set aside to resume from the previous one
-NAMES = (LATEST, PREVIOUS, STAGING, DAMAGED, "checkpoint.old")
-MANIFEST = "run_state.json"
+LATEST, PREVIOUS, STAGING, DAMAGED = NAMES[:4]  # the folder names are gsae.run's
 FORMAT = "gsae-train checkpoint"
 VERSION = 1
 
@@ -190,7 +189,7 @@ def recover(out: Path) -> None:
 
 
 def exists(out: Path) -> bool:
-    return any((Path(out) / name).exists() for name in (LATEST, PREVIOUS, STAGING))
+    return RunFolder(out).has_checkpoint()
 
 
 def _complete(folder: Path) -> bool:

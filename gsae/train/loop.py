@@ -36,6 +36,7 @@ from ..hf.texts import TextSource
 from ..hf.tokens import StreamPosition
 from ..io import write_json
 from ..progress import progress_bar
+from ..run import LOG_FILE, SUMMARY_FILE
 from ..sae import Sae
 from . import checkpoint
 from .distributed import World, plan_owners
@@ -43,7 +44,6 @@ from .groups import group_name
 from .interrupt import StepGuard
 from .log import JsonlLog, StepTimer, close_sinks, make_sinks
 from .parallel import DistributedSteps, Group, LocalSteps, ReplicatedSteps
-from .rundir import LOG_FILE, SUMMARY_FILE
 from .sampler import LayerSampler
 from .settings import RunSettings, sae_seed, save_interval
 from .shards import ShardLayout, ShardStreams, furthest
@@ -91,12 +91,13 @@ class Feed:
     stream, so that it runs on the GPU while the SAE steps of the current one do (the host
     launches both before it waits on either); the main stream waits for that forward's event
     before the next SAE step reads its activations. On a CPU there is nothing to overlap: the
-    activations are None and :meth:`Run.train_batch` runs the forward itself, in the step.
-    ``forward_ahead`` True or False forces either order on any device (the tests compare them)."""
+    activations are None and :meth:`TrainingLoop.train_batch` runs the forward itself, in the
+    step. ``forward_ahead`` True or False forces either order on any device (the tests compare
+    them)."""
 
     forward_ahead: bool | None = None  # None: ahead on a GPU
 
-    def __init__(self, run: Run, batches):
+    def __init__(self, run: TrainingLoop, batches):
         self.run, self.batches = run, batches
         cuda = run.device.type == "cuda"
         self.ahead = cuda if self.forward_ahead is None else self.forward_ahead
@@ -141,14 +142,14 @@ class Feed:
 
 @dataclass
 class _StepMark:
-    """What the state was when the current step began (see :meth:`Run._failed`)."""
+    """What the state was when the current step began (see :meth:`TrainingLoop._failed`)."""
 
     steps: int
     version: tuple
     done: bool = False  # the step's updates and counters are all in
 
 
-class Run:
+class TrainingLoop:
     """A run's SAEs and counters; :meth:`train` runs the loop until the token budget."""
 
     def __init__(

@@ -34,10 +34,10 @@ from ..hf.texts import TextSource, open_texts
 from ..init import activation_scales
 from ..outdir import acquire
 from ..progress import progress_bar
+from ..run import GROUPS_FILE, RUN_FILE, SCALES_FILE, SUMMARY_FILE, RunError, RunFolder
 from . import checkpoint, groups
 from .distributed import World
-from .loop import DataExhausted, NonFiniteLoss, Run
-from .rundir import GROUPS_FILE, RUN_FILE, SUMMARY_FILE, RunDir, RunDirError
+from .loop import DataExhausted, NonFiniteLoss, TrainingLoop
 from .settings import RunSettings
 from .shards import ShardLayout, ShardStreams
 
@@ -60,7 +60,7 @@ class TrainingRun:
             raise ValueError("--resume continues a run and --overwrite replaces it: pick one")
         if previous_checkpoint and not resume:
             raise ValueError("--previous-checkpoint goes with --resume")
-        self.dir = RunDir(out)
+        self.dir = RunFolder(out)
         self.settings = settings.check()
         self.world = world or World()
         self.layout: ShardLayout | None = None  # how each step's batch is split (prepare)
@@ -77,7 +77,7 @@ class TrainingRun:
         self.grouping: gp.Grouping | None = None
         self.groups: list[list[int]] = []
         self.scales: dict[int, float] | None = None
-        self.run: Run | None = None
+        self.run: TrainingLoop | None = None
         self.outputs_written = False  # the SAEs and summary.json of this session
         self.summary: dict | None = None
         self._lock = None  # rank 0: the writer lock on the output folder (see close)
@@ -138,7 +138,8 @@ class TrainingRun:
         self.stage = "writing run.json"
         try:
             self.dir.path.mkdir(parents=True, exist_ok=True)
-            self.dir.write_settings(self.settings)  # on resume: the flags it may change, for good
+            # on resume: the flags it may change, for good
+            self.dir.write_settings(self.settings.to_json())
         except OSError as err:
             raise PermissionError(
                 f"cannot write the run to {self.dir.path}: {err.strerror or err}"
@@ -156,7 +157,7 @@ class TrainingRun:
         except OSError:
             mine = None
         if mine != digest:
-            error = RunDirError(
+            error = RunError(
                 f"process {self.world.rank} cannot see the {RUN_FILE} that process 0 wrote in "
                 f"{self.dir.path}: with several nodes, --out must be a folder every node "
                 "shares (a network filesystem)"
@@ -168,32 +169,49 @@ class TrainingRun:
         existing = next(p for p in (d.path, *d.path.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise PermissionError(f"cannot write to {existing} (permission denied)")
-        if self.resume and not d.file("run.json").exists():
-            raise RunDirError(f"--resume {d.path}: no gsae-train run there (no run.json)")
+        if self.resume and not d.file(RUN_FILE).exists():
+            raise RunError(f"--resume {d.path}: no gsae-train run there (no run.json)")
         self._lock = self._lock or acquire(d.path, "gsae-train")  # one writer per run
         d.finish_clearing()  # an --overwrite cut off half-way: the old run goes, as asked
         if self.resume:
             self.written = True
             if self.previous_checkpoint:  # the latest is damaged: set aside, kept for a look
                 checkpoint.use_previous(d.path)
-            self.resumed_from = d.describe()
+            self.resumed_from = self.describe()
             if not checkpoint.exists(d.path) and d.file(SUMMARY_FILE).exists():
-                raise RunDirError(
+                raise RunError(
                     f"--resume {d.path}: its SAEs are trained (summary.json) but its "
                     f"checkpoint ({d.path / checkpoint.LATEST}) is missing: resuming would "
                     "train new SAEs from zero over them. Put the checkpoint back to train "
                     "further, or start a new run (another --out)"
                 )
         elif d.holds_run() and not self.overwrite:
-            raise RunDirError(
+            raise RunError(
                 f"{d.path} already holds a gsae-train run: pass --resume {d.path} "
                 "to continue it or --overwrite to replace it"
             )
         elif d.path.exists() and any(d.path.iterdir()) and not self.overwrite:
-            raise RunDirError(
+            raise RunError(
                 f"{d.path} is not empty and holds no gsae-train run; pick another "
                 "--out or pass --overwrite"
             )
+
+    def describe(self) -> str:
+        """What a resume would start from, in words (after finishing any interrupted save)."""
+        out = self.dir.path
+        checkpoint.recover(out)
+        try:
+            state = checkpoint.read_manifest(out / checkpoint.LATEST, missing_ok=True)
+        except checkpoint.CheckpointError as err:
+            return f"a damaged checkpoint ({err})"
+        if state is not None:
+            return f"a checkpoint at {state['tokens']:,} tokens (step {state['steps']})"
+        kept = [n for n in (GROUPS_FILE, SCALES_FILE) if self.dir.file(n).exists()]
+        if kept:
+            return " and ".join(kept) + " (no checkpoint yet)"
+        if self.dir.file(RUN_FILE).exists():
+            return "the settings (run.json), nothing measured or trained yet"
+        return "nothing"
 
     # ---- 2. groups
 
@@ -307,8 +325,8 @@ class TrainingRun:
         w = self.world
         out = self.dir.path
         run = w.checked(
-            Run, out, self.settings, self.loaded, self.groups, self.scales, self.ctx.tokens,
-            w, self.layout,
+            TrainingLoop, out, self.settings, self.loaded, self.groups, self.scales,
+            self.ctx.tokens, w, self.layout,
         )  # fmt: skip
         self.run = run
         resumed = w.broadcast_object(self.resume and checkpoint.exists(out))

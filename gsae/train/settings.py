@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -18,10 +19,9 @@ from dataclasses import dataclass, field
 from ..grouping import DEFAULT_THRESHOLD, check_threshold
 from ..hf.hub import local_name
 from ..hf.texts import DEFAULT_DATASET
+from ..run import SETTINGS_VERSION, RunFolder, settings_flags, upgrade_settings
 from ..sae import SaeConfig, legacy_fields
 from ..units import parse_count
-
-SETTINGS_VERSION = 2
 
 # what --resume may change: nothing that alters what is trained or how (the data order, the
 # model's numerics, the SAEs); --tokens extends or shortens the run, --repeat lets a finished
@@ -186,22 +186,27 @@ class RunSettings:
         return max(1, self.batch_tokens // int(self.ctx_len or 1))
 
     def flags(self) -> dict:
-        """Every setting by the name its flag stores it under (``--k`` is ``k``), the SAE's
-        too."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**{k: v for k, v in values.items() if k != "sae"}, **self.sae}
+        """Every setting by its flag's name (``--k`` is ``k``), the SAE's too."""
+        return settings_flags(self.to_json())
 
     def to_json(self) -> dict:
         return {"version": SETTINGS_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> RunSettings:
-        if not isinstance(data, dict) or data.get("version") != SETTINGS_VERSION:
-            raise ValueError("settings written by another version of gsae-train")
+        data = upgrade_settings(data)  # a run's of an earlier version too
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names - {"version"}
         if unknown:
             raise ValueError(f"unknown settings {sorted(unknown)}")
-        data = {"data_shards": 1, **data}  # a run saved before several processes: one shard
-        data = {"sae_precision": "fp32", **data}  # ... before --sae-precision: the fp32 it ran
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunSettings:
+        """The settings of the run in the folder ``path`` (its ``run.json``)."""
+        folder = RunFolder(path)
+        data = folder.read_settings()
+        try:
+            return cls.from_json(data)
+        except (TypeError, ValueError) as err:
+            raise folder.unreadable_settings(err) from None
