@@ -11,8 +11,10 @@ from conftest import interleaved, peak_extra_bytes
 
 from gsae.angular import angular_distance_sums, angular_distance_sums_torch, load_extension
 
-CASES = [pytest.param(16, 2048, 8192, id="L16-d2048-N8192"),
-         pytest.param(24, 1024, 8192, id="L24-d1024-N8192")]  # fmt: skip
+CASES = [
+    pytest.param(16, 2048, 8192, id="L16-d2048-N8192"),
+    pytest.param(24, 1024, 8192, id="L24-d1024-N8192"),
+]
 
 
 def torch_bmm(hidden: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -67,5 +69,8 @@ def test_angular_peak_memory_does_not_grow_with_n(benchmark, report):
 
     benchmark.group = "angular-memory"
     benchmark.pedantic(measure, rounds=1, warmup_rounds=0)
-    report("angular L=16 d=1024", "peak extra MiB at N=8192 / N=65536",
-           f"{extra[8192] / 2**20:.1f} / {extra[65536] / 2**20:.1f}")  # fmt: skip
+    report(
+        "angular L=16 d=1024",
+        "peak extra MiB at N=8192 / N=65536",
+        f"{extra[8192] / 2**20:.1f} / {extra[65536] / 2**20:.1f}",
+    )

@@ -80,8 +80,9 @@ def test_collection_cost_per_million_tokens(benchmark, report):
     encode_per_million = t_encode / prefix * 1e6
     case = f"collection d={D} m={M} k={K}, {n:,} tokens"
     report(case, "collection s per 1M tokens (CPU)", f"{per_million:.1f}")
-    report(case, "SAE encode s per 1M tokens (CPU)", f"{encode_per_million:.1f} (timed on "
-           f"{prefix:,})")  # fmt: skip
+    report(
+        case, "SAE encode s per 1M tokens (CPU)", f"{encode_per_million:.1f} (timed on {prefix:,})"
+    )
     report(case, "collection / encode", f"{per_million / encode_per_million:.2f}x")
     report(case, "state held (fixed)", f"{collector.nbytes / 2**20:.0f} MiB")
     assert int(collector.fired.sum()) > 0
@@ -127,17 +128,38 @@ def test_browse_collection_on_a_demo_run(benchmark, report, tmp_path):
 
     tokens = 4096 if benchmark.disabled else 131_072
     run = tmp_path / "run"
-    assert train_main(["--model", "demo", "--dataset", "demo", "--out", str(run), "--groups",
-                       "even:2", "--tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
-                       "1024", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        train_main(
+            [
+                "--model",
+                "demo",
+                "--dataset",
+                "demo",
+                "--out",
+                str(run),
+                "--groups",
+                "even:2",
+                "--tokens",
+                "4k",
+                "--scale-tokens",
+                "2k",
+                "--batch-tokens",
+                "1024",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     result = {}
 
     def forward():
         loaded = load_model("demo", "fp32", "cpu")
         reader = ActivationReader(loaded, list(range(6)))
         seen, start = 0, time.perf_counter()
-        with TokenStream(lambda: iter_texts("demo"), loaded.tokenizer, ctx_len=128,
-                         batch_size=64) as stream:  # fmt: skip
+        with TokenStream(
+            lambda: iter_texts("demo"), loaded.tokenizer, ctx_len=128, batch_size=64
+        ) as stream:
             for batch in stream:
                 reader(batch.input_ids, batch.attention_mask)
                 seen += batch.num_tokens

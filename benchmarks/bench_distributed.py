@@ -24,8 +24,16 @@ DEMO = bundled_dir() / "model"
 WORKER = Path(__file__).with_name("dist_bytes_worker.py")
 
 
-def formula_bytes(placement: str, n: int, d: int, m: int, owners: list[list[int]], world: int,
-                  elem: int, rows_per_token: list[int] | None = None) -> dict:  # fmt: skip
+def formula_bytes(
+    placement: str,
+    n: int,
+    d: int,
+    m: int,
+    owners: list[list[int]],
+    world: int,
+    elem: int,
+    rows_per_token: list[int] | None = None,
+) -> dict:
     """The README's bytes per training step, summed over the processes.
 
     ``n`` tokens per step (the global batch), ``d`` the model width, ``m`` latents per SAE,
@@ -52,10 +60,18 @@ def launch(out: Path, argv: list[str], processes: int, counts: Path) -> dict:
     if processes == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(processes), str(WORKER)]  # fmt: skip
-    result = subprocess.run([*cmd, *argv, "--out", str(out)], env=env, capture_output=True,
-                            text=True, timeout=1200)  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            str(WORKER),
+        ]
+    result = subprocess.run(
+        [*cmd, *argv, "--out", str(out)], env=env, capture_output=True, text=True, timeout=1200
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     summary["bytes"] = [json.loads(p.read_text()) for p in sorted(counts.glob("*.json"))]
@@ -66,16 +82,34 @@ def launch(out: Path, argv: list[str], processes: int, counts: Path) -> dict:
 def test_two_processes_against_one(benchmark, report, tmp_path):
     benchmark.group = "distributed"
     tokens = "16k" if benchmark.disabled else "200k"  # CI: a smoke run
-    argv = ["--model", "demo", "--dataset", "demo", "--tokens", tokens, "--grouping-tokens",
-            "20k", "--scale-tokens", "8k", "--log-every", "1000", "--save-every", "10M",
-            "--device", "cpu", "--data-shards", "2"]  # fmt: skip
+    argv = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--tokens",
+        tokens,
+        "--grouping-tokens",
+        "20k",
+        "--scale-tokens",
+        "8k",
+        "--log-every",
+        "1000",
+        "--save-every",
+        "10M",
+        "--device",
+        "cpu",
+        "--data-shards",
+        "2",
+    ]
     runs = {}
 
     def all_three():
         runs["1 process"] = launch(tmp_path / "one", argv, 1, tmp_path / "c1")
         runs["2, replicated"] = launch(tmp_path / "rep", argv, 2, tmp_path / "c2")
-        runs["2, distribute-saes"] = launch(tmp_path / "dist", [*argv, "--distribute-saes"], 2,
-                                            tmp_path / "c3")  # fmt: skip
+        runs["2, distribute-saes"] = launch(
+            tmp_path / "dist", [*argv, "--distribute-saes"], 2, tmp_path / "c3"
+        )
 
     benchmark.pedantic(all_three, rounds=1, warmup_rounds=0)
     speed = {}
@@ -84,8 +118,11 @@ def test_two_processes_against_one(benchmark, report, tmp_path):
         speed[name] = s["tokens"] / loop
         report(f"demo, {name}", "tokens/s (loop)", f"{speed[name]:,.0f}")
     for name in ("2, replicated", "2, distribute-saes"):
-        report(f"demo, {name}", "scaling efficiency (ideal 1)",
-               f"{speed[name] / (2 * speed['1 process']):.2f}")  # fmt: skip
+        report(
+            f"demo, {name}",
+            "scaling efficiency (ideal 1)",
+            f"{speed[name] / (2 * speed['1 process']):.2f}",
+        )
 
     # bytes per step: measured (every process's, summed) against the formula
     from gsae.cli.train import DEMO_DEFAULTS
@@ -94,8 +131,10 @@ def test_two_processes_against_one(benchmark, report, tmp_path):
     d = cfg["hidden_size"]
     m = 16 * d  # --expansion-factor's default
     n = DEMO_DEFAULTS["batch_tokens"]
-    for name, placement in (("2, replicated", "replicated"),
-                            ("2, distribute-saes", "distribute-saes")):  # fmt: skip
+    for name, placement in (
+        ("2, replicated", "replicated"),
+        ("2, distribute-saes", "distribute-saes"),
+    ):
         s = runs[name]
         steps = {b["steps"] for b in s["bytes"]}
         assert steps == {s["steps"]}, (steps, s["steps"])
@@ -103,7 +142,10 @@ def test_two_processes_against_one(benchmark, report, tmp_path):
         expected = formula_bytes(placement, n, d, m, owners, 2, 4)  # fp32 on a CPU
         for op, value in expected.items():
             measured = sum(b.get(op, 0) for b in s["bytes"]) / (s["steps"] - 1)
-            report(f"demo, {name} ({len(owners)} SAEs)", f"{op} bytes/step measured | formula",
-                   f"{measured:,.0f} | {value:,}")  # fmt: skip
+            report(
+                f"demo, {name} ({len(owners)} SAEs)",
+                f"{op} bytes/step measured | formula",
+                f"{measured:,.0f} | {value:,}",
+            )
             assert measured == value, (name, op, measured, value)
     assert set(runs["1 process"]["bytes"][0]) == {"steps", "counted"}  # no collective

@@ -36,8 +36,10 @@ def count(method: str, n: int, device="cpu") -> tuple[float, CoOccurrence]:
     co = CoOccurrence(M, M, device=device, method=method)
     data = [(a, b) for a, b in zip(synthetic_latents(n, 1), synthetic_latents(n, 2), strict=True)]
     if device != "cpu":
-        data = [((a[0].to(device), a[1].to(device)), (b[0].to(device), b[1].to(device)))
-                for a, b in data]  # fmt: skip
+        data = [
+            ((a[0].to(device), a[1].to(device)), (b[0].to(device), b[1].to(device)))
+            for a, b in data
+        ]
         torch.cuda.synchronize()
     start = time.perf_counter()
     for (ia, oa), (ib, ob) in data:
@@ -62,8 +64,9 @@ def test_mmco_counts_one_million_tokens(benchmark, report):
     (t_sparse, co), (t_dense, dense) = result["scatter"], result["dense"]
     # both count the same thing: compare on the dense run's tokens
     same = CoOccurrence(M, M, method="scatter")
-    for (ia, oa), (ib, ob) in zip(synthetic_latents(prefix, 1), synthetic_latents(prefix, 2),
-                                  strict=True):  # fmt: skip
+    for (ia, oa), (ib, ob) in zip(
+        synthetic_latents(prefix, 1), synthetic_latents(prefix, 2), strict=True
+    ):
         same.update(ia, oa, ib, ob)
     assert torch.equal(same.and_counts, dense.and_counts)
     case = f"MMCO counts m={M} k={K}, {n:,} tokens"
@@ -139,9 +142,22 @@ def demo_runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("bench-eval")
     small = request.config.getoption("benchmark_disable")  # CI: it only has to run
     tokens = ("4k", "4k", "2k") if small else ("30k", "20k", "8k")
-    common = ["--model", "demo", "--dataset", "demo", "--tokens", tokens[0], "--grouping-tokens",
-              tokens[1], "--scale-tokens", tokens[2], "--log-every", "1000",
-              "--device", "cpu"]  # fmt: skip
+    common = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--tokens",
+        tokens[0],
+        "--grouping-tokens",
+        tokens[1],
+        "--scale-tokens",
+        tokens[2],
+        "--log-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     for groups in ("auto", "per-layer"):
         assert train_main([*common, "--groups", groups, "--out", str(root / groups)]) == 0
     return root
@@ -169,16 +185,23 @@ def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
     seconds = {}
 
     def evaluate(**kwargs):
-        plan = prepare([demo_runs / "auto"], baseline=demo_runs / "per-layer", tokens=tokens,
-                       batch_tokens=2048, device="cpu", **kwargs)  # fmt: skip
+        plan = prepare(
+            [demo_runs / "auto"],
+            baseline=demo_runs / "per-layer",
+            tokens=tokens,
+            batch_tokens=2048,
+            device="cpu",
+            **kwargs,
+        )
         start = time.perf_counter()
         result = run_plan(plan)
         write_report(result, plan, demo_runs / "out")
         return time.perf_counter() - start, plan
 
     def forward_only():
-        plan = prepare([demo_runs / "auto"], tokens=tokens, batch_tokens=2048, device="cpu",
-                       downstream=False)  # fmt: skip
+        plan = prepare(
+            [demo_runs / "auto"], tokens=tokens, batch_tokens=2048, device="cpu", downstream=False
+        )
         reader = ActivationReader(plan.loaded, list(range(plan.loaded.num_layers)))
         start, seen = time.perf_counter(), 0
         for batch in plan.batches():
@@ -199,13 +222,20 @@ def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
     case = f"gsae-eval demo: auto vs per-layer, {tokens:,} tokens"
     for name in ("full", "no downstream", "forward only"):
         report(case, f"{name} tokens/s", f"{tokens / seconds[name]:,.0f}")
-    report(case, "full / one plain forward (time)",
-           f"{seconds['full'] / seconds['forward only']:.1f}x "
-           f"({seconds['forwards per batch']} forwards per batch)")  # fmt: skip
+    report(
+        case,
+        "full / one plain forward (time)",
+        f"{seconds['full'] / seconds['forward only']:.1f}x "
+        f"({seconds['forwards per batch']} forwards per batch)",
+    )
     if benchmark.disabled:
         return
-    peaks = {t: peak_extra_bytes(_EVAL_SETUP.format(root=demo_runs, tokens=t),
-                                 _EVAL_WORK.format(root=demo_runs, tokens=t))
-             for t in (tokens // 4, tokens)}  # fmt: skip
+    peaks = {
+        t: peak_extra_bytes(
+            _EVAL_SETUP.format(root=demo_runs, tokens=t),
+            _EVAL_WORK.format(root=demo_runs, tokens=t),
+        )
+        for t in (tokens // 4, tokens)
+    }
     for t, peak in peaks.items():
         report(case, f"peak extra MiB, {t:,} tokens", f"{peak / 2**20:.0f}")

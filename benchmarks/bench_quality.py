@@ -407,5 +407,8 @@ def test_quality_synthetic(benchmark, report):
     for name in names:
         q = results[name]
         report(case, name, f"FVU {q.fvu:.4f}  L0 {q.l0:.1f}  found {q.recovered:.0%}")
-    report(case, "target: default FVU <= 0.134, found >= 90%",
-           f"{results[names[0]].fvu:.4f}, {results[names[0]].recovered:.0%}")  # fmt: skip
+    report(
+        case,
+        "target: default FVU <= 0.134, found >= 90%",
+        f"{results[names[0]].fvu:.4f}, {results[names[0]].recovered:.0%}",
+    )

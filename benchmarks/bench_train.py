@@ -21,9 +21,25 @@ DEMO = bundled_dir() / "model"
 
 def run(tmp_path, name, extra):
     out = tmp_path / name
-    argv = ["--model", "demo", "--dataset", "demo", "--out", str(out), "--tokens", "60k",
-            "--grouping-tokens", "20k", "--scale-tokens", "8k", "--log-every", "1000",
-            "--device", "cpu", *extra]  # fmt: skip
+    argv = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--out",
+        str(out),
+        "--tokens",
+        "60k",
+        "--grouping-tokens",
+        "20k",
+        "--scale-tokens",
+        "8k",
+        "--log-every",
+        "1000",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     assert train_main(argv) == 0
     return json.loads((out / "summary.json").read_text())
 
@@ -92,8 +108,9 @@ def test_packing_a_long_document(benchmark, report, rounds):
 
     def packed(n: int):
         def run():
-            stream = TokenStream(lambda: iter(["x" * n]), _OneTokenPerChar(), ctx_len=ctx,
-                                 batch_size=32)  # fmt: skip
+            stream = TokenStream(
+                lambda: iter(["x" * n]), _OneTokenPerChar(), ctx_len=ctx, batch_size=32
+            )
             with stream:
                 return sum(b.input_ids.shape[0] for b in stream)
 
@@ -109,5 +126,8 @@ def test_packing_a_long_document(benchmark, report, rounds):
     benchmark.pedantic(lambda: None, rounds=1)
     for n in sizes:
         new_t, old_t = times[f"new {n:,}"]["median"], times[f"old {n:,}"]["median"]
-        report(f"pack one {n:,}-token document", "tokens/s new (old: list carry)",
-               f"{n / new_t:,.0f} ({n / old_t:,.0f}); {old_t / new_t:.1f}x")  # fmt: skip
+        report(
+            f"pack one {n:,}-token document",
+            "tokens/s new (old: list carry)",
+            f"{n / new_t:,.0f} ({n / old_t:,.0f}); {old_t / new_t:.1f}x",
+        )

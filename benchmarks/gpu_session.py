@@ -65,8 +65,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 STAGES = ("versions", "encoder", "sae_step", "profile", "end_to_end", "tests")
-SHARES = {"versions": 0.04, "encoder": 0.1, "sae_step": 0.2, "profile": 0.1, "end_to_end": 0.42,
-          "tests": 0.14}  # fmt: skip
+SHARES = {
+    "versions": 0.04,
+    "encoder": 0.1,
+    "sae_step": 0.2,
+    "profile": 0.1,
+    "end_to_end": 0.42,
+    "tests": 0.14,
+}
 
 # dense bf16 tensor-core rate (TFLOP/s, fp32 accumulation) and memory bandwidth (TB/s), from the
 # vendors' data sheets; matched by substring of torch.cuda.get_device_name (first match wins)
@@ -121,8 +127,10 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
     p.add_argument("--e2e-run", help=argparse.SUPPRESS)  # a grandchild: one end-to-end run
     args = p.parse_args(argv)
-    for flag, var in ((args.precisions, "GSAE_SESSION_PRECISIONS"),
-                      (args.e2e_models, "GSAE_SESSION_MODELS")):  # fmt: skip
+    for flag, var in (
+        (args.precisions, "GSAE_SESSION_PRECISIONS"),
+        (args.e2e_models, "GSAE_SESSION_MODELS"),
+    ):
         if flag:
             os.environ[var] = flag  # read by the stages' child processes
     out = Path(args.out)

@@ -84,10 +84,12 @@ def fold_scale(sae: Sae, layer: int) -> Folded:
     gsae reports it, but leave decoder rows of norm 1/s.)
     """
     s = float(sae.scale_for(layer))
-    return Folded(sae.W_enc.detach().float().cpu().clone(),
-                  (sae.b_enc.detach().double() / s).float().cpu(),
-                  sae.W_dec.detach().float().cpu().clone(),
-                  (sae.b_dec.detach().double() / s).float().cpu())  # fmt: skip
+    return Folded(
+        sae.W_enc.detach().float().cpu().clone(),
+        (sae.b_enc.detach().double() / s).float().cpu(),
+        sae.W_dec.detach().float().cpu().clone(),
+        (sae.b_dec.detach().double() / s).float().cpu(),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,26 +101,51 @@ def sparsify_files(w: Folded, k: int) -> tuple[dict[str, torch.Tensor], dict]:
     """sparsify's tensors and ``cfg.json`` (``SparseCoderConfig`` keys plus ``d_in``)."""
     m, d = w.W_enc.shape
     tensors = {SPARSIFY_NAMES[name]: getattr(w, name).contiguous() for name in Folded._fields}
-    cfg = {"activation": "topk", "expansion_factor": max(1, m // d), "normalize_decoder": True,
-           "num_latents": m, "k": k, "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": d}  # fmt: skip
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, m // d),
+        "normalize_decoder": True,
+        "num_latents": m,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": d,
+    }
     return tensors, cfg
 
 
-def saelens_files(w: Folded, k: int, layer: int, metadata: dict
-                  ) -> tuple[dict[str, torch.Tensor], dict]:  # fmt: skip
+def saelens_files(
+    w: Folded, k: int, layer: int, metadata: dict
+) -> tuple[dict[str, torch.Tensor], dict]:
     """SAELens' tensors (``W_enc`` transposed to ``[d, m]``) and TopK ``cfg.json``."""
     m, d = w.W_enc.shape
-    tensors = {"W_enc": w.W_enc.T.contiguous(), "b_enc": w.b_enc.contiguous(),
-               "W_dec": w.W_dec.contiguous(), "b_dec": w.b_dec.contiguous()}  # fmt: skip
+    tensors = {
+        "W_enc": w.W_enc.T.contiguous(),
+        "b_enc": w.b_enc.contiguous(),
+        "W_dec": w.W_dec.contiguous(),
+        "b_dec": w.b_dec.contiguous(),
+    }
     cfg = {
-        "architecture": "topk", "d_in": d, "d_sae": m, "k": k, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-        "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
-        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                     "hook_name": saelens_hook(layer), "hook_layer": layer,
-                     "hook_head_index": None, **metadata},
-    }  # fmt: skip
+        "architecture": "topk",
+        "d_in": d,
+        "d_sae": m,
+        "k": k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+            "hook_name": saelens_hook(layer),
+            "hook_layer": layer,
+            "hook_head_index": None,
+            **metadata,
+        },
+    }
     return tensors, cfg
 
 
@@ -137,8 +164,15 @@ class Exported(NamedTuple):
     scale: float
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, prefix: str | None = None,
-               model: str | None = None, overwrite: bool = False) -> list[Exported]:  # fmt: skip
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    prefix: str | None = None,
+    model: str | None = None,
+    overwrite: bool = False,
+) -> list[Exported]:
     """Write every SAE of the gsae-train run ``run_dir`` in ``fmt`` (``sparsify`` or
     ``saelens``) into ``out``, one folder per model layer, replacing ``out`` as a whole.
 
@@ -184,9 +218,13 @@ def _check_model(run: FinishedRun, model: str):
 
 
 def _write(run: FinishedRun, fmt: str, out: Path, prefix: str | None) -> list[Exported]:
-    metadata = {"model_name": hub_id(run.model), "context_size": int(run.arg("ctx_len", 0)),
-                "prepend_bos": False, "dataset_path": run.arg("dataset"),
-                "model_from_pretrained_kwargs": {}}  # fmt: skip
+    metadata = {
+        "model_name": hub_id(run.model),
+        "context_size": int(run.arg("ctx_len", 0)),
+        "prepend_bos": False,
+        "dataset_path": run.arg("dataset"),
+        "model_from_pretrained_kwargs": {},
+    }
     exported: list[Exported] = []
     with atomic_dir(out) as tmp:
         for entry in run.saes:
@@ -207,13 +245,18 @@ def _write(run: FinishedRun, fmt: str, out: Path, prefix: str | None) -> list[Ex
                 (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
                 exported.append(Exported(name, layer, entry.name, float(sae.scale_for(layer))))
         manifest = {
-            "format": fmt, "run": str(run.path.resolve()), "model": run.model,
-            "dataset": run.arg("dataset"), "split": run.arg("split"),
-            "column": run.arg("column"), "ctx_len": run.arg("ctx_len"),
+            "format": fmt,
+            "run": str(run.path.resolve()),
+            "model": run.model,
+            "dataset": run.arg("dataset"),
+            "split": run.arg("split"),
+            "column": run.arg("column"),
+            "ctx_len": run.arg("ctx_len"),
             "num_model_layers": run.num_model_layers,
-            "hookpoints": {e.name: {"layer": e.layer, "group": e.group, "scale": e.scale}
-                           for e in exported},
-        }  # fmt: skip
+            "hookpoints": {
+                e.name: {"layer": e.layer, "group": e.group, "scale": e.scale} for e in exported
+            },
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         write_marker(tmp, "gsae-export")
     return exported

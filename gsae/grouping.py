@@ -92,8 +92,12 @@ class AngularDistances:
         return matrix
 
     def state_dict(self) -> dict:
-        return {"sums": self.sums.clone(), "count": self.count, "center": self.center,
-                "mean": self.mean}  # fmt: skip
+        return {
+            "sums": self.sums.clone(),
+            "count": self.count,
+            "center": self.center,
+            "mean": self.mean,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = state["sums"].clone()
@@ -102,8 +106,9 @@ class AngularDistances:
         self.mean = state.get("mean")
 
 
-def measure_distances(batches, num_layers: int, tokens: int, center: bool = False,
-                      progress=None) -> AngularDistances:  # fmt: skip
+def measure_distances(
+    batches, num_layers: int, tokens: int, center: bool = False, progress=None
+) -> AngularDistances:
     """Accumulate distances over hidden-state batches ``[L, N, d]`` until ``tokens`` are seen
     (the last batch is trimmed to the budget). ``progress(n)`` is told of every batch."""
     acc = AngularDistances(num_layers, center=center)
@@ -240,8 +245,9 @@ def sae_flops_per_token(d: int, m: int, k: int, kernels: str = "sparse") -> int:
     raise ValueError(f"kernels must be 'sparse' or 'dense', got {kernels!r}")
 
 
-def compute_savings(num_groups: int, num_layers: int, forward_cost: float, sae_cost: float,
-                    extra_saes: int = 0) -> float:  # fmt: skip
+def compute_savings(
+    num_groups: int, num_layers: int, forward_cost: float, sae_cost: float, extra_saes: int = 0
+) -> float:
     """Delta(G) = (A + G T) / (A + L T) - 1 (paper Eq. 5).
 
     ``forward_cost`` is A, ``sae_cost`` is T (any unit: FLOPs or measured seconds). Unlike the
@@ -253,8 +259,9 @@ def compute_savings(num_groups: int, num_layers: int, forward_cost: float, sae_c
     return trained / baseline - 1
 
 
-def model_costs(loaded, grouped: Sequence[int], ctx_len: int, expansion: int, k: int,
-                kernels: str = "sparse") -> tuple[float, float, int]:  # fmt: skip
+def model_costs(
+    loaded, grouped: Sequence[int], ctx_len: int, expansion: int, k: int, kernels: str = "sparse"
+) -> tuple[float, float, int]:
     """(A, T, extra SAEs) per token for a loaded model (:class:`gsae.activations.LoadedModel`):
     A is the forward through every layer that gets an SAE, T one SAE step, and the last layer's
     own SAE is counted when it is not grouped."""
@@ -310,7 +317,7 @@ class Grouping:
             "partitions": {
                 str(g): {"labels": p.labels, "amad": p.amad}
                 for g, p in sorted(self.partitions.items())
-            },  # fmt: skip
+            },
             "g_hat": self.g_hat,
             "threshold": self.threshold,
             "savings": {str(g): s for g, s in sorted(self.savings.items())},
@@ -334,13 +341,22 @@ class Grouping:
         missing = [k for k in ("model", "layers", "partitions", "g_hat") if k not in data]
         if not isinstance(data, dict) or missing:
             raise ValueError(f"{path} is not a groups.json (missing {missing})")
-        known = {"model", "layers", "distances", "tokens", "partitions", "g_hat", "threshold",
-                 "savings"}  # fmt: skip
+        known = {
+            "model",
+            "layers",
+            "distances",
+            "tokens",
+            "partitions",
+            "g_hat",
+            "threshold",
+            "savings",
+        }
         try:
             layers = [_index(x, "layer") for x in data["layers"]]
-            partitions = {int(g): Partition([_index(x, "label") for x in p["labels"]],
-                                            _number(p.get("amad")))
-                          for g, p in data["partitions"].items()}  # fmt: skip
+            partitions = {
+                int(g): Partition([_index(x, "label") for x in p["labels"]], _number(p.get("amad")))
+                for g, p in data["partitions"].items()
+            }
             g_hat = int(data["g_hat"])
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise ValueError(f"{path}: malformed groups file ({err})") from None
@@ -348,14 +364,18 @@ class Grouping:
             raise ValueError(f"{path}: layers must be distinct, got {layers}")
         for g, p in partitions.items():
             if len(p.labels) != len(layers):
-                raise ValueError(f"{path}: partition G={g} has {len(p.labels)} labels for "
-                                 f"{len(layers)} layers")  # fmt: skip
+                raise ValueError(
+                    f"{path}: partition G={g} has {len(p.labels)} labels for {len(layers)} layers"
+                )
             if sorted(set(p.labels)) != list(range(g)):
-                raise ValueError(f"{path}: partition G={g} has labels {p.labels}; each of "
-                                 f"0..{g - 1} must label at least one layer")  # fmt: skip
+                raise ValueError(
+                    f"{path}: partition G={g} has labels {p.labels}; each of "
+                    f"0..{g - 1} must label at least one layer"
+                )
         if g_hat not in partitions:
-            raise ValueError(f"{path}: g_hat = {g_hat} has no partition (have "
-                             f"{sorted(partitions)})")  # fmt: skip
+            raise ValueError(
+                f"{path}: g_hat = {g_hat} has no partition (have {sorted(partitions)})"
+            )
         return cls(
             model=str(data["model"] or ""),
             layers=layers,
@@ -453,11 +473,23 @@ def group_layers(
     )
 
 
-def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
-                  repeat: bool = False, include_last: bool = False, center: bool = False,
-                  cluster_space: str = "precomputed", threshold: float = DEFAULT_THRESHOLD,
-                  expansion_factor: int = 16, k: int = 128, batches=None,
-                  merge=None) -> Grouping:  # fmt: skip
+def measure_model(
+    loaded,
+    texts,
+    *,
+    tokens: int,
+    ctx_len: int,
+    batch_size: int,
+    repeat: bool = False,
+    include_last: bool = False,
+    center: bool = False,
+    cluster_space: str = "precomputed",
+    threshold: float = DEFAULT_THRESHOLD,
+    expansion_factor: int = 16,
+    k: int = 128,
+    batches=None,
+    merge=None,
+) -> Grouping:
     """Stream ``tokens`` tokens of ``texts`` through a loaded model, measure the mean angular
     distance between its layers (the last one too with ``include_last``) and group them.
 
@@ -489,16 +521,29 @@ def measure_model(loaded, texts, *, tokens: int, ctx_len: int, batch_size: int,
     if merge is not None:
         acc = merge(acc)
     elif acc.count < tokens:
-        warnings.warn(f"the dataset ran out after {acc.count} of {tokens} tokens "
-                      "(--repeat cycles over it)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"the dataset ran out after {acc.count} of {tokens} tokens (--repeat cycles over it)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     costs = model_costs(loaded, layers, ctx_len, expansion_factor, k, "sparse")
     dense = model_costs(loaded, layers, ctx_len, expansion_factor, k, "dense")
     result = group_layers(
-        acc.matrix(), layers, model=loaded.name, tokens=acc.count, threshold=threshold,
-        cluster_space=cluster_space, costs=costs,
-        extra={"model_source": loaded.source, "num_model_layers": n, "center": center,
-               "ctx_len": ctx_len, "seconds": round(time.perf_counter() - start, 2)},
-    )  # fmt: skip
+        acc.matrix(),
+        layers,
+        model=loaded.name,
+        tokens=acc.count,
+        threshold=threshold,
+        cluster_space=cluster_space,
+        costs=costs,
+        extra={
+            "model_source": loaded.source,
+            "num_model_layers": n,
+            "center": center,
+            "ctx_len": ctx_len,
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
     result.extra["savings_dense_sae"] = {
         str(g): compute_savings(g, len(layers), *dense) for g in result.partitions
     }

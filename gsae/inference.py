@@ -69,12 +69,14 @@ class GroupSAEs:
     def device(self) -> torch.device:
         return next(iter(self.saes.values())).W_dec.device
 
-    def load_model(self, device: str | None = None, dtype: str = "fp32",
-                   lm_head: bool = True) -> LoadedModel:  # fmt: skip
+    def load_model(
+        self, device: str | None = None, dtype: str = "fp32", lm_head: bool = True
+    ) -> LoadedModel:
         """The run's model (with its LM head where it has one), on the SAEs' device."""
         if self.run is None:
-            raise ValueError("these SAEs were not loaded from a run: use gsae.activations."
-                             "load_model(name)")  # fmt: skip
+            raise ValueError(
+                "these SAEs were not loaded from a run: use gsae.activations.load_model(name)"
+            )
         return load_model(self.run.model, dtype, device or str(self.device), lm_head=lm_head)
 
     # ---- model units in, model units out
@@ -89,15 +91,17 @@ class GroupSAEs:
         return EncodeOutput(enc.values.view(*lead, -1), enc.indices.view(*lead, -1), None, None)
 
     @torch.no_grad()
-    def decode_layer(self, values: torch.Tensor, indices: torch.Tensor,
-                     layer: int) -> torch.Tensor:  # fmt: skip
+    def decode_layer(self, values: torch.Tensor, indices: torch.Tensor, layer: int) -> torch.Tensor:
         """Activations ``[..., d]`` of model ``layer`` from top-k ``values``/``indices``
         ``[..., k]``."""
         sae = self.sae(layer)
         lead = values.shape[:-1]
         k = values.shape[-1]
-        out = sae.decode(values.reshape(-1, k).to(sae.W_dec.device),
-                         indices.reshape(-1, k).to(sae.W_dec.device), layer=layer)  # fmt: skip
+        out = sae.decode(
+            values.reshape(-1, k).to(sae.W_dec.device),
+            indices.reshape(-1, k).to(sae.W_dec.device),
+            layer=layer,
+        )
         return out.view(*lead, -1)
 
     def reconstruct(self, x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -116,18 +120,22 @@ class GroupSAEs:
         return layers
 
     @contextlib.contextmanager
-    def splice(self, loaded: LoadedModel, layers: Sequence[int] | int | None = None
-               ) -> Iterator[None]:  # fmt: skip
+    def splice(
+        self, loaded: LoadedModel, layers: Sequence[int] | int | None = None
+    ) -> Iterator[None]:
         """Inside the block, every forward of ``loaded`` continues from the SAE reconstruction
         of the residual stream after each of ``layers`` (default: every covered layer)."""
-        fns = {layer: (lambda h, layer=layer: self.reconstruct(h, layer).to(h.device))
-               for layer in self._layers(layers)}  # fmt: skip
+        fns = {
+            layer: (lambda h, layer=layer: self.reconstruct(h, layer).to(h.device))
+            for layer in self._layers(layers)
+        }
         with splice(loaded, fns):
             yield
 
     @contextlib.contextmanager
-    def record(self, loaded: LoadedModel, layers: Sequence[int] | int | None = None
-               ) -> Iterator[dict[int, EncodeOutput]]:  # fmt: skip
+    def record(
+        self, loaded: LoadedModel, layers: Sequence[int] | int | None = None
+    ) -> Iterator[dict[int, EncodeOutput]]:
         """Yields a dict that every forward inside the block fills with ``{layer:
         EncodeOutput}`` (``values``/``indices`` ``[B, T, k]``) for each of ``layers``
         (default: every covered layer). Entered inside :meth:`splice`, the latents are those

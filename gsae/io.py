@@ -247,10 +247,15 @@ def tensors_to_json(obj, key: str, tensors: dict):
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if obj and all(isinstance(k, int) for k in obj):
-            return {"__int_keys__": [[k, tensors_to_json(v, f"{key}.{k}", tensors)]
-                                     for k, v in obj.items()]}  # fmt: skip
-        return {str(k): tensors_to_json(v, f"{key}.{k}" if key else str(k), tensors)
-                for k, v in obj.items()}  # fmt: skip
+            return {
+                "__int_keys__": [
+                    [k, tensors_to_json(v, f"{key}.{k}", tensors)] for k, v in obj.items()
+                ]
+            }
+        return {
+            str(k): tensors_to_json(v, f"{key}.{k}" if key else str(k), tensors)
+            for k, v in obj.items()
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [tensors_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):

@@ -44,8 +44,9 @@ def distance_heatmap(distances, layers, path: str | Path, title: str = "") -> No
     fig.savefig(path, dpi=120)
 
 
-def amad_curve(amads: dict[int, float], g_hat: int, threshold: float, path: str | Path,
-               title: str = "") -> None:  # fmt: skip
+def amad_curve(
+    amads: dict[int, float], g_hat: int, threshold: float, path: str | Path, title: str = ""
+) -> None:
     gs = sorted(amads)
     fig, ax = _figure((5, 3.2))
     ax.plot(gs, [amads[g] for g in gs], marker="o")

@@ -123,8 +123,10 @@ class FinishedRun:
     @property
     def model(self) -> str:
         if not self.args.get("model"):
-            raise RunError(f"{self.path}: the model these SAEs were trained on is unknown (no "
-                           "sparsify config.json): pass --model")  # fmt: skip
+            raise RunError(
+                f"{self.path}: the model these SAEs were trained on is unknown (no "
+                "sparsify config.json): pass --model"
+            )
         return str(self.args["model"])
 
     @property
@@ -379,8 +381,10 @@ def load_run(run_dir: str | Path) -> FinishedRun:
         foreign = load_sparsify_run(path)
         if foreign is not None:
             return foreign
-        raise RunError(f"{path} is not a gsae-train output folder (no {RUN_FILE}) nor a folder "
-                       "of sparsify SAEs")  # fmt: skip
+        raise RunError(
+            f"{path} is not a gsae-train output folder (no {RUN_FILE}) nor a folder "
+            "of sparsify SAEs"
+        )
     return RunFolder(path).finished()
 
 
@@ -459,12 +463,17 @@ def load_sparsify_run(path: Path) -> FinishedRun | None:
             continue
         digits = re.search(r"(\d+)$", folder.name)
         if digits is None:
-            raise RunError(f"{folder}: a sparsify SAE whose hookpoint names no layer (expected a "
-                           "name ending in the layer number, e.g. layers.5)")  # fmt: skip
+            raise RunError(
+                f"{folder}: a sparsify SAE whose hookpoint names no layer (expected a "
+                "name ending in the layer number, e.g. layers.5)"
+            )
         d = int(cfg["d_in"])
         m = int(cfg.get("num_latents") or 0) or d * int(cfg.get("expansion_factor", 32))
-        entries.append(SaeEntry(folder.name, folder, [int(digits.group(1))], d, m,
-                                int(cfg.get("k", 32)), "sparsify"))  # fmt: skip
+        entries.append(
+            SaeEntry(
+                folder.name, folder, [int(digits.group(1))], d, m, int(cfg.get("k", 32)), "sparsify"
+            )
+        )
     if not entries:
         return None
     layers = [e.layers[0] for e in entries]
@@ -476,13 +485,18 @@ def load_sparsify_run(path: Path) -> FinishedRun | None:
     args, extra = {"groups": "per-layer"}, {"format": "sparsify"}
     if (path / "config.json").exists():  # sparsify's trainer: its RunConfig
         config = _read_json(path / "config.json", "sparsify run config")
-        args.update(model=config.get("model"), dataset=config.get("dataset"),
-                    split=config.get("split", "train"), column=config.get("text_column", "text"),
-                    ctx_len=config.get("ctx_len"))  # fmt: skip
+        args.update(
+            model=config.get("model"),
+            dataset=config.get("dataset"),
+            split=config.get("split", "train"),
+            column=config.get("text_column", "text"),
+            ctx_len=config.get("ctx_len"),
+        )
     if (path / "gsae_export.json").exists():  # gsae-export's manifest
         manifest = _read_json(path / "gsae_export.json", "gsae-export manifest")
-        args.update({k: manifest.get(k) for k in ("model", "dataset", "split", "column",
-                                                    "ctx_len")})  # fmt: skip
+        args.update(
+            {k: manifest.get(k) for k in ("model", "dataset", "split", "column", "ctx_len")}
+        )
         if manifest.get("num_model_layers"):
             extra["num_model_layers"] = int(manifest["num_model_layers"])
     args = {k: v for k, v in args.items() if v is not None}
@@ -493,8 +507,10 @@ def load_sparsify_run(path: Path) -> FinishedRun | None:
 def _sae_entry(run_dir: Path, name: str, info) -> SaeEntry:
     folder = run_dir / name
     if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
-        raise RunError(f"{run_dir}: the SAE {name!r} listed in {SUMMARY_FILE} is missing "
-                       f"(expected {folder}/cfg.json and sae.safetensors)")  # fmt: skip
+        raise RunError(
+            f"{run_dir}: the SAE {name!r} listed in {SUMMARY_FILE} is missing "
+            f"(expected {folder}/cfg.json and sae.safetensors)"
+        )
     cfg = _read_json(folder / "cfg.json", "SAE config")
     layers = [int(x) for x in cfg.get("layers", [])]
     listed = [int(x) for x in (info or {}).get("layers", layers)]

@@ -37,8 +37,12 @@ OPTIMIZERS = ("signum", "adam")
 BASE_LR = {"adam": 2e-4, "signum": 2.5e-3}
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 # EleutherAI sparsify's tensor names for gsae's weights (``SparseCoder``: an nn.Linear encoder)
-SPARSIFY_NAMES = {"W_enc": "encoder.weight", "b_enc": "encoder.bias", "W_dec": "W_dec",
-                  "b_dec": "b_dec"}  # fmt: skip
+SPARSIFY_NAMES = {
+    "W_enc": "encoder.weight",
+    "b_enc": "encoder.bias",
+    "W_dec": "W_dec",
+    "b_dec": "b_dec",
+}
 
 
 @dataclasses.dataclass
@@ -341,18 +345,24 @@ class Sae(TopKSAE):
         are refused: they are not TopK SAEs."""
         path = Path(path)
         if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
-            raise FileNotFoundError(f"{path} holds no sparsify SAE (expected cfg.json and "
-                                    "sae.safetensors)")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path} holds no sparsify SAE (expected cfg.json and sae.safetensors)"
+            )
         meta = json.loads((path / "cfg.json").read_text())
         if "d_in" not in meta:
             raise ValueError(f"{path / 'cfg.json'} is not a sparsify config (no d_in)")
-        unsupported = [key for key, bad in (("transcode", True), ("skip_connection", True))
-                       if meta.get(key) == bad]  # fmt: skip
+        unsupported = [
+            key
+            for key, bad in (("transcode", True), ("skip_connection", True))
+            if meta.get(key) == bad
+        ]
         if meta.get("activation", "topk") != "topk":
             unsupported.append(f"activation={meta['activation']}")
         if unsupported:
-            raise ValueError(f"{path}: a sparsify coder with {', '.join(unsupported)} is not a "
-                             "TopK SAE; gsae cannot load it")  # fmt: skip
+            raise ValueError(
+                f"{path}: a sparsify coder with {', '.join(unsupported)} is not a "
+                "TopK SAE; gsae cannot load it"
+            )
         d = int(meta["d_in"])
         m = int(meta.get("num_latents") or 0) or d * int(meta.get("expansion_factor", 32))
         if layer is None:
@@ -362,14 +372,17 @@ class Sae(TopKSAE):
         missing = [n for n in SPARSIFY_NAMES.values() if n not in tensors]
         if missing:
             raise ValueError(f"{path / 'sae.safetensors'} lacks {missing} (sparsify's names)")
-        cfg = SaeConfig(d=d, num_latents=m, k=int(meta.get("k", 32)), init_encoder="paper",
-                        init_b_dec="zeros")  # fmt: skip
+        cfg = SaeConfig(
+            d=d, num_latents=m, k=int(meta.get("k", 32)), init_encoder="paper", init_b_dec="zeros"
+        )
         sae = cls(cfg, [layer], device=device)
         with torch.no_grad():
             for name, theirs in SPARSIFY_NAMES.items():
                 weight = tensors[theirs]
                 if tuple(weight.shape) != tuple(getattr(sae, name).shape):
-                    raise ValueError(f"{path}: {theirs} has shape {tuple(weight.shape)}, "
-                                     f"expected {tuple(getattr(sae, name).shape)}")  # fmt: skip
+                    raise ValueError(
+                        f"{path}: {theirs} has shape {tuple(weight.shape)}, "
+                        f"expected {tuple(getattr(sae, name).shape)}"
+                    )
                 getattr(sae, name).copy_(weight.float())
         return sae

@@ -77,8 +77,12 @@ class ChatStub:
                     return
                 message = {"role": "assistant", "content": content}
                 choice = {"index": 0, "finish_reason": "stop", "message": message}
-                payload = {"id": "stub", "object": "chat.completion", "model": body["model"],
-                           "choices": [choice]}  # fmt: skip
+                payload = {
+                    "id": "stub",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [choice],
+                }
                 data = json.dumps(payload).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -87,16 +87,44 @@ def trained_runs(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("trained-runs")
     corpus = write_corpus(root / "corpus.txt", copies=100)
-    fast = ["--batch-tokens", "512", "--ctx-len", "64", "--k", "8", "--scale-tokens", "1k",
-            "--grouping-tokens", "2k", "--dead-threshold", "3k", "--expansion-factor", "4",
-            "--log-every", "100", "--device", "cpu", "--tokens", "2k"]  # fmt: skip
+    fast = [
+        "--batch-tokens",
+        "512",
+        "--ctx-len",
+        "64",
+        "--k",
+        "8",
+        "--scale-tokens",
+        "1k",
+        "--grouping-tokens",
+        "2k",
+        "--dead-threshold",
+        "3k",
+        "--expansion-factor",
+        "4",
+        "--log-every",
+        "100",
+        "--device",
+        "cpu",
+        "--tokens",
+        "2k",
+    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         runs = {"corpus": corpus, "model": tiny_model_dir}
         for name, groups in (("grouped", "2"), ("per-layer", "per-layer")):
-            argv = ["--model", str(tiny_model_dir), "--dataset", str(corpus), "--out",
-                    str(root / name), "--groups", groups, *fast]  # fmt: skip
+            argv = [
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(corpus),
+                "--out",
+                str(root / name),
+                "--groups",
+                groups,
+                *fast,
+            ]
             assert train_main(argv) == 0
             runs[name] = root / name
     finally:

@@ -110,8 +110,9 @@ def test_token_stream_resumes_exactly_from_a_saved_position():
 
 
 def test_token_stream_repeat_cycles_a_small_corpus():
-    stream = TokenStream(lambda: iter(["abcdefg"]), FakeTokenizer(), ctx_len=4, batch_size=1,
-                         repeat=True)  # fmt: skip
+    stream = TokenStream(
+        lambda: iter(["abcdefg"]), FakeTokenizer(), ctx_len=4, batch_size=1, repeat=True
+    )
     batches = collect(stream, limit=5)
     assert len(batches) == 5 and batches[-1].position.epoch >= 2
 
@@ -158,15 +159,33 @@ def _save_family(kind, directory, tokenizer_dir):
     import transformers as tf
 
     configs = {
-        "gpt2": (tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=4, n_positions=64),
-                 tf.GPT2LMHeadModel),
-        "llama": (tf.LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3,
-                                 num_attention_heads=4, intermediate_size=64,
-                                 max_position_embeddings=64), tf.LlamaForCausalLM),
-        "bert": (tf.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=3,
-                               num_attention_heads=4, intermediate_size=64,
-                               max_position_embeddings=64), tf.BertModel),
-    }  # fmt: skip
+        "gpt2": (
+            tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+            tf.GPT2LMHeadModel,
+        ),
+        "llama": (
+            tf.LlamaConfig(
+                vocab_size=300,
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+            tf.LlamaForCausalLM,
+        ),
+        "bert": (
+            tf.BertConfig(
+                vocab_size=300,
+                hidden_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+            tf.BertModel,
+        ),
+    }
     config, cls = configs[kind]
     cls(config).save_pretrained(directory)
     for f in tokenizer_dir.iterdir():
@@ -192,8 +211,9 @@ def test_a_position_stays_small_inside_a_long_document():
     """The saved position of a chunk deep inside a 200k-token document is a few numbers, not the
     rest of the document (which the packer also must not copy for every chunk)."""
     long_doc = "x" * 200_000
-    stream = TokenStream(lambda: iter([long_doc, "tail"]), FakeTokenizer(), ctx_len=64,
-                         batch_size=4)  # fmt: skip
+    stream = TokenStream(
+        lambda: iter([long_doc, "tail"]), FakeTokenizer(), ctx_len=64, batch_size=4
+    )
     batches = collect(stream, limit=10)
     size = len(json.dumps(batches[-1].position.to_dict()))
     assert size < 400, size
@@ -211,8 +231,9 @@ def test_resuming_a_file_reads_no_document_before_the_position(tmp_path, monkeyp
     parsed = []
     loads = acts.json.loads
     monkeypatch.setattr(acts.json, "loads", lambda s: parsed.append(1) or loads(s))
-    rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3,
-                               position=saved), limit=1)  # fmt: skip
+    rest = collect(
+        TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3, position=saved), limit=1
+    )
     assert saved.documents > 200
     assert len(parsed) < 150, f"{len(parsed)} records parsed to resume at document {saved}"
     whole = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3), limit=151)
@@ -276,9 +297,11 @@ def test_a_streamed_dataset_resumes_from_its_own_state(monkeypatch):
     assert saved.source["hub"]["examples_iterable"]  # the dataset's own state, JSON and back
     yielded = []
     state_dict = type(stream).state_dict
-    monkeypatch.setattr(type(stream), "state_dict",
-                        lambda self: yielded.append(1) or state_dict(self))  # fmt: skip
+    monkeypatch.setattr(
+        type(stream), "state_dict", lambda self: yielded.append(1) or state_dict(self)
+    )
     rest = collect(TokenStream(texts, FakeTokenizer(), ctx_len=16, batch_size=3, position=saved))
-    assert torch.equal(torch.cat([b.input_ids for b in head + rest]),
-                       torch.cat([b.input_ids for b in whole]))  # fmt: skip
+    assert torch.equal(
+        torch.cat([b.input_ids for b in head + rest]), torch.cat([b.input_ids for b in whole])
+    )
     assert len(yielded) <= len(docs) - saved.documents + 1  # nothing before it was yielded

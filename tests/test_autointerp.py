@@ -137,9 +137,14 @@ def words_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def words_collection(trained_runs, words_corpus, one_thread):
-    return collect(trained_runs["grouped"], tokens=3072, batch_tokens=512, device="cpu",
-                   dataset=str(words_corpus),
-                   config=CollectConfig(window=16, top=8, random=6, pool=48))  # fmt: skip
+    return collect(
+        trained_runs["grouped"],
+        tokens=3072,
+        batch_tokens=512,
+        device="cpu",
+        dataset=str(words_corpus),
+        config=CollectConfig(window=16, top=8, random=6, pool=48),
+    )
 
 
 class Oracle:
@@ -201,12 +206,14 @@ class Oracle:
 
 
 @pytest.mark.parametrize("oracle, expected", [("truth", 1.0), ("inverted", 0.0), ("ones", 0.5)])
-def test_pipeline_scores_what_the_scorer_answers(words_collection, trained_runs, oracle,
-                                                 expected):  # fmt: skip
+def test_pipeline_scores_what_the_scorer_answers(words_collection, trained_runs, oracle, expected):
     tokenizer = load_tokenizer(str(trained_runs["model"]))
     cfg = AutoInterpConfig(latents=5, explain=4, test=5, seed=1)
-    answer = scripted if oracle == "ones" else Oracle(words_collection, tokenizer, cfg.explain,
-                                                      invert=oracle == "inverted")  # fmt: skip
+    answer = (
+        scripted
+        if oracle == "ones"
+        else Oracle(words_collection, tokenizer, cfg.explain, invert=oracle == "inverted")
+    )
     with ChatStub(answer=answer) as stub:
         c = ChatClient(stub.url, "stub", concurrency=4)
         result = run_autointerp(words_collection, tokenizer, c, c, cfg)
@@ -243,8 +250,10 @@ def test_unreadable_answers_are_recorded_not_scored(words_collection, trained_ru
     for r in result.records:
         assert r["explanation"] == "I think it is about animals."
         assert r["detection"]["accuracy"] is None and "cannot tell" in r["detection"]["unparsed"]
-    assert result.summary["overall"]["detection"]["mean"] != result.summary["overall"][
-        "detection"]["mean"]  # NaN: nothing scored  # fmt: skip
+    assert (
+        result.summary["overall"]["detection"]["mean"]
+        != result.summary["overall"]["detection"]["mean"]
+    )  # NaN: nothing scored
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,14 +262,41 @@ def test_unreadable_answers_are_recorded_not_scored(words_collection, trained_ru
 
 
 def run_cli(stub, run, out, *extra):
-    return main([str(run), "--endpoint", stub.url, "--explainer-model", "stub", "--out", str(out),
-                 "--latents", "3", "--tokens", "1536", "--batch-tokens", "512", "--device",
-                 "cpu", "--window", "16", "--top", "6", "--random", "4", "--pool", "32",
-                 "--concurrency", "3", *extra])  # fmt: skip
+    return main(
+        [
+            str(run),
+            "--endpoint",
+            stub.url,
+            "--explainer-model",
+            "stub",
+            "--out",
+            str(out),
+            "--latents",
+            "3",
+            "--tokens",
+            "1536",
+            "--batch-tokens",
+            "512",
+            "--device",
+            "cpu",
+            "--window",
+            "16",
+            "--top",
+            "6",
+            "--random",
+            "4",
+            "--pool",
+            "32",
+            "--concurrency",
+            "3",
+            *extra,
+        ]
+    )
 
 
-def test_an_interrupted_run_resumes_without_asking_again(trained_runs, tmp_path, one_thread,
-                                                         capsys):  # fmt: skip
+def test_an_interrupted_run_resumes_without_asking_again(
+    trained_runs, tmp_path, one_thread, capsys
+):
     run = trained_runs["grouped"]
     with ChatStub() as stub:  # the same run, never interrupted
         assert run_cli(stub, run, tmp_path / "whole") == 0
@@ -285,13 +321,38 @@ def test_an_interrupted_run_resumes_without_asking_again(trained_runs, tmp_path,
 def test_scores_go_into_the_gsae_eval_report(trained_runs, tmp_path, one_thread, monkeypatch):
     eval_dir = tmp_path / "eval"
     runs = [str(trained_runs["grouped"]), "--baseline", str(trained_runs["per-layer"])]
-    assert eval_main([*runs, "--out", str(eval_dir), "--tokens", "256", "--batch-tokens", "256",
-                      "--no-downstream", "--mmco-pairs", "none"]) == 0  # fmt: skip
+    assert (
+        eval_main(
+            [
+                *runs,
+                "--out",
+                str(eval_dir),
+                "--tokens",
+                "256",
+                "--batch-tokens",
+                "256",
+                "--no-downstream",
+                "--mmco-pairs",
+                "none",
+            ]
+        )
+        == 0
+    )
     monkeypatch.setenv("GSAE_TEST_KEY", "sk-secret")
     with ChatStub() as stub:
         for name in ("grouped", "per-layer"):
-            assert run_cli(stub, trained_runs[name], tmp_path / name, "--report", str(eval_dir),
-                           "--api-key-env", "GSAE_TEST_KEY") == 0  # fmt: skip
+            assert (
+                run_cli(
+                    stub,
+                    trained_runs[name],
+                    tmp_path / name,
+                    "--report",
+                    str(eval_dir),
+                    "--api-key-env",
+                    "GSAE_TEST_KEY",
+                )
+                == 0
+            )
         assert set(stub.keys) == {"Bearer sk-secret"}
     entries = [json.loads(x) for x in (eval_dir / "autointerp.jsonl").read_text().splitlines()]
     assert sorted(e["run"] for e in entries) == ["grouped", "per-layer"]
@@ -301,8 +362,23 @@ def test_scores_go_into_the_gsae_eval_report(trained_runs, tmp_path, one_thread,
     summary = json.loads((tmp_path / "grouped" / "summary.json").read_text())
     assert summary["overall"]["detection"]["mean"] == pytest.approx(0.5)  # the all-ones stub
     # gsae-eval run again keeps the auto-interp section
-    assert eval_main([*runs, "--out", str(eval_dir), "--tokens", "256", "--batch-tokens", "256",
-                      "--no-downstream", "--mmco-pairs", "none"]) == 0  # fmt: skip
+    assert (
+        eval_main(
+            [
+                *runs,
+                "--out",
+                str(eval_dir),
+                "--tokens",
+                "256",
+                "--batch-tokens",
+                "256",
+                "--no-downstream",
+                "--mmco-pairs",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert "<h2>Auto-interpretability</h2>" in (eval_dir / "report.html").read_text()
 
 

@@ -20,8 +20,14 @@ from gsae.hf.tokens import TokenStream, TokenText
 from gsae.run import load_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +73,10 @@ def brute_force(batches, m, window, t):
                     entry = table[row].setdefault(where, [0.0, None, [0.0] * window])
                     entry[0] = max(entry[0], v)
                     entry[2][tt - start] = v
-                    tokens = [int(ids[b, j]) if j < t and mask[b, j] else -1
-                              for j in range(start, start + window)]  # fmt: skip
+                    tokens = [
+                        int(ids[b, j]) if j < t and mask[b, j] else -1
+                        for j in range(start, start + window)
+                    ]
                     entry[1] = tokens
         sequences += ids.shape[0]
     return table
@@ -98,14 +106,16 @@ def test_top_heap_holds_the_top_windows_with_their_tokens_and_activations(window
         entries = sorted(truth[row].items(), key=lambda kv: -kv[1][0])[:n]
         filled = int(torch.isfinite(heap.keys[row]).sum())
         assert filled == len(entries)
-        assert heap.keys[row].tolist()[:filled] == sorted(heap.keys[row].tolist()[:filled],
-                                                          reverse=True)  # fmt: skip
+        assert heap.keys[row].tolist()[:filled] == sorted(
+            heap.keys[row].tolist()[:filled], reverse=True
+        )
         for slot, (where, (value, tokens, acts)) in enumerate(entries):
             assert int(heap.where[row, slot]) == where
             assert float(heap.value[row, slot]) == pytest.approx(value)
             assert heap.tokens[row, slot].tolist() == tokens
-            torch.testing.assert_close(heap.acts[row, slot].float(),
-                                       torch.tensor(acts).half().float())  # fmt: skip
+            torch.testing.assert_close(
+                heap.acts[row, slot].float(), torch.tensor(acts).half().float()
+            )
 
 
 def test_random_heap_is_a_uniform_sample_of_the_activating_windows():
@@ -117,8 +127,9 @@ def test_random_heap_is_a_uniform_sample_of_the_activating_windows():
     counts = dict.fromkeys(windows, 0)
     trials = 60
     for seed in range(trials):
-        heap = WindowHeap(2 * m, n, window, random=True,
-                          generator=torch.Generator().manual_seed(seed))  # fmt: skip
+        heap = WindowHeap(
+            2 * m, n, window, random=True, generator=torch.Generator().manual_seed(seed)
+        )
         stream_into(heap, batches, m, window, t)
         picked = heap.where[row].tolist()
         assert len(set(picked)) == n and set(picked) <= set(windows)  # distinct, activating
@@ -168,8 +179,13 @@ def test_token_text_keeps_characters_that_span_tokens():
 
 @pytest.fixture(scope="module")
 def collection(trained_runs, one_thread):
-    return collect(trained_runs["grouped"], tokens=1536, batch_tokens=512, device="cpu",
-                   config=CollectConfig(window=16, top=5, random=3, pool=16))  # fmt: skip
+    return collect(
+        trained_runs["grouped"],
+        tokens=1536,
+        batch_tokens=512,
+        device="cpu",
+        config=CollectConfig(window=16, top=5, random=3, pool=16),
+    )
 
 
 def direct_counts(trained_runs, tokens=1536):
@@ -180,8 +196,9 @@ def direct_counts(trained_runs, tokens=1536):
     reader = ActivationReader(loaded, [0, 1, 2, 3])
     fired, sums, best = {}, {}, {}
     seen = 0
-    with TokenStream(lambda: iter_texts(str(trained_runs["corpus"])), loaded.tokenizer,
-                     ctx_len=64, batch_size=8) as stream:  # fmt: skip
+    with TokenStream(
+        lambda: iter_texts(str(trained_runs["corpus"])), loaded.tokenizer, ctx_len=64, batch_size=8
+    ) as stream:
         for batch in stream:
             hidden = reader(batch.input_ids, batch.attention_mask)
             for layer in range(4):
@@ -191,10 +208,12 @@ def direct_counts(trained_runs, tokens=1536):
                 counts = torch.bincount(enc.indices[on], minlength=sae.m)
                 fired[layer] = fired.get(layer, 0) + counts
                 act = torch.zeros(sae.m, dtype=torch.float64).index_add_(
-                    0, enc.indices.flatten(), enc.values.flatten().double())  # fmt: skip
+                    0, enc.indices.flatten(), enc.values.flatten().double()
+                )
                 sums[layer] = sums.get(layer, 0) + act
-                top = torch.zeros(sae.m).scatter_reduce(0, enc.indices.flatten(),
-                                                        enc.values.flatten(), "amax")  # fmt: skip
+                top = torch.zeros(sae.m).scatter_reduce(
+                    0, enc.indices.flatten(), enc.values.flatten(), "amax"
+                )
                 best[layer] = torch.maximum(best.get(layer, top), top)
             seen += batch.num_tokens
             if seen >= tokens:
@@ -218,15 +237,21 @@ def test_collection_counts_match_a_direct_count(collection, trained_runs):
         assert t["hist"].shape == (m, HIST_BINS)
         share = collection.distribution(name).share
         fired_any = t["fired"].sum(0) > 0
-        torch.testing.assert_close(share[:, fired_any].sum(0),
-                                   torch.ones(int(fired_any.sum()), dtype=share.dtype))  # fmt: skip
+        torch.testing.assert_close(
+            share[:, fired_any].sum(0), torch.ones(int(fired_any.sum()), dtype=share.dtype)
+        )
         spread = collection.spread(name)[fired_any]
         assert bool(((spread >= 1 - 1e-9) & (spread <= len(layers) + 1e-9)).all())
 
 
 def test_collection_memory_does_not_grow_with_tokens(collection, trained_runs):
-    more = collect(trained_runs["grouped"], tokens=4096, batch_tokens=512, device="cpu",
-                   config=CollectConfig(window=16, top=5, random=3, pool=16))  # fmt: skip
+    more = collect(
+        trained_runs["grouped"],
+        tokens=4096,
+        batch_tokens=512,
+        device="cpu",
+        config=CollectConfig(window=16, top=5, random=3, pool=16),
+    )
     assert more.meta["tokens"] == 4096
     for name in collection.saes:
         small = {k: (tuple(v.shape), v.dtype) for k, v in collection.saes[name].items()}
@@ -248,8 +273,14 @@ def test_a_run_against_itself_as_baseline_matches_every_latent(trained_runs, one
     """Each latent's best baseline match, by decoder cosine and by Jaccard of firing, is itself
     when the baseline is the run itself (cosine 1, Jaccard 1 for latents that fired)."""
     run = trained_runs["per-layer"]
-    col = collect(run, tokens=1024, batch_tokens=512, device="cpu", baseline=run,
-                  config=CollectConfig(window=16, top=2, random=2, pool=4))  # fmt: skip
+    col = collect(
+        run,
+        tokens=1024,
+        batch_tokens=512,
+        device="cpu",
+        baseline=run,
+        config=CollectConfig(window=16, top=2, random=2, pool=4),
+    )
     for name, t in col.saes.items():
         (layer,) = col.layers(name)
         m = col.meta["saes"][name]["m"]
@@ -257,8 +288,9 @@ def test_a_run_against_itself_as_baseline_matches_every_latent(trained_runs, one
         torch.testing.assert_close(t[f"baseline.{layer}.cosine"], torch.ones(m))
         fired = t["fired"][0] > 0
         assert torch.equal(t[f"baseline.{layer}.jaccard_index"][fired], torch.arange(m)[fired])
-        torch.testing.assert_close(t[f"baseline.{layer}.jaccard"][fired],
-                                   torch.ones(int(fired.sum())))  # fmt: skip
+        torch.testing.assert_close(
+            t[f"baseline.{layer}.jaccard"][fired], torch.ones(int(fired.sum()))
+        )
         assert not bool((t["neighbours.index"] == torch.arange(m)[:, None]).any())  # not itself
 
 
@@ -270,9 +302,25 @@ def test_a_run_against_itself_as_baseline_matches_every_latent(trained_runs, one
 @pytest.fixture(scope="module")
 def site(trained_runs, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("browse") / "site"
-    argv = [str(trained_runs["grouped"]), "--out", str(out), "--baseline",
-            str(trained_runs["per-layer"]), "--tokens", "1536", "--batch-tokens", "512",
-            "--device", "cpu", "--window", "16", "--top", "6", "--random", "3"]  # fmt: skip
+    argv = [
+        str(trained_runs["grouped"]),
+        "--out",
+        str(out),
+        "--baseline",
+        str(trained_runs["per-layer"]),
+        "--tokens",
+        "1536",
+        "--batch-tokens",
+        "512",
+        "--device",
+        "cpu",
+        "--window",
+        "16",
+        "--top",
+        "6",
+        "--random",
+        "3",
+    ]
     assert main(argv) == 0
     return out
 
@@ -304,9 +352,13 @@ def _playwright():
         from playwright.sync_api import sync_playwright
     except ImportError:
         sync_playwright = None
-    missing = ("no chromium installed (apt-get install chromium)" if CHROMIUM is None else
-               "playwright is not installed (pip install playwright)" if sync_playwright is None
-               else None)  # fmt: skip
+    missing = (
+        "no chromium installed (apt-get install chromium)"
+        if CHROMIUM is None
+        else "playwright is not installed (pip install playwright)"
+        if sync_playwright is None
+        else None
+    )
     if missing:
         (pytest.fail if required else pytest.skip)(missing)
     return sync_playwright
@@ -357,7 +409,8 @@ def test_pages_in_headless_chromium(site):
             lit = ctx.locator(".tok.on")
             assert lit.count() == sum(a > 0 for a in acts)
             assert [float(x) for x in lit.evaluate_all("els => els.map(e => e.title)")] == [
-                a for a in acts if a > 0]  # fmt: skip
+                a for a in acts if a > 0
+            ]
         assert page.locator("#random .ctx").count() == len(rec["random"])
         bars = page.locator("#layers rect")
         assert bars.count() == 2 and page.locator("#layers rect.peak").count() == 1

@@ -14,14 +14,43 @@ from gsae.cli.eval import main
 from gsae.cli.train import main as train_main
 from gsae.run import load_run
 
-FAST = ["--batch-tokens", "512", "--ctx-len", "64", "--k", "8", "--scale-tokens", "1k",
-        "--grouping-tokens", "2k", "--dead-threshold", "3k", "--expansion-factor", "4",
-        "--log-every", "100", "--device", "cpu"]  # fmt: skip
+FAST = [
+    "--batch-tokens",
+    "512",
+    "--ctx-len",
+    "64",
+    "--k",
+    "8",
+    "--scale-tokens",
+    "1k",
+    "--grouping-tokens",
+    "2k",
+    "--dead-threshold",
+    "3k",
+    "--expansion-factor",
+    "4",
+    "--log-every",
+    "100",
+    "--device",
+    "cpu",
+]
 
 
 def train(model, corpus, out, groups, tokens="2k", *extra):
-    argv = ["--model", str(model), "--dataset", str(corpus), "--out", str(out), "--groups",
-            groups, "--tokens", tokens, *FAST, *extra]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--dataset",
+        str(corpus),
+        "--out",
+        str(out),
+        "--groups",
+        groups,
+        "--tokens",
+        tokens,
+        *FAST,
+        *extra,
+    ]
     assert train_main(argv) == 0
     return out
 
@@ -46,18 +75,39 @@ def runs(tmp_path_factory, tiny_model_dir, one_thread):
 
 def test_eval_writes_every_output(runs, tmp_path, capsys, offline):
     out = tmp_path / "eval"
-    argv = [str(runs["grouped"]), "--baseline", str(runs["per-layer"]), "--out", str(out),
-            "--tokens", "640", "--batch-tokens", "256"]  # fmt: skip
+    argv = [
+        str(runs["grouped"]),
+        "--baseline",
+        str(runs["per-layer"]),
+        "--out",
+        str(out),
+        "--tokens",
+        "640",
+        "--batch-tokens",
+        "256",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Approach |" in printed and "tokens/s" in printed
-    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
-                 "table2.md", "report.html", "fig2_amad.png", "fig3_flops.png", "mmco.png",
-                 "mmcs.png", "features_grouped.png"):  # fmt: skip
+    for name in (
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "table1.md",
+        "table1.csv",
+        "table2.md",
+        "report.html",
+        "fig2_amad.png",
+        "fig3_flops.png",
+        "mmco.png",
+        "mmcs.png",
+        "features_grouped.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted((r["run"], r["layer"]) for r in records) == sorted(
-        (run, layer) for run in ("per-layer", "grouped") for layer in range(4))  # fmt: skip
+        (run, layer) for run in ("per-layer", "grouped") for layer in range(4)
+    )
     for r in records:
         assert r["tokens"] == 640 and r["positions"] > 0 and 0 <= r["never_fired"] <= 1
         assert r["eval"]["dataset"] == str(runs["corpus"]) and r["eval"]["start_document"] > 0
@@ -112,7 +162,8 @@ def test_heldout_text_starts_after_the_training_position(runs):
 
     saved = runs["corpus"].parent / "dict"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(
-        str(saved))  # fmt: skip
+        str(saved)
+    )
     assert split_selects(str(saved)) and split_selects("monology/pile-uncopyrighted")
     assert not split_selects(str(runs["corpus"])) and split_selects("demo")  # train and test
 
@@ -165,11 +216,15 @@ def test_bad_inputs_fail_before_any_work(runs, tmp_path, capsys, offline):
     fails([grouped, "--baseline", str(other)], "of different models", "pythia-70m")
     fails([grouped, "--baseline", grouped], "is not a per-layer run")
     shallow = str(runs["shallow"])
-    fails([grouped, "--baseline", shallow, "--model", str(runs["shallow-model"])],
-          "different depths")  # fmt: skip
+    fails(
+        [grouped, "--baseline", shallow, "--model", str(runs["shallow-model"])], "different depths"
+    )
     # SAEs for layers the model lacks
-    fails([grouped, "--model", str(runs["shallow-model"])], "has SAEs for layers [2, 3]",
-          "has 2 layers")  # fmt: skip
+    fails(
+        [grouped, "--model", str(runs["shallow-model"])],
+        "has SAEs for layers [2, 3]",
+        "has 2 layers",
+    )
     # an evaluation set of 0 tokens
     assert main([grouped, "--out", str(out), "--tokens", "0"]) == 2
     assert "an evaluation set of 0 tokens" in capsys.readouterr().err
@@ -198,9 +253,28 @@ def _copy(run, dest):
 def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
     """The paper's comparison on the bundled demo, on a tiny budget: --groups auto (Ĝ), 1,
     per-layer and even:2, evaluated together against the per-layer baseline."""
-    common = ["--model", "demo", "--dataset", "demo", "--tokens", "8k", "--grouping-tokens",
-              "4k", "--scale-tokens", "2k", "--expansion-factor", "2", "--k", "16", "--lr",
-              "1e-2", "--log-every", "1000", "--device", "cpu"]  # fmt: skip
+    common = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--tokens",
+        "8k",
+        "--grouping-tokens",
+        "4k",
+        "--scale-tokens",
+        "2k",
+        "--expansion-factor",
+        "2",
+        "--k",
+        "16",
+        "--lr",
+        "1e-2",
+        "--log-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     for groups in ("auto", "per-layer", "even:2"):
         assert train_main([*common, "--groups", groups, "--out", str(tmp_path / groups)]) == 0
     g_hat = load_run(tmp_path / "auto").grouping.g_hat
@@ -208,13 +282,34 @@ def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
         assert train_main([*common, "--groups", "1", "--out", str(tmp_path / "1")]) == 0
     out = tmp_path / "eval"
     runs = [str(p) for p in sorted(tmp_path.iterdir()) if p.name != "per-layer"]
-    argv = [*runs, "--baseline", str(tmp_path / "per-layer"), "--out", str(out), "--tokens",
-            "512", "--batch-tokens", "512"]  # fmt: skip
+    argv = [
+        *runs,
+        "--baseline",
+        str(tmp_path / "per-layer"),
+        "--out",
+        str(out),
+        "--tokens",
+        "512",
+        "--batch-tokens",
+        "512",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
-    names = ["metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
-             "table2.md", "report.html", "fig2_amad.png", "fig3_flops.png", "mmco.png",
-             "mmcs.png", "features_auto.png", "features_even:2.png"]  # fmt: skip
+    names = [
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "table1.md",
+        "table1.csv",
+        "table2.md",
+        "report.html",
+        "fig2_amad.png",
+        "fig3_flops.png",
+        "mmco.png",
+        "mmcs.png",
+        "features_auto.png",
+        "features_even:2.png",
+    ]
     for name in names:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())

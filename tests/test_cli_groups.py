@@ -9,12 +9,29 @@ from gsae import grouping as gp
 from gsae.cli.groups import main as groups_main
 
 
-def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_corpus, tmp_path,
-                                                         offline, capsys):  # fmt: skip
+def test_gsae_groups_runs_offline_and_writes_its_outputs(
+    tiny_model_dir, tiny_corpus, tmp_path, offline, capsys
+):
     out = tmp_path / "groups"
-    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens", "3k",
-            "--ctx-len", "64", "--batch-size", "4", "--repeat", "--device", "cpu",
-            "--model-dtype", "fp32", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_corpus),
+        "--tokens",
+        "3k",
+        "--ctx-len",
+        "64",
+        "--batch-size",
+        "4",
+        "--repeat",
+        "--device",
+        "cpu",
+        "--model-dtype",
+        "fp32",
+        "--out",
+        str(out),
+    ]
     assert groups_main(argv) == 0
     printed = capsys.readouterr().out
     assert "AMAD" in printed and "*" in printed and "G_hat" in printed
@@ -35,9 +52,22 @@ def test_gsae_groups_runs_offline_and_writes_its_outputs(tiny_model_dir, tiny_co
 
 
 def test_include_last(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens", "500",
-            "--ctx-len", "32", "--include-last", "--repeat", "--device", "cpu",
-            "--out", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_corpus),
+        "--tokens",
+        "500",
+        "--ctx-len",
+        "32",
+        "--include-last",
+        "--repeat",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
     assert groups_main(argv) == 0
     assert json.loads((tmp_path / "groups.json").read_text())["layers"] == [0, 1, 2, 3]
 

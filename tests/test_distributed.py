@@ -21,9 +21,27 @@ from gsae.train.distributed import plan_owners
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-FAST = ["--tokens", "4k", "--grouping-tokens", "2k", "--scale-tokens", "1k", "--batch-tokens",
-        "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "2k", "--repeat",
-        "--log-every", "2", "--device", "cpu"]  # fmt: skip
+FAST = [
+    "--tokens",
+    "4k",
+    "--grouping-tokens",
+    "2k",
+    "--scale-tokens",
+    "1k",
+    "--batch-tokens",
+    "512",
+    "--ctx-len",
+    "64",
+    "--k",
+    "8",
+    "--dead-threshold",
+    "2k",
+    "--repeat",
+    "--log-every",
+    "2",
+    "--device",
+    "cpu",
+]
 # float32 rounding: the replicas sum the parts' gradients, one process the whole batch's; one
 # Adam step moves a weight by ~lr = 1e-3, so a missed, doubled or wrong step is far above this
 ATOL = 1e-5
@@ -36,10 +54,23 @@ def args(model, corpus, out, *extra):
 def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py ARGV`` (gsae-train,
     faults injected as ``env`` says); ``--standalone`` rendezvous on a free local port."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), *map(str, argv)]  # fmt: skip
-    full = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1", **(env or {})}  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        *map(str, argv),
+    ]
+    full = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        **(env or {}),
+    }
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
@@ -80,8 +111,9 @@ def reference(tiny_model_dir, tiny_corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize("placement", ["replicated", "distribute-saes"])
-def test_two_processes_train_the_saes_of_one(placement, reference, tiny_model_dir, tiny_corpus,
-                                             tmp_path):  # fmt: skip
+def test_two_processes_train_the_saes_of_one(
+    placement, reference, tiny_model_dir, tiny_corpus, tmp_path
+):
     out = tmp_path / "run"
     extra = ["--check-replicas"] + (["--distribute-saes"] if placement != "replicated" else [])
     ok(torchrun(args(tiny_model_dir, tiny_corpus, out, *extra)))
@@ -108,15 +140,19 @@ def test_two_processes_train_the_saes_of_one(placement, reference, tiny_model_di
 
 
 @pytest.mark.parametrize("per_token", ["one", "all"])
-def test_fewer_saes_than_processes_split_each_batch(per_token, tiny_model_dir, tiny_corpus,
-                                                    tmp_path, offline):  # fmt: skip
+def test_fewer_saes_than_processes_split_each_batch(
+    per_token, tiny_model_dir, tiny_corpus, tmp_path, offline
+):
     """One SAE for every layer on 2 processes: both own it, each trains on half the rows (with
     --layers-per-token all: half of every layer's rows)."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--groups", "1", "--include-last", "--layers-per-token", per_token]
     assert train_main(args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra)) == 0
-    ok(torchrun(args(tiny_model_dir, tiny_corpus, two, *extra, "--distribute-saes",
-                     "--check-replicas")))  # fmt: skip
+    ok(
+        torchrun(
+            args(tiny_model_dir, tiny_corpus, two, *extra, "--distribute-saes", "--check-replicas")
+        )
+    )
     assert json.loads((two / "summary.json").read_text())["owners"] == {"layers_0-3": [0, 1]}
     assert_same_saes(one, two)
 
@@ -128,8 +164,9 @@ def test_interrupted_run_resumes_on_two_and_on_one_process(
     cut = tmp_path / "cut"
     extra = ["--distribute-saes"] if placement != "replicated" else []
     # Ctrl-C reaches process 1 after step 3: both stop after step 4 and save a checkpoint
-    result = torchrun(args(tiny_model_dir, tiny_corpus, cut, *extra),
-                      env={"GSAE_TEST_FAULT": "1:3:sigint"})  # fmt: skip
+    result = torchrun(
+        args(tiny_model_dir, tiny_corpus, cut, *extra), env={"GSAE_TEST_FAULT": "1:3:sigint"}
+    )
     assert result.returncode != 0, result.stderr[-3000:]
     assert "continue with gsae-train --resume" in result.stderr
     state = json.loads((cut / "checkpoint" / "run_state.json").read_text())
@@ -294,13 +331,15 @@ def test_data_parallel_halves_sum_to_the_whole_batch_step():
             assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-6), (step, name)
     assert float(out.auxk) > 0  # some latent died: the AuxK path was compared too
     assert torch.equal(whole.tokens_since_fired, halves.tokens_since_fired)
-    for (name, a), b in zip(whole.sae.state_dict().items(), halves.sae.state_dict().values(),
-                            strict=True):  # fmt: skip
+    for (name, a), b in zip(
+        whole.sae.state_dict().items(), halves.sae.state_dict().values(), strict=True
+    ):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_one_process_run_resumes_on_two(reference, tiny_model_dir, tiny_corpus, tmp_path,
-                                        offline, monkeypatch):  # fmt: skip
+def test_one_process_run_resumes_on_two(
+    reference, tiny_model_dir, tiny_corpus, tmp_path, offline, monkeypatch
+):
     """A run of two shards started on one process (Ctrl-C after step 3), resumed on two."""
     import signal
 
@@ -323,16 +362,25 @@ def test_one_process_run_resumes_on_two(reference, tiny_model_dir, tiny_corpus, 
     assert_same_saes(reference, cut)
 
 
-def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(tiny_model_dir, tiny_corpus,
-                                                                  tmp_path):  # fmt: skip
+def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(
+    tiny_model_dir, tiny_corpus, tmp_path
+):
     """Ctrl-C as a user gives it: SIGINT to torchrun, which passes it on to each process."""
     import signal
 
     out = tmp_path / "run"
     argv = args(tiny_model_dir, tiny_corpus, out, "--log-every", "5")
     argv[argv.index("--tokens") + 1] = "50M"  # longer than the test waits
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), *map(str, argv)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        *map(str, argv),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -355,14 +403,16 @@ def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(tiny_model_dir
 
 
 @pytest.mark.parametrize("placement", ["replicated", "distribute-saes"])
-def test_data_running_out_stops_every_process_together(placement, tiny_model_dir, tiny_corpus,
-                                                       tmp_path, offline):  # fmt: skip
+def test_data_running_out_stops_every_process_together(
+    placement, tiny_model_dir, tiny_corpus, tmp_path, offline
+):
     """Without --repeat the tiny corpus ends before 20k tokens: both processes stop at the
     step where a shard cannot fill its part, as one process over two shards does, with a
     checkpoint and the SAEs of what was trained."""
     one, two = tmp_path / "one", tmp_path / "two"
-    short = [a for a in args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2")
-             if a != "--repeat"]  # fmt: skip
+    short = [
+        a for a in args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2") if a != "--repeat"
+    ]
     short[short.index("--tokens") + 1] = "20k"
     assert train_main(short) == 1
     extra = ["--distribute-saes"] if placement != "replicated" else []

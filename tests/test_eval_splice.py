@@ -23,8 +23,9 @@ def _tiny_models_on_one_thread(one_thread):
 def _causal(kind, tiny_model_dir, tmp_path):
     if kind == "gpt_neox":
         return load_model(str(tiny_model_dir), "fp32", lm_head=True)
-    return load_model(str(_save_family(kind, tmp_path / kind, tiny_model_dir)), "fp32",
-                      lm_head=True)  # fmt: skip
+    return load_model(
+        str(_save_family(kind, tmp_path / kind, tiny_model_dir)), "fp32", lm_head=True
+    )
 
 
 @pytest.mark.parametrize("kind", ["gpt_neox", "gpt2", "llama"])
@@ -71,8 +72,12 @@ def zero_sae(d: int, layers) -> Sae:
 
 def token_batches(loaded, corpus, ctx_len=32, batch_size=4):
     def batches():
-        with TokenStream(lambda: iter_texts(str(corpus)), loaded.tokenizer, ctx_len=ctx_len,
-                         batch_size=batch_size) as stream:  # fmt: skip
+        with TokenStream(
+            lambda: iter_texts(str(corpus)),
+            loaded.tokenizer,
+            ctx_len=ctx_len,
+            batch_size=batch_size,
+        ) as stream:
             yield from stream
 
     return batches
@@ -111,8 +116,9 @@ def test_mmco_in_several_passes_equals_one_pass(tiny_model_dir, tiny_corpus):
     group = RunSaes("group", {"g012": _trained_like(9, [0, 1, 2]), "l3": _trained_like(3, [3])})
     batches = token_batches(loaded, tiny_corpus)
     one = evaluate(loaded, [base, group], batches, 200, baseline="base", downstream=False)
-    many = evaluate(loaded, [base, group], batches, 200, baseline="base", downstream=False,
-                    mmco_memory=1)  # fmt: skip
+    many = evaluate(
+        loaded, [base, group], batches, 200, baseline="base", downstream=False, mmco_memory=1
+    )
     assert one.passes == 1 and many.passes == 16  # one pair per pass
     assert set(one.mmco["group"]) == {(a, b) for a in range(4) for b in range(4)}
     assert one.mmco == many.mmco
@@ -126,8 +132,9 @@ def test_mmco_in_several_passes_equals_one_pass(tiny_model_dir, tiny_corpus):
     assert row3.mmcs_init == one.mmcs_init["group"][(3, "l3")]
     assert "downstream metrics not asked for" in one.notes[0]
     assert all(r.downstream is None for r in one.layers)
-    diag = evaluate(loaded, [base, group], batches, 200, baseline="base", downstream=False,
-                    pairs="diagonal")  # fmt: skip
+    diag = evaluate(
+        loaded, [base, group], batches, 200, baseline="base", downstream=False, pairs="diagonal"
+    )
     assert set(diag.mmco["group"]) == {(i, i) for i in range(4)}
     assert diag.mmco["group"][(1, 1)] == one.mmco["group"][(1, 1)]
     row = next(r for r in diag.layers if r.run == "group" and r.layer == 1)
@@ -192,7 +199,8 @@ def test_mmco_pairs_per_mode():
     runs = [base, group, small]
     everything = mmco_pairs(runs, base, "all")
     assert [p for p in everything if p[0] == "group"] == [
-        ("group", a, b) for a in range(3) for b in range(3)]  # fmt: skip
+        ("group", a, b) for a in range(3) for b in range(3)
+    ]
     # another per-layer run (smaller SAEs): its SAE at a layer only ever saw that layer
     assert [p for p in everything if p[0] == "small"] == [("small", i, i) for i in range(3)]
     same = mmco_pairs(runs, base, "same-group")

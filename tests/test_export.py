@@ -19,11 +19,30 @@ from gsae.sae import Sae, SaeConfig
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder needs a GPU
 
-SPARSIFY_CFG = {"activation", "expansion_factor", "normalize_decoder", "num_latents", "k",
-                "multi_topk", "skip_connection", "transcode", "d_in"}  # fmt: skip
-SAELENS_CFG = {"architecture", "d_in", "d_sae", "k", "dtype", "device", "apply_b_dec_to_input",
-               "normalize_activations", "reshape_activations", "rescale_acts_by_decoder_norm",
-               "metadata"}  # fmt: skip
+SPARSIFY_CFG = {
+    "activation",
+    "expansion_factor",
+    "normalize_decoder",
+    "num_latents",
+    "k",
+    "multi_topk",
+    "skip_connection",
+    "transcode",
+    "d_in",
+}
+SAELENS_CFG = {
+    "architecture",
+    "d_in",
+    "d_sae",
+    "k",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "rescale_acts_by_decoder_norm",
+    "metadata",
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +117,9 @@ def test_sparsify_loads_every_layer_of_a_group(trained_runs, activations, tmp_pa
                 theirs = coder.decode(enc.top_acts, enc.top_indices)
             assert bool((ours.values > 0).all()), "every slot active: the comparison is full"
             assert_same_latents(ours, enc.top_indices, enc.top_acts, float(sae.scale_for(layer)))
-            torch.testing.assert_close(theirs, x_hat, rtol=1e-5,
-                                       atol=1e-5 * float(x_hat.abs().max()))  # fmt: skip
+            torch.testing.assert_close(
+                theirs, x_hat, rtol=1e-5, atol=1e-5 * float(x_hat.abs().max())
+            )
             checked += 1
     assert checked == 4
 
@@ -122,8 +142,9 @@ def test_saelens_loads_every_layer_of_a_group(trained_runs, activations, tmp_pat
                 recon = theirs.decode(feats)
             values, indices = feats.topk(sae.k, dim=1)
             assert_same_latents(ours, indices, values, float(sae.scale_for(layer)))
-            torch.testing.assert_close(recon, x_hat, rtol=1e-5,
-                                       atol=1e-5 * float(x_hat.abs().max()))  # fmt: skip
+            torch.testing.assert_close(
+                recon, x_hat, rtol=1e-5, atol=1e-5 * float(x_hat.abs().max())
+            )
 
 
 def test_files_have_the_formats_documented_keys_and_shapes(trained_runs, activations, tmp_path):
@@ -143,11 +164,16 @@ def test_files_have_the_formats_documented_keys_and_shapes(trained_runs, activat
         assert set(cfg) == SPARSIFY_CFG and (cfg["d_in"], cfg["num_latents"], cfg["k"]) == (d, m, k)
         t = load_file(folder / "sae.safetensors")
         shapes = {name: tuple(v.shape) for name, v in t.items()}
-        assert shapes == {"encoder.weight": (m, d), "encoder.bias": (m,), "W_dec": (m, d),
-                          "b_dec": (d,)}  # fmt: skip
+        assert shapes == {
+            "encoder.weight": (m, d),
+            "encoder.bias": (m,),
+            "W_dec": (m, d),
+            "b_dec": (d,),
+        }
         x = activations[layer]
         values, indices, _, _ = reference.topk_encode(
-            x, t["encoder.weight"], t["encoder.bias"], t["b_dec"], k)  # fmt: skip
+            x, t["encoder.weight"], t["encoder.bias"], t["b_dec"], k
+        )
         assert_same_latents(ours, indices, values, float(sae.scale_for(layer)))
         folder = tmp_path / "sl" / f"blocks.{layer}.hook_resid_post"
         cfg = json.loads((folder / "cfg.json").read_text())
@@ -170,8 +196,14 @@ def test_hookpoints_are_sparsifys_for_each_family(family, tmp_path):
     from sparsify.utils import get_layer_list
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    small = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-             "intermediate_size": 64, "vocab_size": 64, "max_position_embeddings": 32}  # fmt: skip
+    small = {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 64,
+        "max_position_embeddings": 32,
+    }
     if family == "gpt2":
         from transformers import GPT2Config
 
@@ -185,8 +217,11 @@ def test_hookpoints_are_sparsifys_for_each_family(family, tmp_path):
     model.save_pretrained(tmp_path)
     theirs, _ = get_layer_list(model)
     ours = layer_prefix(load_structure(str(tmp_path)))
-    assert ours == theirs == {"gpt_neox": "layers", "gpt2": "h", "llama": "layers",
-                              "bert": "encoder.layer"}[family]  # fmt: skip
+    assert (
+        ours
+        == theirs
+        == {"gpt_neox": "layers", "gpt2": "h", "llama": "layers", "bert": "encoder.layer"}[family]
+    )
 
 
 def test_from_sparsify_encodes_as_sparsify(tmp_path):
@@ -213,8 +248,11 @@ def test_from_sparsify_encodes_as_sparsify(tmp_path):
 
 def test_from_sparsify_refuses_what_is_not_a_topk_sae(tmp_path):
     sparsify = pytest.importorskip("sparsify", reason="eai-sparsify is not installed")
-    for name, cfg in (("transcoder", {"transcode": True}), ("skip", {"skip_connection": True}),
-                      ("groupmax", {"activation": "groupmax"})):  # fmt: skip
+    for name, cfg in (
+        ("transcoder", {"transcode": True}),
+        ("skip", {"skip_connection": True}),
+        ("groupmax", {"activation": "groupmax"}),
+    ):
         coder = sparsify.SparseCoder(8, sparsify.SparseCoderConfig(num_latents=16, k=2, **cfg))
         coder.save_to_disk(tmp_path / name)
         with pytest.raises(ValueError, match="not a TopK SAE"):
@@ -231,9 +269,22 @@ def test_export_command_and_its_refusals(trained_runs, tmp_path, capsys, offline
     # a second export replaces the first as a whole
     assert main([str(trained_runs["grouped"]), "--format", "saelens", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
-        f"blocks.{x}.hook_resid_post" for x in range(4)]  # fmt: skip
-    assert main([str(trained_runs["grouped"]), "--format", "sparsify", "--out", str(out),
-                 "--hookpoint-prefix", "gpt_neox.layers"]) == 0  # fmt: skip
+        f"blocks.{x}.hook_resid_post" for x in range(4)
+    ]
+    assert (
+        main(
+            [
+                str(trained_runs["grouped"]),
+                "--format",
+                "sparsify",
+                "--out",
+                str(out),
+                "--hookpoint-prefix",
+                "gpt_neox.layers",
+            ]
+        )
+        == 0
+    )
     assert (out / "gpt_neox.layers.3" / "cfg.json").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -242,15 +293,34 @@ def test_export_command_and_its_refusals(trained_runs, tmp_path, capsys, offline
         ([str(trained_runs["grouped"]), "--out", str(trained_runs["per-layer"])], "gsae-train run"),
         ([str(trained_runs["grouped"]), "--out", str(foreign)], "did not write"),
         ([str(tmp_path), "--out", str(tmp_path / "x")], "not a gsae-train output"),
-        ([str(trained_runs["grouped"]), "--out", str(tmp_path / "y"), "--model",
-          "no-such-model-anywhere"], "could not load model"),
-    ]  # fmt: skip
+        (
+            [
+                str(trained_runs["grouped"]),
+                "--out",
+                str(tmp_path / "y"),
+                "--model",
+                "no-such-model-anywhere",
+            ],
+            "could not load model",
+        ),
+    ]
     for argv, message in cases:
         assert main([*argv, "--format", "sparsify"]) == 2
         assert message in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
-    assert main([str(trained_runs["grouped"]), "--format", "sparsify", "--out", str(foreign),
-                 "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                str(trained_runs["grouped"]),
+                "--format",
+                "sparsify",
+                "--out",
+                str(foreign),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
 
 
 def test_gsae_eval_takes_a_sparsify_trained_baseline(trained_runs, tmp_path, offline):
@@ -275,9 +345,20 @@ def test_gsae_eval_takes_a_sparsify_trained_baseline(trained_runs, tmp_path, off
     ).save_json(folder / "config.json")
     foreign = load_run(folder)
     assert foreign.per_layer and foreign.layers == [0, 1, 2, 3] and foreign.foreign
-    argv = [str(trained_runs["grouped"]), str(trained_runs["per-layer"]), "--baseline",
-            str(folder), "--out", str(tmp_path / "eval"), "--tokens", "256", "--batch-tokens",
-            "256", "--mmco-pairs", "diagonal"]  # fmt: skip
+    argv = [
+        str(trained_runs["grouped"]),
+        str(trained_runs["per-layer"]),
+        "--baseline",
+        str(folder),
+        "--out",
+        str(tmp_path / "eval"),
+        "--tokens",
+        "256",
+        "--batch-tokens",
+        "256",
+        "--mmco-pairs",
+        "diagonal",
+    ]
     assert eval_main(argv) == 2  # sparsify's training text is the same corpus, position unknown
     assert eval_main([*argv, "--allow-overlap"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]

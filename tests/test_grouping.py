@@ -63,12 +63,14 @@ def test_complete_linkage_matches_scipy():
 
 def test_amad_and_g_hat_by_hand():
     # layers 0,1 close (0.05); 2,3 close (0.1); the two pairs far apart (0.4 .. 0.6)
-    dist = np.array([
-        [0.00, 0.05, 0.40, 0.50],
-        [0.05, 0.00, 0.45, 0.60],
-        [0.40, 0.45, 0.00, 0.10],
-        [0.50, 0.60, 0.10, 0.00],
-    ])  # fmt: skip
+    dist = np.array(
+        [
+            [0.00, 0.05, 0.40, 0.50],
+            [0.05, 0.00, 0.45, 0.60],
+            [0.40, 0.45, 0.00, 0.10],
+            [0.50, 0.60, 0.10, 0.00],
+        ]
+    )
     g = gp.group_layers(dist, layers=[0, 1, 2, 3], threshold=0.2)
     assert g.partitions[3].labels == [0, 0, 1, 2]  # first merge: the closest pair, 0.05
     assert g.partitions[3].amad == pytest.approx((0.05 + 0 + 0) / 3)
@@ -160,12 +162,21 @@ def test_centering_subtracts_the_running_mean():
 
 def test_groups_json_round_trip_has_the_specified_keys(tmp_path):
     dist = random_distances(6, 9)
-    g = gp.group_layers(dist, layers=[0, 1, 2, 3, 4, 5], model="tiny", tokens=1234,
-                        costs=(10.0, 1.0, 1))  # fmt: skip
+    g = gp.group_layers(
+        dist, layers=[0, 1, 2, 3, 4, 5], model="tiny", tokens=1234, costs=(10.0, 1.0, 1)
+    )
     g.save(tmp_path / "groups.json")
     data = json.loads((tmp_path / "groups.json").read_text())
-    for key in ("model", "layers", "distances", "tokens", "partitions", "g_hat", "threshold",
-                "savings"):  # fmt: skip
+    for key in (
+        "model",
+        "layers",
+        "distances",
+        "tokens",
+        "partitions",
+        "g_hat",
+        "threshold",
+        "savings",
+    ):
         assert key in data, key
     assert set(data["partitions"]) == {"1", "2", "3", "4", "5"}
     assert set(data["partitions"]["3"]) == {"labels", "amad"}
@@ -191,8 +202,10 @@ def test_centring_over_several_batches_uses_the_running_mean_of_every_token_so_f
     """Batch b is centred by the mean of every token of batches 1..b (float64), then measured."""
     g = torch.Generator().manual_seed(1)
     shift = 4 * torch.randn(3, 1, 16, generator=g)
-    batches = [torch.randn(3, n, 16, generator=g) + shift * (1 + i)  # the mean drifts
-               for i, n in enumerate((50, 120, 7, 300))]  # fmt: skip
+    batches = [
+        torch.randn(3, n, 16, generator=g) + shift * (1 + i)  # the mean drifts
+        for i, n in enumerate((50, 120, 7, 300))
+    ]
     streamed = gp.AngularDistances(3, center=True)
     for b in batches:
         streamed.update(b)
@@ -221,8 +234,13 @@ def test_centring_over_several_batches_uses_the_running_mean_of_every_token_so_f
     ],
 )
 def test_groups_files_that_cannot_be_trained_are_refused_with_a_reason(tmp_path, change, message):
-    data = {"model": "m", "layers": [0, 1, 2], "g_hat": 2,
-            "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}}, **change}  # fmt: skip
+    data = {
+        "model": "m",
+        "layers": [0, 1, 2],
+        "g_hat": 2,
+        "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}},
+        **change,
+    }
     (tmp_path / "g.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
         gp.Grouping.load(tmp_path / "g.json")

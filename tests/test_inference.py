@@ -24,8 +24,12 @@ def setup(trained_runs, one_thread):
 def test_layers_map_to_their_group_sae(setup):
     saes, _, _ = setup
     assert saes.layers == [0, 1, 2, 3]
-    assert [saes.group(x) for x in saes.layers] == ["layer_0", "layers_1-2", "layers_1-2",
-                                                    "layer_3"]  # fmt: skip
+    assert [saes.group(x) for x in saes.layers] == [
+        "layer_0",
+        "layers_1-2",
+        "layers_1-2",
+        "layer_3",
+    ]
     assert saes.sae(1) is saes.sae(2) and saes.sae(1).layers == [1, 2]
     with pytest.raises(KeyError, match="no SAE covers layer 7"):
         saes.sae(7)
@@ -42,8 +46,9 @@ def test_encode_decode_layer_in_model_units_any_shape(setup):
         torch.testing.assert_close(enc.values.view(96, -1), flat.values)
         assert torch.equal(enc.indices.view(96, -1), flat.indices)
         x_hat = saes.decode_layer(enc.values, enc.indices, layer)
-        torch.testing.assert_close(x_hat.view(96, -1), sae.decode(flat.values, flat.indices,
-                                                                  layer=layer))  # fmt: skip
+        torch.testing.assert_close(
+            x_hat.view(96, -1), sae.decode(flat.values, flat.indices, layer=layer)
+        )
         torch.testing.assert_close(saes.reconstruct(x.view(3, 32, -1), layer), x_hat)
     # the scale of each layer is applied: layer 1 and 2 share an SAE but not a scale
     x = hidden[0]
@@ -92,9 +97,24 @@ def test_readme_inference_example_on_a_demo_run(tmp_path, one_thread, monkeypatc
     """The docs' examples that use the quick start's run, as written, on a small run of the demo
     model saved where the quick start saves it (``out/demo``, relative to the working directory)."""
     monkeypatch.chdir(tmp_path)
-    argv = ["--model", "demo", "--dataset", "demo", "--out", "out/demo", "--groups", "even:2",
-            "--tokens", "2k", "--scale-tokens", "1k", "--batch-tokens", "512", "--device",
-            "cpu"]  # fmt: skip
+    argv = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--out",
+        "out/demo",
+        "--groups",
+        "even:2",
+        "--tokens",
+        "2k",
+        "--scale-tokens",
+        "1k",
+        "--batch-tokens",
+        "512",
+        "--device",
+        "cpu",
+    ]
     assert train_main(argv) == 0
     blocks = [(where, code) for where, code in code_blocks("python") if "out/demo" in code]
     assert blocks, "no python example of the README or docs/ uses the quick start's run"

@@ -14,8 +14,10 @@ from gsae_kernels.sparse_ops import latent_segments, sparse_transpose, transpose
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GPU = torch.cuda.is_available()
-BACKENDS = [pytest.param("torch", "cpu", id="torch"),
-            pytest.param("triton", "cuda" if GPU else "cpu", id="triton")]  # fmt: skip
+BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", "cuda" if GPU else "cpu", id="triton"),
+]
 # the Triton backend with its GEMM forward (its default outside the tests: see conftest.py)
 ENCODE_BACKENDS = [*BACKENDS, pytest.param("triton-gemm", "cuda" if GPU else "cpu", id="gemm")]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -77,8 +79,17 @@ def assert_named_close(got: dict, want: dict, dtype):
 def run_encode(backend, params, k, dead_mask, k_aux, grads):
     p = fresh({n: params[n] for n in ("x", "W_enc", "b_enc", "b_dec")})
     backend, _, encoder = backend.partition("-")
-    out = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead_mask, k_aux, backend=backend,
-                 encoder=encoder or None)  # fmt: skip
+    out = encode(
+        p["x"],
+        p["W_enc"],
+        p["b_enc"],
+        p["b_dec"],
+        k,
+        dead_mask,
+        k_aux,
+        backend=backend,
+        encoder=encoder or None,
+    )
     # an upstream gradient per output slot, keyed by latent id so it does not depend on slot order
     loss = (out.values * grads[0].gather(1, out.indices)).sum()
     if k_aux:
@@ -167,8 +178,10 @@ def test_absent_biases_mean_zero(backend, device, which):
 
     def step(backend, zeros):
         p = fresh(params)
-        b = {name: (torch.zeros_like(p[name]) if zeros else None) if name in none else p[name]
-             for name in ("b_enc", "b_dec")}  # fmt: skip
+        b = {
+            name: (torch.zeros_like(p[name]) if zeros else None) if name in none else p[name]
+            for name in ("b_enc", "b_dec")
+        }
         dead = torch.arange(m, device=device) % 5 == 0
         enc = encode(p["x"], p["W_enc"], b["b_enc"], b["b_dec"], k, dead, 4, backend=backend)
         x_hat = sparse_decode(enc.values, enc.indices, p["W_dec"], b["b_dec"], backend=backend)
@@ -189,8 +202,16 @@ def test_empty_batch(backend, device):
     empty batch is refused by name."""
     p = make_params(5, 16, 40, device=device)
     x = p["x"][:0]
-    enc = encode(x, p["W_enc"], p["b_enc"], p["b_dec"], 4, torch.ones(40, dtype=torch.bool,
-                 device=device), 3, backend=backend)  # fmt: skip
+    enc = encode(
+        x,
+        p["W_enc"],
+        p["b_enc"],
+        p["b_dec"],
+        4,
+        torch.ones(40, dtype=torch.bool, device=device),
+        3,
+        backend=backend,
+    )
     assert enc.values.shape == enc.indices.shape == (0, 4) and enc.aux_values.shape == (0, 3)
     x_hat = sparse_decode(enc.values, enc.indices, p["W_dec"], p["b_dec"], backend=backend)
     assert x_hat.shape == (0, 16)
@@ -218,8 +239,12 @@ def run_decode(backend, values, indices, w_dec, b_dec, grad_out):
     b = b_dec.detach().clone().requires_grad_() if b_dec is not None else None
     x_hat = sparse_decode(v, indices, w, b, backend=backend)
     (x_hat * grad_out).sum().backward()
-    return {"x_hat": x_hat, "grad_values": v.grad, "grad_W_dec": w.grad,
-            "grad_b_dec": b.grad if b is not None else None}  # fmt: skip
+    return {
+        "x_hat": x_hat,
+        "grad_values": v.grad,
+        "grad_W_dec": w.grad,
+        "grad_b_dec": b.grad if b is not None else None,
+    }
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -365,8 +390,9 @@ def test_low_precision_selects_and_differentiates_like_the_reference(backend, de
     grad_out = torch.randn(n, d, device=device, dtype=dtype)
     values = out.values.detach()
     dec = run_decode(backend, values, out.indices, params["W_dec"], params["b_dec"], grad_out)
-    ref = run_decode("reference", values.float(), out.indices, wide["W_dec"], wide["b_dec"],
-                     grad_out.float())  # fmt: skip
+    ref = run_decode(
+        "reference", values.float(), out.indices, wide["W_dec"], wide["b_dec"], grad_out.float()
+    )
     for name in ref:
         err = relative_error(dec[name], ref[name])
         assert err < LOW_TOL[dtype], f"{name}: relative error {err:.2e}"

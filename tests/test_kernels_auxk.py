@@ -15,8 +15,17 @@ NAMES = ("x", "W_enc", "b_enc", "b_dec", "W_dec")
 
 
 def sparse_auxk(p, k, dead, k_aux, precision):
-    enc = topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead, k_aux,
-                      backend="torch", precision=precision)  # fmt: skip
+    enc = topk_encode(
+        p["x"],
+        p["W_enc"],
+        p["b_enc"],
+        p["b_dec"],
+        k,
+        dead,
+        k_aux,
+        backend="torch",
+        precision=precision,
+    )
     return sparse_decode(enc.aux_values, enc.aux_indices, p["W_dec"], None, backend="torch")
 
 
@@ -36,8 +45,9 @@ def test_dense_auxk_matches_the_sparse_one(monkeypatch, n_dead, exact, precision
     n, d, m, k, k_aux = 37, 63, 200, 7, 24
     params = make_params(n, d, m)
     dead = dead_mask_for(m, n_dead, "cpu")
-    monkeypatch.setattr(auxk_mod, "_aux_candidates", functools.partial(_aux_candidates,
-                                                                       exact=exact))  # fmt: skip
+    monkeypatch.setattr(
+        auxk_mod, "_aux_candidates", functools.partial(_aux_candidates, exact=exact)
+    )
     limit = min(m, n_dead + 17)  # a bound above the dead count, as the trainer's is
     g = torch.randn(n, d)
     want, want_g = grads_of(lambda p: sparse_auxk(p, k, dead, k_aux, precision), params, g)
@@ -52,7 +62,7 @@ def test_dense_auxk_matches_the_sparse_one(monkeypatch, n_dead, exact, precision
             k_aux,
             precision=precision,
             aux_limit=limit,
-        ),  # fmt: skip
+        ),
         params,
         g,
     )

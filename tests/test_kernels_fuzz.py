@@ -105,16 +105,30 @@ class Case:
         self.has_b_enc = rng.random() < 0.8
         self.has_b_dec = rng.random() < 0.7
         self.index_dtype = rng.choice([torch.int64, torch.int32])
-        self.layouts = {name: rng.choice(LAYOUTS) for name in (
-            "x", "W_enc", "b_enc", "b_dec", "W_dec", "values", "indices", "grad", "x_hat", "aux",
-        )}  # fmt: skip
+        self.layouts = {
+            name: rng.choice(LAYOUTS)
+            for name in (
+                "x",
+                "W_enc",
+                "b_enc",
+                "b_dec",
+                "W_dec",
+                "values",
+                "indices",
+                "grad",
+                "x_hat",
+                "aux",
+            )
+        }
         self.device = TRITON_DEVICE if backend == "triton" else "cpu"
 
     def describe(self) -> str:
-        return (f"N={self.n} d={self.d} m={self.m} k={self.k} k_aux={self.k_aux} "
-                f"dead={self.dead_fraction:.2f} W:{self.w_dtype} x:{self.x_dtype} "
-                f"b_enc={self.has_b_enc} b_dec={self.has_b_dec} idx:{self.index_dtype} "
-                f"layouts={self.layouts}")  # fmt: skip
+        return (
+            f"N={self.n} d={self.d} m={self.m} k={self.k} k_aux={self.k_aux} "
+            f"dead={self.dead_fraction:.2f} W:{self.w_dtype} x:{self.x_dtype} "
+            f"b_enc={self.has_b_enc} b_dec={self.has_b_dec} idx:{self.index_dtype} "
+            f"layouts={self.layouts}"
+        )
 
     def randn(self, *shape, dtype=torch.float64):
         return torch.randn(*shape, generator=self.gen, dtype=torch.float64).to(dtype)
@@ -169,13 +183,22 @@ class Case:
 
 
 def run_encode(case, p, backend):
-    leaves = {n: leaf(p[n], case.layouts[n], case.device)
-              for n in ("x", "W_enc", "b_enc", "b_dec") if p[n] is not None}  # fmt: skip
+    leaves = {
+        n: leaf(p[n], case.layouts[n], case.device)
+        for n in ("x", "W_enc", "b_enc", "b_dec")
+        if p[n] is not None
+    }
     dead = lay(p["dead_mask"].to(case.device), case.layouts["b_enc"])
     out = topk_encode(
-        leaves["x"], leaves["W_enc"], leaves.get("b_enc"), leaves.get("b_dec"), case.k,
-        dead, case.k_aux, backend=backend,
-    )  # fmt: skip
+        leaves["x"],
+        leaves["W_enc"],
+        leaves.get("b_enc"),
+        leaves.get("b_dec"),
+        case.k,
+        dead,
+        case.k_aux,
+        backend=backend,
+    )
     g = torch.Generator().manual_seed(7)
     up = torch.randn(case.n, case.m, generator=g).to(case.device)  # by latent id: order-free
     loss = (out.values.float() * up.gather(1, out.indices)).sum()
@@ -207,8 +230,12 @@ def run_decode(case, p, backend):
     grad = lay(case.randn(case.n, case.d, dtype=case.w_dtype).to(dev), case.layouts["grad"])
     x_hat = sparse_decode(values, indices, w_dec, b_dec, backend=backend)
     (x_hat * grad).sum().backward()  # grad_out arrives in grad's layout
-    return {"x_hat": x_hat, "grad_values": values.grad, "grad_W_dec": w_dec.grad,
-            "grad_b_dec": b_dec.grad if b_dec is not None else None}  # fmt: skip
+    return {
+        "x_hat": x_hat,
+        "grad_values": values.grad,
+        "grad_W_dec": w_dec.grad,
+        "grad_b_dec": b_dec.grad if b_dec is not None else None,
+    }
 
 
 def run_loss(case, p, backend):

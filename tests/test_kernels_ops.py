@@ -14,17 +14,23 @@ from conftest import TRITON_DEVICE
 from gsae_kernels import TopKSAE, fvu_auxk_loss, sparse_decode, topk_encode
 from gsae_kernels.sparse_ops import stable_argsort
 
-BACKENDS = [pytest.param("torch", "cpu", id="torch"),
-            pytest.param("triton", TRITON_DEVICE, id="triton")]  # fmt: skip
+BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", TRITON_DEVICE, id="triton"),
+]
 ops = torch.ops.gsae_kernels
 
 
 def params(n=12, d=20, m=48, device="cpu", dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, d, generator=g)
-    p = {"x": torch.randn(n, d, generator=g) + 0.3, "W_enc": torch.randn(m, d, generator=g) / 4,
-         "b_enc": 0.1 * torch.randn(m, generator=g), "b_dec": 0.1 * torch.randn(d, generator=g),
-         "W_dec": w / w.norm(dim=1, keepdim=True)}  # fmt: skip
+    p = {
+        "x": torch.randn(n, d, generator=g) + 0.3,
+        "W_enc": torch.randn(m, d, generator=g) / 4,
+        "b_enc": 0.1 * torch.randn(m, generator=g),
+        "b_dec": 0.1 * torch.randn(d, generator=g),
+        "W_dec": w / w.norm(dim=1, keepdim=True),
+    }
     return {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in p.items()}
 
 
@@ -49,10 +55,11 @@ def test_opcheck_every_op(backend, device):
         (
             ops.topk_encode,
             (x, we.detach().t().contiguous().t(), None, None, k, None, 0, backend, "fp32", m, True),
-        ),  # fmt: skip
+        ),
     ]
-    v, i, av, ai = ops.topk_encode(x.detach(), we.detach(), be.detach(), bd.detach(), k, dead,
-                                   k_aux, backend, "fp32", m, True)  # fmt: skip
+    v, i, av, ai = ops.topk_encode(
+        x.detach(), we.detach(), be.detach(), bd.detach(), k, dead, k_aux, backend, "fp32", m, True
+    )
     gv, ga = torch.randn_like(v), torch.randn_like(av)
     det = [t.detach() for t in (x, we, bd)]
     cases += [  # the backward ops have no backward of their own (no double backward)
@@ -60,7 +67,7 @@ def test_opcheck_every_op(backend, device):
         (
             ops.topk_encode_backward,
             (gv, None, *det, v, i, av, ai, False, True, True, False, backend),
-        ),  # fmt: skip
+        ),
         (ops.sparse_decode, (v.clone().requires_grad_(), i, wd, bd, backend)),
         (ops.sparse_decode, (av.clone().requires_grad_(), ai.int(), wd, None, backend)),
     ]
@@ -70,7 +77,7 @@ def test_opcheck_every_op(backend, device):
         (
             ops.sparse_decode_backward,
             (g, v.detach(), i, wd.detach(), False, True, False, backend),
-        ),  # fmt: skip
+        ),
     ]
     xh = (x.detach() + 0.1).requires_grad_()
     aux = torch.randn(x.shape, device=device, requires_grad=True)
@@ -163,8 +170,10 @@ def test_mixed_dtypes_compute_in_the_weights_dtype():
     torch.testing.assert_close(grad.float(), grad32, rtol=2e-2, atol=1e-2 * scale)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS[:1] + [
-    pytest.param("triton", "cuda", id="triton", marks=pytest.mark.gpu)])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend,device",
+    BACKENDS[:1] + [pytest.param("triton", "cuda", id="triton", marks=pytest.mark.gpu)],
+)
 def test_autocast_runs_encode_and_decode_in_the_autocast_dtype(backend, device):
     """Inside torch.autocast the encoder and decoder compute in the autocast dtype, like a
     matmul; the loss stays fp32; fp32 parameters get fp32 gradients."""
@@ -207,8 +216,7 @@ def test_triton_runs_on_the_tensors_gpu_not_the_current_one():
 
     def step(backend):
         q = {n: t.detach().clone().requires_grad_() for n, t in p.items()}
-        enc = topk_encode(q["x"], q["W_enc"], q["b_enc"], q["b_dec"], 16, dead, 24,
-                          backend=backend)  # fmt: skip
+        enc = topk_encode(q["x"], q["W_enc"], q["b_enc"], q["b_dec"], 16, dead, 24, backend=backend)
         x_hat = sparse_decode(enc.values, enc.indices, q["W_dec"], q["b_dec"], backend=backend)
         aux = sparse_decode(enc.aux_values, enc.aux_indices, q["W_dec"], None, backend=backend)
         fvu_auxk_loss(q["x"], x_hat, aux, backend=backend).loss.backward()
@@ -251,8 +259,9 @@ print("ok")
 
 def test_imports_and_runs_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True,
-                         env=env, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, env=env, timeout=300
+    )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
 

@@ -61,14 +61,27 @@ def test_torch_path_rounds_operands_and_sums_in_fp32(precision):
     n, d, m, k, k_aux = 64, 96, 300, 8, 16
     p = make_params(n, d, m)
     dead = dead_mask_for(m, 40, "cpu")
-    out = topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead, k_aux,
-                      backend="torch", precision=precision)  # fmt: skip
+    out = topk_encode(
+        p["x"],
+        p["W_enc"],
+        p["b_enc"],
+        p["b_dec"],
+        k,
+        dead,
+        k_aux,
+        backend="torch",
+        precision=precision,
+    )
     want = rounded_reference(p, k, dead, k_aux, precision)
     got_dense = dense(out.values.detach(), out.indices, m)
     want_dense = dense(want[0], want[1], m)
     torch.testing.assert_close(got_dense, want_dense, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dense(out.aux_values.detach(), out.aux_indices, m),
-                               dense(want[2], want[3], m), rtol=1e-5, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        dense(out.aux_values.detach(), out.aux_indices, m),
+        dense(want[2], want[3], m),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     fp32 = topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, backend="torch")
     assert not torch.equal(dense(fp32.values.detach(), fp32.indices, m), got_dense)
     # the backward is the fp32 one: gradients reach the fp32 weights
@@ -109,8 +122,10 @@ def test_auxk_on_gpu_candidates_matches_exact(monkeypatch, backend):
     exact = topk_encode(*args, backend=backend)
     monkeypatch.setattr(te, "_aux_candidates", functools.partial(te._aux_candidates, exact=False))
     covered = topk_encode(*args, backend=backend, aux_limit=n_dead + 13)  # 13 live ones masked
-    torch.testing.assert_close(dense(covered.aux_values, covered.aux_indices, m),
-                               dense(exact.aux_values, exact.aux_indices, m))  # fmt: skip
+    torch.testing.assert_close(
+        dense(covered.aux_values, covered.aux_indices, m),
+        dense(exact.aux_values, exact.aux_indices, m),
+    )
     cut = topk_encode(*args, backend=backend, aux_limit=10)
     first = dead.nonzero().squeeze(1)[:10]
     chosen = cut.aux_indices[cut.aux_values > 0]
@@ -124,8 +139,13 @@ def spy_encode(monkeypatch):
     real = te.topk_encode
 
     def spy(*args, **kwargs):
-        calls.append((args[6] if len(args) > 6 else kwargs.get("k_aux", 0),
-                      kwargs.get("precision"), kwargs.get("aux_limit")))  # fmt: skip
+        calls.append(
+            (
+                args[6] if len(args) > 6 else kwargs.get("k_aux", 0),
+                kwargs.get("precision"),
+                kwargs.get("aux_limit"),
+            )
+        )
         return real(*args, **kwargs)
 
     import gsae_kernels.module as module
@@ -275,10 +295,30 @@ def test_sae_precision_is_a_run_setting(tiny_model_dir, tiny_corpus, tmp_path, o
         made.append(kwargs.get("precision"))
         return real(*args, **kwargs)
 
-    argv = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--out", str(out),
-            "--tokens", "1k", "--grouping-tokens", "1k", "--scale-tokens", "1k",
-            "--batch-tokens", "256", "--ctx-len", "64", "--k", "8", "--device", "cpu",
-            "--sae-precision", "tf32"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "1k",
+        "--grouping-tokens",
+        "1k",
+        "--scale-tokens",
+        "1k",
+        "--batch-tokens",
+        "256",
+        "--ctx-len",
+        "64",
+        "--k",
+        "8",
+        "--device",
+        "cpu",
+        "--sae-precision",
+        "tf32",
+    ]
     loop.SaeTrainer = spy
     try:
         assert train_main(argv) == 0

@@ -53,8 +53,10 @@ def imports(path: Path) -> set[str]:
 
 def test_library_modules_never_import_a_command_module():
     library = [p for p in (ROOT / "gsae").rglob("*.py") if "cli" not in p.relative_to(ROOT).parts]
-    offenders = {str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("gsae.cli"))
-                 for p in library}  # fmt: skip
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("gsae.cli"))
+        for p in library
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -62,9 +64,14 @@ def test_command_modules_import_only_the_library():
     """A command's module imports no other command's (only gsae.cli.common, their shared flags):
     what two commands share lives in the library or in common."""
     commands = [p for p in (ROOT / "gsae" / "cli").glob("*.py") if p.stem != "__init__"]
-    offenders = {p.name: sorted(n for n in imports(p) if n.startswith("gsae.cli.")
-                                and n.split(".")[2] not in ("common", p.stem))
-                 for p in commands}  # fmt: skip
+    offenders = {
+        p.name: sorted(
+            n
+            for n in imports(p)
+            if n.startswith("gsae.cli.") and n.split(".")[2] not in ("common", p.stem)
+        )
+        for p in commands
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -106,8 +113,11 @@ def test_gsae_has_no_import_cycle():
 def test_only_gsae_hf_touches_transformers_and_datasets():
     library = [p for p in (ROOT / "gsae").rglob("*.py") if "demo" not in p.parts]
     heavy = ("transformers", "datasets")
-    offenders = sorted(str(p.relative_to(ROOT)) for p in library if "hf" not in p.parts
-                       and any(n.split(".")[0] in heavy for n in imports(p)))  # fmt: skip
+    offenders = sorted(
+        str(p.relative_to(ROOT))
+        for p in library
+        if "hf" not in p.parts and any(n.split(".")[0] in heavy for n in imports(p))
+    )
     assert not offenders
 
 

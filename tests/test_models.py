@@ -23,14 +23,49 @@ def family(request, tiny_model_dir, tmp_path_factory):
 
 
 def train_argv(model, corpus, out, *extra):
-    return ["--model", str(model), "--dataset", str(corpus), "--out", str(out), "--tokens", "400",
-            "--scale-tokens", "96", "--batch-tokens", "96", "--k", "8", "--expansion-factor", "2",
-            "--groups", "even:1", "--repeat", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(model),
+        "--dataset",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "400",
+        "--scale-tokens",
+        "96",
+        "--batch-tokens",
+        "96",
+        "--k",
+        "8",
+        "--expansion-factor",
+        "2",
+        "--groups",
+        "even:1",
+        "--repeat",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def groups_argv(model, corpus, out, *extra):
-    return ["--model", str(model), "--dataset", str(corpus), "--out", str(out), "--tokens", "200",
-            "--batch-size", "2", "--repeat", "--device", "cpu", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(model),
+        "--dataset",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        "200",
+        "--batch-size",
+        "2",
+        "--repeat",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_the_default_context_is_capped_at_the_models_position_limit(
@@ -59,13 +94,41 @@ def test_gsae_groups_and_gsae_train_measure_alike_on_one_machine(
     tiny_model_dir, tiny_corpus, tmp_path
 ):
     """No --model-dtype: both commands take the same default, so the same distances."""
-    common = ["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--ctx-len", "32",
-              "--repeat", "--device", "cpu"]  # fmt: skip
-    assert groups_main([*common, "--tokens", "512", "--batch-size", "4",
-                        "--out", str(tmp_path / "g")]) == 0  # fmt: skip
-    assert train_main([*common, "--grouping-tokens", "512", "--batch-tokens", "128", "--tokens",
-                       "128", "--scale-tokens", "128", "--k", "8", "--out",
-                       str(tmp_path / "t")]) == 0  # fmt: skip
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(tiny_corpus),
+        "--ctx-len",
+        "32",
+        "--repeat",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        groups_main([*common, "--tokens", "512", "--batch-size", "4", "--out", str(tmp_path / "g")])
+        == 0
+    )
+    assert (
+        train_main(
+            [
+                *common,
+                "--grouping-tokens",
+                "512",
+                "--batch-tokens",
+                "128",
+                "--tokens",
+                "128",
+                "--scale-tokens",
+                "128",
+                "--k",
+                "8",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
     by_groups = json.loads((tmp_path / "g" / "groups.json").read_text())["distances"]
     by_train = json.loads((tmp_path / "t" / "groups.json").read_text())["distances"]
     np.testing.assert_array_equal(np.array(by_groups), np.array(by_train))

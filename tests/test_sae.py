@@ -227,5 +227,6 @@ def test_activation_scales_accumulate_in_float64_without_float64_copies():
             with Float64Watch() as watch:
                 got = activation_scales(iter(batches), 1000, mode)
             assert watch.largest <= 3 * 300, (dtype, mode, watch.largest)
-            torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), reference,
-                                       rtol=1e-6, atol=0)  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(got, dtype=torch.float64), reference, rtol=1e-6, atol=0
+            )

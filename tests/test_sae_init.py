@@ -231,8 +231,11 @@ def test_signum_skips_a_non_finite_step_on_the_device(r):
 
 
 def test_bad_optimizer_and_init_names_are_refused():
-    for kw, match in (({"optimizer": "sgd"}, "optimizer"), ({"init_encoder": "x"}, "init_encoder"),
-                      ({"init_b_dec": "max"}, "init_b_dec")):  # fmt: skip
+    for kw, match in (
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"init_encoder": "x"}, "init_encoder"),
+        ({"init_b_dec": "max"}, "init_b_dec"),
+    ):
         with pytest.raises(ValueError, match=match):
             Sae(config(**kw))
 

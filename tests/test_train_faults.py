@@ -25,9 +25,30 @@ pytestmark = [
 
 # 8 steps of 128 tokens over 3 SAEs (groups [0, 1], [2] and the last layer's own [3]); no
 # distance measurement, so each run takes well under a second on one thread
-SMALL = ["--tokens", "1k", "--scale-tokens", "256", "--batch-tokens", "128", "--ctx-len", "32",
-         "--k", "8", "--expansion-factor", "4", "--dead-threshold", "300", "--groups", "even:2",
-         "--log-every", "2", "--save-every", "1M", "--device", "cpu"]  # fmt: skip
+SMALL = [
+    "--tokens",
+    "1k",
+    "--scale-tokens",
+    "256",
+    "--batch-tokens",
+    "128",
+    "--ctx-len",
+    "32",
+    "--k",
+    "8",
+    "--expansion-factor",
+    "4",
+    "--dead-threshold",
+    "300",
+    "--groups",
+    "even:2",
+    "--log-every",
+    "2",
+    "--save-every",
+    "1M",
+    "--device",
+    "cpu",
+]
 NAMES = ("layers_0-1", "layer_2", "layer_3")
 
 
@@ -144,8 +165,13 @@ class SecondCtrlC:
     """After the first SIGINT, send a second one just before the ``n``-th file-system change
     (rename, replace, rmtree, unlink, mkdir): every intermediate state of the checkpoint swap."""
 
-    OPS = (("os", "replace"), ("os", "rename"), ("os", "unlink"), ("os", "mkdir"),
-           ("shutil", "rmtree"))  # fmt: skip
+    OPS = (
+        ("os", "replace"),
+        ("os", "rename"),
+        ("os", "unlink"),
+        ("os", "mkdir"),
+        ("shutil", "rmtree"),
+    )
 
     def __init__(self, monkeypatch, n: int):
         self.n, self.count, self.armed, self.fired = n, 0, False, False
@@ -222,8 +248,11 @@ def test_ctrl_c_before_training_says_what_was_kept_and_resumes(
         assert "groups.json" in err, err
         measured = []
         update = grouping.AngularDistances.update
-        monkeypatch.setattr(grouping.AngularDistances, "update",
-                            lambda self, h: measured.append(1) or update(self, h))  # fmt: skip
+        monkeypatch.setattr(
+            grouping.AngularDistances,
+            "update",
+            lambda self, h: measured.append(1) or update(self, h),
+        )
         assert train_main(["--resume", str(out)]) == 0
         assert not measured, "resuming measured the distances again"
     elif stage == "grouping":
@@ -375,15 +404,20 @@ def test_outputs_respect_the_umask(tiny_model_dir, tiny_corpus, tmp_path, monkey
     InStep(monkeypatch, step=6, event=1)
     old = os.umask(0o022)
     try:
-        assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every",
-                               "300")) == 130  # fmt: skip
+        assert (
+            train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "300"))
+            == 130
+        )
         monkeypatch.undo()
         assert train_main(["--resume", str(out)]) == 0
     finally:
         os.umask(old)
     paths = [out, *out.rglob("*")]
-    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in paths
-             if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)}  # fmt: skip
+    wrong = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for p in paths
+        if p.stat().st_mode & 0o777 != (0o755 if p.is_dir() else 0o644)
+    }
     assert not wrong, wrong
 
 
@@ -515,8 +549,9 @@ def test_save_every_accepts_a_time(tiny_model_dir, tiny_corpus, tmp_path, monkey
     monkeypatch.setattr(loop.TrainingLoop, "train_batch", slow)
     saved = []
     save = loop.TrainingLoop.save_checkpoint
-    monkeypatch.setattr(loop.TrainingLoop, "save_checkpoint",
-                        lambda run: saved.append(run.steps) or save(run))  # fmt: skip
+    monkeypatch.setattr(
+        loop.TrainingLoop, "save_checkpoint", lambda run: saved.append(run.steps) or save(run)
+    )
     out = tmp_path / "run"
     assert train_main(argv(tiny_model_dir, tiny_corpus, out, "--repeat", "--save-every", "1m")) == 0
     assert saved == [2, 4, 6, 8]
@@ -534,9 +569,18 @@ def test_bad_save_every_is_refused_before_any_work(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("value, parsed", [("30s", "30s"), ("15m", "15m"), ("2h", "2h"),
-                                           ("1.5min", "1.5min"), ("100M", 100_000_000),
-                                           ("500k", 500_000), ("1e6", 1_000_000)])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        ("30s", "30s"),
+        ("15m", "15m"),
+        ("2h", "2h"),
+        ("1.5min", "1.5min"),
+        ("100M", 100_000_000),
+        ("500k", 500_000),
+        ("1e6", 1_000_000),
+    ],
+)
 def test_save_every_reads_times_and_counts(value, parsed):
     from gsae.train.settings import parse_save_every, save_interval
 
@@ -545,5 +589,6 @@ def test_save_every_reads_times_and_counts(value, parsed):
     if isinstance(parsed, int):
         assert (tokens, seconds) == (parsed, None)
     else:
-        assert tokens is None and seconds == {"30s": 30, "15m": 900, "2h": 7200,
-                                              "1.5min": 90}[value]  # fmt: skip
+        assert (
+            tokens is None and seconds == {"30s": 30, "15m": 900, "2h": 7200, "1.5min": 90}[value]
+        )

@@ -15,9 +15,27 @@ from gsae.train import RunSettings, loop
 # tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--tokens", "12k", "--grouping-tokens", "4k", "--scale-tokens", "2k", "--batch-tokens",
-        "512", "--ctx-len", "64", "--k", "8", "--dead-threshold", "3k", "--repeat",
-        "--log-every", "4", "--device", "cpu"]  # fmt: skip
+FAST = [
+    "--tokens",
+    "12k",
+    "--grouping-tokens",
+    "4k",
+    "--scale-tokens",
+    "2k",
+    "--batch-tokens",
+    "512",
+    "--ctx-len",
+    "64",
+    "--k",
+    "8",
+    "--dead-threshold",
+    "3k",
+    "--repeat",
+    "--log-every",
+    "4",
+    "--device",
+    "cpu",
+]
 
 
 def base(tiny_model_dir, tiny_corpus, out):
@@ -93,11 +111,31 @@ def test_groups_file_from_gsae_groups(tiny_model_dir, tiny_corpus, tmp_path, off
     from gsae.cli.groups import main as groups_main
 
     gdir = tmp_path / "g"
-    assert groups_main(["--model", str(tiny_model_dir), "--dataset", str(tiny_corpus), "--tokens",
-                        "2k", "--ctx-len", "64", "--repeat", "--out", str(gdir)]) == 0  # fmt: skip
+    assert (
+        groups_main(
+            [
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(tiny_corpus),
+                "--tokens",
+                "2k",
+                "--ctx-len",
+                "64",
+                "--repeat",
+                "--out",
+                str(gdir),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "run"
-    argv = base(tiny_model_dir, tiny_corpus, out) + ["--groups-file", str(gdir / "groups.json"),
-                                                      "--tokens", "2k"]  # fmt: skip
+    argv = base(tiny_model_dir, tiny_corpus, out) + [
+        "--groups-file",
+        str(gdir / "groups.json"),
+        "--tokens",
+        "2k",
+    ]
     assert train_main(argv) == 0
 
 
@@ -115,8 +153,13 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
 
     def groups_file(name, **fields):
         """A two-layer, one-group groups.json with ``fields`` overriding the defaults."""
-        data = {"model": "", "layers": [0, 1], "g_hat": 1,
-                "partitions": {"1": {"labels": [0, 0], "amad": 0.1}}, **fields}  # fmt: skip
+        data = {
+            "model": "",
+            "layers": [0, 1],
+            "g_hat": 1,
+            "partitions": {"1": {"labels": [0, 0], "amad": 0.1}},
+            **fields,
+        }
         path = tmp_path / name
         path.write_text(json.dumps(data))
         return str(path)
@@ -138,8 +181,22 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
 def test_demo_pipeline_runs_offline(tmp_path, offline):
     """The README's main command, on a smaller budget: the bundled model and corpus."""
     out = tmp_path / "demo"
-    argv = ["--model", "demo", "--dataset", "demo", "--out", str(out), "--tokens", "16k",
-            "--grouping-tokens", "8k", "--scale-tokens", "4k", "--log-every", "2"]  # fmt: skip
+    argv = [
+        "--model",
+        "demo",
+        "--dataset",
+        "demo",
+        "--out",
+        str(out),
+        "--tokens",
+        "16k",
+        "--grouping-tokens",
+        "8k",
+        "--scale-tokens",
+        "4k",
+        "--log-every",
+        "2",
+    ]
     assert train_main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sum(len(g["layers"]) for g in summary["groups"].values()) == 6
@@ -153,8 +210,13 @@ def test_demo_pipeline_runs_offline(tmp_path, offline):
 
 def groups_file(tmp_path, name, **fields):
     """A groups.json for the 4-layer tiny model (layers 0-2 grouped) with ``fields`` changed."""
-    data = {"model": "", "layers": [0, 1, 2], "g_hat": 2,
-            "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}}, **fields}  # fmt: skip
+    data = {
+        "model": "",
+        "layers": [0, 1, 2],
+        "g_hat": 2,
+        "partitions": {"2": {"labels": [0, 0, 1], "amad": 0.1}},
+        **fields,
+    }
     path = tmp_path / name
     path.write_text(json.dumps(data))
     return str(path)
@@ -173,12 +235,21 @@ def test_groups_files_that_would_train_the_wrong_thing_are_refused(
     elsewhere = str(tmp_path / "elsewhere" / tiny_model_dir.name)
     fails(groups_file(tmp_path, "a.json", model=elsewhere), "was made for model")
     # layer 2 would get no SAE
-    fails(groups_file(tmp_path, "b.json", layers=[0, 1],
-                      partitions={"1": {"labels": [0, 0], "amad": 0.1}}, g_hat=1),
-          "layers [2] of")  # fmt: skip
+    fails(
+        groups_file(
+            tmp_path,
+            "b.json",
+            layers=[0, 1],
+            partitions={"1": {"labels": [0, 0], "amad": 0.1}},
+            g_hat=1,
+        ),
+        "layers [2] of",
+    )
     # a label >= G
-    fails(groups_file(tmp_path, "c.json", partitions={"2": {"labels": [0, 2, 1], "amad": 0.1}}),
-          "labels")  # fmt: skip
+    fails(
+        groups_file(tmp_path, "c.json", partitions={"2": {"labels": [0, 2, 1], "amad": 0.1}}),
+        "labels",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -208,9 +279,22 @@ def test_dead_latents_count_tokens_with_layers_per_token_all(
     not after that many activations (a quarter of them)."""
     out = tmp_path / "all"
     argv = base(tiny_model_dir, tiny_corpus, out) + [
-        "--layers-per-token", "all", "--groups", "even:1", "--include-last", "--tokens", "1536",
-        "--batch-tokens", "128", "--k", "4", "--dead-threshold", "600",
-        "--log-every", "1"]  # fmt: skip
+        "--layers-per-token",
+        "all",
+        "--groups",
+        "even:1",
+        "--include-last",
+        "--tokens",
+        "1536",
+        "--batch-tokens",
+        "128",
+        "--k",
+        "4",
+        "--dead-threshold",
+        "600",
+        "--log-every",
+        "1",
+    ]
     assert train_main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     # "dead" is measured before each step, on the counts of the steps before it
@@ -227,14 +311,21 @@ def test_groups_n_is_checked_before_measuring_and_g_hat_is_kept(
 
     measured = []
     update = gp.AngularDistances.update
-    monkeypatch.setattr(gp.AngularDistances, "update",
-                        lambda self, h: measured.append(1) or update(self, h))  # fmt: skip
+    monkeypatch.setattr(
+        gp.AngularDistances, "update", lambda self, h: measured.append(1) or update(self, h)
+    )
     assert train_main(base(tiny_model_dir, tiny_corpus, tmp_path / "a") + ["--groups", "3"]) == 2
     assert "--groups 3" in capsys.readouterr().err and not measured
     out = tmp_path / "b"
     # threshold 0: no G qualifies, so G_hat is the largest (2 of 3 grouped layers); train G = 1
-    argv = base(tiny_model_dir, tiny_corpus, out) + ["--groups", "1", "--threshold", "0",
-                                                      "--tokens", "512"]  # fmt: skip
+    argv = base(tiny_model_dir, tiny_corpus, out) + [
+        "--groups",
+        "1",
+        "--threshold",
+        "0",
+        "--tokens",
+        "512",
+    ]
     with pytest.warns(RuntimeWarning, match="no G has AMAD below"):
         assert train_main(argv) == 0
     saved = json.loads((out / "groups.json").read_text())
@@ -255,10 +346,14 @@ def test_auto_loads_the_model_once_and_opens_the_dataset_once(
     loads, opens = [], []
     model_load = transformers.AutoModel.from_pretrained
     disk_load = datasets.load_from_disk
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
-                        lambda *a, **k: loads.append(1) or model_load(*a, **k))  # fmt: skip
-    monkeypatch.setattr(datasets, "load_from_disk",
-                        lambda *a, **k: opens.append(1) or disk_load(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        transformers.AutoModel,
+        "from_pretrained",
+        lambda *a, **k: loads.append(1) or model_load(*a, **k),
+    )
+    monkeypatch.setattr(
+        datasets, "load_from_disk", lambda *a, **k: opens.append(1) or disk_load(*a, **k)
+    )
     argv = base(tiny_model_dir, saved, tmp_path / "run") + ["--tokens", "512"]
     assert train_main(argv) == 0
     assert len(loads) == 1 and len(opens) == 1, (loads, opens)

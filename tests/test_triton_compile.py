@@ -14,8 +14,14 @@ import sys
 
 import pytest
 
-KERNELS = ("encode_topk", "gather_combine", "row_dot", "sparse_transpose", "transpose_tail",
-           "fvu_auxk")  # fmt: skip
+KERNELS = (
+    "encode_topk",
+    "gather_combine",
+    "row_dot",
+    "sparse_transpose",
+    "transpose_tail",
+    "fvu_auxk",
+)
 TARGETS = ("cuda:80", "cuda:90", "hip:gfx90a", "hip:gfx942")
 
 
@@ -63,11 +69,21 @@ def test_kernels_compile_without_spills(args):
     print(out.stdout)
 
 
-TRAINER_KERNELS = ("encode_topk[k=128,bf16]", "gather_combine[k=128]", "gather_combine[k=1024]",
-                   "row_dot[k=128]", "row_dot[k=1024]", "sparse_transpose[encoder,tail]",
-                   "sparse_transpose[encoder]", "transpose_tail[encoder]",
-                   "sparse_transpose[decoder,tail]", "sparse_transpose[decoder]",
-                   "transpose_tail[decoder]", "fvu_auxk[fvu]", "fvu_auxk[auxk]")  # fmt: skip
+TRAINER_KERNELS = (
+    "encode_topk[k=128,bf16]",
+    "gather_combine[k=128]",
+    "gather_combine[k=1024]",
+    "row_dot[k=128]",
+    "row_dot[k=1024]",
+    "sparse_transpose[encoder,tail]",
+    "sparse_transpose[encoder]",
+    "transpose_tail[encoder]",
+    "sparse_transpose[decoder,tail]",
+    "sparse_transpose[decoder]",
+    "transpose_tail[decoder]",
+    "fvu_auxk[fvu]",
+    "fvu_auxk[auxk]",
+)
 
 
 @pytest.mark.slow

@@ -20,14 +20,36 @@ PREFIX = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
-def test_export_hooks_and_browser_per_family(kind, tiny_model_dir, tiny_corpus, tmp_path,
-                                             one_thread):  # fmt: skip
+def test_export_hooks_and_browser_per_family(
+    kind, tiny_model_dir, tiny_corpus, tmp_path, one_thread
+):
     model = _save_family(kind, tmp_path / kind, tiny_model_dir)
     run = tmp_path / "run"
-    argv = ["--model", str(model), "--dataset", str(tiny_corpus), "--out", str(run), "--groups",
-            "even:2", "--include-last", "--tokens", "1k", "--batch-tokens", "256", "--ctx-len",
-            "64", "--k", "4", "--expansion-factor", "4", "--scale-tokens", "512",
-            "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--dataset",
+        str(tiny_corpus),
+        "--out",
+        str(run),
+        "--groups",
+        "even:2",
+        "--include-last",
+        "--tokens",
+        "1k",
+        "--batch-tokens",
+        "256",
+        "--ctx-len",
+        "64",
+        "--k",
+        "4",
+        "--expansion-factor",
+        "4",
+        "--scale-tokens",
+        "512",
+        "--device",
+        "cpu",
+    ]
     assert train_main(argv) == 0
     saes = GroupSAEs.load(run)
     assert saes.layers == [0, 1, 2] and len(saes.saes) == 2
@@ -55,8 +77,13 @@ def test_export_hooks_and_browser_per_family(kind, tiny_model_dir, tiny_corpus, 
             assert not torch.allclose(lm_logits(loaded, ids), clean)
         torch.testing.assert_close(lm_logits(loaded, ids), clean)
 
-    col = collect(run, tokens=512, batch_tokens=256, device="cpu",
-                  config=CollectConfig(window=16, top=3, random=2, pool=8))  # fmt: skip
+    col = collect(
+        run,
+        tokens=512,
+        batch_tokens=256,
+        device="cpu",
+        config=CollectConfig(window=16, top=3, random=2, pool=8),
+    )
     assert col.meta["tokens"] == 512
     pages = write_site(col, loaded.tokenizer, tmp_path / "site")
     assert all(p.exists() for p in pages)

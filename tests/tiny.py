@@ -32,20 +32,28 @@ def build_tiny_model(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<unk>"])
     tok.train_from_iterator([TEXT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   unk_token="<unk>")  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>"
+    )
     fast.save_pretrained(directory)
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=len(fast), hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=4 * d, max_position_embeddings=positions, eos_token_id=0, bos_token_id=0,
-    )  # fmt: skip
+        vocab_size=len(fast),
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * d,
+        max_position_embeddings=positions,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     GPTNeoXForCausalLM(config).save_pretrained(directory)
     return directory
 
 
-def build_family(kind: str, directory: Path, tokenizer_dir: Path, positions: int = 64,
-                 layers: int = 3) -> Path:  # fmt: skip
+def build_family(
+    kind: str, directory: Path, tokenizer_dir: Path, positions: int = 64, layers: int = 3
+) -> Path:
     """A tiny random model of another family (gpt2, llama, bert, gptneox) with ``positions``
     positions, sharing the tokenizer saved in ``tokenizer_dir``."""
     import shutil
@@ -56,18 +64,46 @@ def build_family(kind: str, directory: Path, tokenizer_dir: Path, positions: int
     torch.manual_seed(0)
     d, heads = 32, 4
     configs = {
-        "gpt2": (tf.GPT2Config(vocab_size=300, n_embd=d, n_layer=layers, n_head=heads,
-                               n_positions=positions), tf.GPT2LMHeadModel),
-        "llama": (tf.LlamaConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
-                                 num_attention_heads=heads, intermediate_size=2 * d,
-                                 max_position_embeddings=positions), tf.LlamaForCausalLM),
-        "bert": (tf.BertConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
-                               num_attention_heads=heads, intermediate_size=2 * d,
-                               max_position_embeddings=positions), tf.BertModel),
-        "gptneox": (tf.GPTNeoXConfig(vocab_size=300, hidden_size=d, num_hidden_layers=layers,
-                                     num_attention_heads=heads, intermediate_size=2 * d,
-                                     max_position_embeddings=positions), tf.GPTNeoXForCausalLM),
-    }  # fmt: skip
+        "gpt2": (
+            tf.GPT2Config(
+                vocab_size=300, n_embd=d, n_layer=layers, n_head=heads, n_positions=positions
+            ),
+            tf.GPT2LMHeadModel,
+        ),
+        "llama": (
+            tf.LlamaConfig(
+                vocab_size=300,
+                hidden_size=d,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=2 * d,
+                max_position_embeddings=positions,
+            ),
+            tf.LlamaForCausalLM,
+        ),
+        "bert": (
+            tf.BertConfig(
+                vocab_size=300,
+                hidden_size=d,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=2 * d,
+                max_position_embeddings=positions,
+            ),
+            tf.BertModel,
+        ),
+        "gptneox": (
+            tf.GPTNeoXConfig(
+                vocab_size=300,
+                hidden_size=d,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                intermediate_size=2 * d,
+                max_position_embeddings=positions,
+            ),
+            tf.GPTNeoXForCausalLM,
+        ),
+    }
     config, cls = configs[kind]
     cls(config).save_pretrained(directory)
     for f in Path(tokenizer_dir).iterdir():

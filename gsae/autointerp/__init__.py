@@ -9,5 +9,12 @@
 from .client import AnswerCache, ChatClient, EndpointError
 from .score import AutoInterpConfig, AutoInterpResult, run_autointerp, write_results
 
-__all__ = ["AnswerCache", "AutoInterpConfig", "AutoInterpResult", "ChatClient", "EndpointError",
-           "run_autointerp", "write_results"]  # fmt: skip
+__all__ = [
+    "AnswerCache",
+    "AutoInterpConfig",
+    "AutoInterpResult",
+    "ChatClient",
+    "EndpointError",
+    "run_autointerp",
+    "write_results",
+]

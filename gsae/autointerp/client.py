@@ -91,8 +91,9 @@ def chat_url(endpoint: str) -> str:
     """``http://host:8000/v1`` -> ``http://host:8000/v1/chat/completions`` (a URL that already
     ends with ``/chat/completions`` is kept)."""
     if not endpoint.startswith(("http://", "https://")):
-        raise ValueError(f"--endpoint {endpoint!r} is not an http(s) URL (e.g. "
-                         "http://localhost:8000/v1)")  # fmt: skip
+        raise ValueError(
+            f"--endpoint {endpoint!r} is not an http(s) URL (e.g. http://localhost:8000/v1)"
+        )
     url = endpoint.rstrip("/")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
@@ -101,13 +102,24 @@ class ChatClient:
     """Chat completions from ``model`` at ``endpoint`` (a base URL such as
     ``http://localhost:8000/v1``), cached in ``cache``."""
 
-    def __init__(self, endpoint: str, model: str, *, api_key: str | None = None,
-                 concurrency: int = 8, rate: float | None = None, retries: int = 5,
-                 backoff: float = 1.0, timeout: float = 120.0, max_tokens: int = 400,
-                 cache: AnswerCache | None = None):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        rate: float | None = None,
+        retries: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 120.0,
+        max_tokens: int = 400,
+        cache: AnswerCache | None = None,
+    ):
         if concurrency < 1 or retries < 0:
-            raise ValueError(f"need concurrency >= 1 and retries >= 0, got {concurrency}, "
-                             f"{retries}")  # fmt: skip
+            raise ValueError(
+                f"need concurrency >= 1 and retries >= 0, got {concurrency}, {retries}"
+            )
         self.url, self.model, self.api_key = chat_url(endpoint), model, api_key
         self.concurrency, self.retries, self.backoff = concurrency, retries, backoff
         self.timeout, self.max_tokens = timeout, max_tokens
@@ -119,8 +131,15 @@ class ChatClient:
 
     def key(self, messages: list[dict]) -> str:
         """The cache key of a request: the model and everything that shapes its answer."""
-        blob = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
-                           "max_tokens": self.max_tokens}, sort_keys=True)  # fmt: skip
+        blob = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def complete(self, messages: list[dict], readable: Callable[[str], bool] | None = None) -> str:
@@ -138,10 +157,12 @@ class ChatClient:
                 self.unreadable += 1
         return answer
 
-    def complete_many(self, requests: Sequence[list[dict]],
-                      done: Callable[[int], None] | None = None,
-                      readable: Callable[[int, str], bool] | None = None
-                      ) -> list[str]:  # fmt: skip
+    def complete_many(
+        self,
+        requests: Sequence[list[dict]],
+        done: Callable[[int], None] | None = None,
+        readable: Callable[[int, str], bool] | None = None,
+    ) -> list[str]:
         """Answers to every request, asked concurrently (cached ones are not asked). The first
         :class:`EndpointError` stops the run; answers received before it stay cached.
         ``readable(i, answer)``: whether the answer to request ``i`` can be read (see
@@ -170,8 +191,14 @@ class ChatClient:
         return answers
 
     def _post(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0,
-                           "max_tokens": self.max_tokens}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": 0,
+                "max_tokens": self.max_tokens,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -198,8 +225,9 @@ class ChatClient:
                 problem = f"HTTP {err.code}" + _retry_after(err)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
                 problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        raise EndpointError(f"{self.url}: no answer after {self.retries + 1} attempts "
-                            f"(last: {problem})")  # fmt: skip
+        raise EndpointError(
+            f"{self.url}: no answer after {self.retries + 1} attempts (last: {problem})"
+        )
 
     def _delay(self, attempt: int, problem: str) -> float:
         if "retry-after=" in problem:
@@ -222,6 +250,7 @@ def _answer_text(payload: dict, url: str) -> str:
     try:
         content = payload["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise EndpointError(f"{url} did not answer in the chat-completions format: "
-                            f"{json.dumps(payload)[:300]}") from None  # fmt: skip
+        raise EndpointError(
+            f"{url} did not answer in the chat-completions format: {json.dumps(payload)[:300]}"
+        ) from None
     return content or ""

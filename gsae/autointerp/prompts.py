@@ -77,8 +77,11 @@ def render(tokens: list[str], marked: set[int] | frozenset[int] = frozenset()) -
 def strengths(tokens: list[str], acts: list[float], scale: float) -> str:
     """``(token, strength)`` of the active tokens, strength 1-9 relative to ``scale`` (the
     latent's largest activation among the examples shown)."""
-    pairs = [(t.strip() or repr(t), max(1, min(9, round(9 * a / scale))))
-             for t, a in zip(tokens, acts, strict=True) if a > 0]  # fmt: skip
+    pairs = [
+        (t.strip() or repr(t), max(1, min(9, round(9 * a / scale))))
+        for t, a in zip(tokens, acts, strict=True)
+        if a > 0
+    ]
     return ", ".join(f"({t}, {s})" for t, s in pairs)
 
 
@@ -91,23 +94,30 @@ def explanation_messages(examples: list[tuple[list[str], list[float]]]) -> list[
         marked = {j for j, a in enumerate(acts) if a > 0}
         lines.append(f"Excerpt {n}: {render(tokens, marked)}")
         lines.append(f"Activations: {strengths(tokens, acts, scale)}")
-    return [{"role": "system", "content": EXPLAINER_SYSTEM},
-            {"role": "user", "content": "\n".join(lines)}]  # fmt: skip
+    return [
+        {"role": "system", "content": EXPLAINER_SYSTEM},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
 
 
 def detection_messages(explanation: str, excerpts: list[list[str]]) -> list[dict]:
     """Chat messages for detection: the explanation and the numbered, unmarked excerpts."""
     body = "\n".join(f"Excerpt {n}: {render(tokens)}" for n, tokens in enumerate(excerpts, 1))
-    return [{"role": "system", "content": DETECTION_SYSTEM},
-            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"}]  # fmt: skip
+    return [
+        {"role": "system", "content": DETECTION_SYSTEM},
+        {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"},
+    ]
 
 
 def fuzzing_messages(explanation: str, excerpts: list[tuple[list[str], set[int]]]) -> list[dict]:
     """Chat messages for fuzzing: the explanation and numbered excerpts with marked tokens."""
-    body = "\n".join(f"Excerpt {n}: {render(tokens, marked)}"
-                     for n, (tokens, marked) in enumerate(excerpts, 1))  # fmt: skip
-    return [{"role": "system", "content": FUZZING_SYSTEM},
-            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"}]  # fmt: skip
+    body = "\n".join(
+        f"Excerpt {n}: {render(tokens, marked)}" for n, (tokens, marked) in enumerate(excerpts, 1)
+    )
+    return [
+        {"role": "system", "content": FUZZING_SYSTEM},
+        {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"},
+    ]
 
 
 def parse_explanation(answer: str) -> str | None:

@@ -209,10 +209,16 @@ def accuracy(answer: str, labels: list[int]) -> dict:
     pairs = list(zip(predicted, labels, strict=True))
     tp = sum(p == 1 and t == 1 for p, t in pairs)
     tn = sum(p == 0 and t == 0 for p, t in pairs)
-    return {"accuracy": (tp + tn) / len(labels), "n": len(labels), "tp": tp, "tn": tn,
-            "fp": sum(p == 1 and t == 0 for p, t in pairs),
-            "fn": sum(p == 0 and t == 1 for p, t in pairs), "predicted": predicted,
-            "labels": labels}  # fmt: skip
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "n": len(labels),
+        "tp": tp,
+        "tn": tn,
+        "fp": sum(p == 1 and t == 0 for p, t in pairs),
+        "fn": sum(p == 0 and t == 1 for p, t in pairs),
+        "predicted": predicted,
+        "labels": labels,
+    }
 
 
 @dataclass
@@ -224,10 +230,14 @@ class AutoInterpResult:
     summary: dict
 
 
-def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: ChatClient,
-                   cfg: AutoInterpConfig | None = None,
-                   progress: Callable[[str, int, int], None] | None = None
-                   ) -> AutoInterpResult:  # fmt: skip
+def run_autointerp(
+    col: Collection,
+    tokenizer,
+    explainer: ChatClient,
+    scorer: ChatClient,
+    cfg: AutoInterpConfig | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> AutoInterpResult:
     """Explain and score the sampled latents of every SAE in ``col``. ``progress(stage,
     done, total)`` is called as answers arrive."""
     cfg = (cfg or AutoInterpConfig()).validate()
@@ -244,17 +254,25 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
 
         return step
 
-    answers = explainer.complete_many([explanation_request(t, vocab) for t in tasks],
-                                      tick("explain", len(tasks)),
-                                      lambda i, a: _explanation(a) is not None)  # fmt: skip
+    answers = explainer.complete_many(
+        [explanation_request(t, vocab) for t in tasks],
+        tick("explain", len(tasks)),
+        lambda i, a: _explanation(a) is not None,
+    )
     for task, answer in zip(tasks, answers, strict=True):
         task.answers["explanation"] = answer
         task.explanation = _explanation(answer)
     scored = [t for t in tasks if t.explanation]
     for t in tasks:
         if not t.explanation:
-            skipped.append({"sae": t.sae, "layer": t.layer, "latent": t.latent,
-                            "why": "the explainer gave no explanation"})  # fmt: skip
+            skipped.append(
+                {
+                    "sae": t.sae,
+                    "layer": t.layer,
+                    "latent": t.latent,
+                    "why": "the explainer gave no explanation",
+                }
+            )
     requests, labels = [], []
     for task in scored:
         detection, fuzzing, truth = score_requests(task, vocab, cfg.seed)
@@ -268,15 +286,23 @@ def run_autointerp(col: Collection, tokenizer, explainer: ChatClient, scorer: Ch
     records = []
     for n, task in enumerate(scored):
         det, fuzz = answers[2 * n], answers[2 * n + 1]
-        records.append({
-            "sae": task.sae, "group_layers": task.layers, "layer": task.layer,
-            "latent": task.latent, "frequency": task.frequency,
-            "explanation": task.explanation,
-            "detection": accuracy(det, labels[n]), "fuzzing": accuracy(fuzz, labels[n]),
-            "examples": {"explain": [w.where for w in task.explain],
-                         "active": [w.where for w in task.active],
-                         "inactive": [w.where for w in task.inactive]},
-        })  # fmt: skip
+        records.append(
+            {
+                "sae": task.sae,
+                "group_layers": task.layers,
+                "layer": task.layer,
+                "latent": task.latent,
+                "frequency": task.frequency,
+                "explanation": task.explanation,
+                "detection": accuracy(det, labels[n]),
+                "fuzzing": accuracy(fuzz, labels[n]),
+                "examples": {
+                    "explain": [w.where for w in task.explain],
+                    "active": [w.where for w in task.active],
+                    "inactive": [w.where for w in task.inactive],
+                },
+            }
+        )
     summary = summarize(records, col)
     summary["unreadable_answers"] = explainer.unreadable + (
         scorer.unreadable if scorer is not explainer else 0
@@ -319,10 +345,15 @@ def summarize(records: list[dict], col: Collection) -> dict:
         by_group = [[per_layer[x][metric] for x in g["layers"]] for g in groups.values()]
         p = pooled(by_group)
         run[metric] = {"mean": p.mean, "std": p.std}
-    return {"run": col.meta["run_name"], "run_path": col.meta["run"], "model": col.meta["model"],
-            "latents_scored": len(records), "per_layer": {str(k): v for k, v in
-                                                          sorted(per_layer.items())},
-            "per_group": groups, "overall": run}  # fmt: skip
+    return {
+        "run": col.meta["run_name"],
+        "run_path": col.meta["run"],
+        "model": col.meta["model"],
+        "latents_scored": len(records),
+        "per_layer": {str(k): v for k, v in sorted(per_layer.items())},
+        "per_group": groups,
+        "overall": run,
+    }
 
 
 def write_results(result: AutoInterpResult, out: str | Path) -> list[Path]:
@@ -347,6 +378,8 @@ def load_collection(run_dir: str | Path, collection: str | Path) -> Collection:
         path = path / "collection"
     col = Collection.load(path)
     if Path(col.meta["run"]).resolve() != Path(run_dir).resolve():
-        raise ValueError(f"{collection} was collected for the run {col.meta['run']}, not "
-                         f"{Path(run_dir).resolve()}")  # fmt: skip
+        raise ValueError(
+            f"{collection} was collected for the run {col.meta['run']}, not "
+            f"{Path(run_dir).resolve()}"
+        )
     return col

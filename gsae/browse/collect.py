@@ -78,8 +78,14 @@ class WindowPool:
         self.where = torch.full((layers, size), -1, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, pos: int, windows: torch.Tensor, where: torch.Tensor, indices: torch.Tensor,
-               values: torch.Tensor) -> None:  # fmt: skip
+    def update(
+        self,
+        pos: int,
+        windows: torch.Tensor,
+        where: torch.Tensor,
+        indices: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
         """``windows [B', W]`` token ids (-1: padding), ``indices``/``values`` ``[B', W, k]``."""
         real = (windows >= 0).any(1)
         keys = torch.rand(windows.shape[0], device=windows.device, generator=self.generator)
@@ -106,8 +112,15 @@ class SaeCollector:
     """The streamed statistics of one SAE over the layers of its group (rows: layer-major,
     ``row = position_of_layer * m + latent``)."""
 
-    def __init__(self, name: str, sae: Sae, cfg: CollectConfig, device, generator,
-                 baseline: dict[int, Sae] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        sae: Sae,
+        cfg: CollectConfig,
+        device,
+        generator,
+        baseline: dict[int, Sae] | None = None,
+    ):
         self.name, self.sae, self.cfg = name, sae, cfg
         self.layers = list(sae.layers)
         n_layers, m = len(self.layers), sae.m
@@ -147,8 +160,9 @@ class SaeCollector:
         bins = ((v.log10() - HIST_LOW) / (HIST_HIGH - HIST_LOW) * HIST_BINS).long()
         bins = bins.clamp(0, HIST_BINS - 1)
         self.hist.index_add_(0, indices[on].long() * HIST_BINS + bins, torch.ones_like(bins))
-        cand = window_candidates(values, indices, batch.token_pos, pos * m, self.rows,
-                                 self.cfg.window, batch.seq_len)  # fmt: skip
+        cand = window_candidates(
+            values, indices, batch.token_pos, pos * m, self.rows, self.cfg.window, batch.seq_len
+        )
         self.top.update(cand, batch.windows, batch.where)
         self.random.update(cand, batch.windows, batch.where)
         grid_i, grid_v = batch.grid(indices, values)
@@ -158,8 +172,17 @@ class SaeCollector:
     def nbytes(self) -> int:
         """Memory held (fixed at construction): heaps, pool, counts, co-occurrences."""
         pool = self.pool
-        tensors = [self.fired, self.act_sum, self.hist, self.tokens, pool.keys, pool.tokens,
-                   pool.indices, pool.values, pool.where]  # fmt: skip
+        tensors = [
+            self.fired,
+            self.act_sum,
+            self.hist,
+            self.tokens,
+            pool.keys,
+            pool.tokens,
+            pool.indices,
+            pool.values,
+            pool.where,
+        ]
         held = sum(t.numel() * t.element_size() for t in tensors)
         cooc = sum(CoOccurrence.nbytes(c.m_a, c.m_b) for c in self.cooc.values())
         return self.top.nbytes + self.random.nbytes + held + cooc
@@ -167,12 +190,19 @@ class SaeCollector:
     @torch.no_grad()
     def result(self) -> dict[str, torch.Tensor]:
         """Every tensor the browser and auto-interp read, on the CPU."""
-        out = {**self.top.state("top"), **self.random.state("random"),
-               "pool.tokens": self.pool.tokens.cpu(), "pool.indices": self.pool.indices.cpu(),
-               "pool.values": self.pool.values.cpu(), "pool.where": self.pool.where.cpu(),
-               "fired": self.fired.cpu(), "act_sum": self.act_sum.cpu(),
-               "hist": self.hist.view(self.sae.m, HIST_BINS).cpu(), "tokens": self.tokens.cpu(),
-               "layers": torch.tensor(self.layers)}  # fmt: skip
+        out = {
+            **self.top.state("top"),
+            **self.random.state("random"),
+            "pool.tokens": self.pool.tokens.cpu(),
+            "pool.indices": self.pool.indices.cpu(),
+            "pool.values": self.pool.values.cpu(),
+            "pool.where": self.pool.where.cpu(),
+            "fired": self.fired.cpu(),
+            "act_sum": self.act_sum.cpu(),
+            "hist": self.hist.view(self.sae.m, HIST_BINS).cpu(),
+            "tokens": self.tokens.cpu(),
+            "layers": torch.tensor(self.layers),
+        }
         cos, idx = nearest(self.sae.W_dec, None, self.cfg.neighbours)
         out["neighbours.cosine"], out["neighbours.index"] = cos.cpu(), idx.cpu()
         for layer, base in self.baseline.items():
@@ -255,8 +285,10 @@ class Collection:
     def load(cls, directory: str | Path) -> Collection:
         directory = Path(directory)
         if not (directory / META_FILE).exists():
-            raise FileNotFoundError(f"{directory} holds no collection (no {META_FILE}): run "
-                                    "gsae-browse first, or leave out --collection")  # fmt: skip
+            raise FileNotFoundError(
+                f"{directory} holds no collection (no {META_FILE}): run "
+                "gsae-browse first, or leave out --collection"
+            )
         meta = json.loads((directory / META_FILE).read_text())
         saes = {name: load_file(str(directory / f"{name}.safetensors")) for name in meta["saes"]}
         return cls(meta, saes)
@@ -285,12 +317,23 @@ class Collection:
         return out
 
 
-def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None = None,
-            split: str | None = None, column: str | None = None, ctx_len: int | None = None,
-            batch_tokens: int = 8192, device: str = "auto", model_dtype: str | None = None,
-            baseline: str | Path | None = None, config: CollectConfig | None = None,
-            jaccard_memory: int = 4 << 30, model: str | None = None,
-            progress: Callable[[int], None] | None = None) -> Collection:  # fmt: skip
+def collect(
+    run_dir: str | Path,
+    *,
+    tokens: int = 1_000_000,
+    dataset: str | None = None,
+    split: str | None = None,
+    column: str | None = None,
+    ctx_len: int | None = None,
+    batch_tokens: int = 8192,
+    device: str = "auto",
+    model_dtype: str | None = None,
+    baseline: str | Path | None = None,
+    config: CollectConfig | None = None,
+    jaccard_memory: int = 4 << 30,
+    model: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Collection:
     """Stream ``tokens`` tokens of the run's text (or ``dataset``) through its model and SAEs
     and gather every SAE's :class:`SaeCollector` statistics.
 
@@ -312,8 +355,12 @@ def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None
         raise ValueError(f"--batch-tokens {batch_tokens}: need at least 1 token per forward")
     device = resolve_device(device)
     loaded = load_model(plan.model, model_dtype, device)  # bf16 on a GPU, fp32 on a CPU
-    check_model([plan.run] + ([plan.base] if plan.base else []), loaded.num_layers,
-                loaded.d_model, loaded.name)  # fmt: skip
+    check_model(
+        [plan.run] + ([plan.base] if plan.base else []),
+        loaded.num_layers,
+        loaded.d_model,
+        loaded.name,
+    )
     context_length(loaded, plan.ctx_len)  # refuses one longer than the model's positions
     generator = torch.Generator(device).manual_seed(cfg.seed)
     collectors, notes = _collectors(plan, cfg, device, generator, jaccard_memory)
@@ -322,16 +369,22 @@ def collect(run_dir: str | Path, *, tokens: int = 1_000_000, dataset: str | None
         raise ValueError(f"the text holds no tokens: {plan.dataset!r} (split {plan.split!r})")
     if seen < tokens:
         notes.append(f"the text ran out after {seen:,} of {tokens:,} tokens")
-    meta = {"run": str(plan.run.path.resolve()), "run_name": plan.run.name,
-            "model": plan.model, "dataset": plan.dataset, "split": plan.split,
-            "column": plan.column, "ctx_len": plan.ctx_len, "tokens": seen,
-            "baseline": str(plan.base.path.resolve()) if plan.base else None,
-            "baseline_name": plan.base.name if plan.base else None,
-            "config": cfg.__dict__, "notes": notes,
-            "saes": {c.name: {"layers": c.layers, "m": c.sae.m, "k": c.sae.k}
-                     for c in collectors},
-            "hist": {"log10_low": HIST_LOW, "log10_high": HIST_HIGH,
-                     "bins": HIST_BINS}}  # fmt: skip
+    meta = {
+        "run": str(plan.run.path.resolve()),
+        "run_name": plan.run.name,
+        "model": plan.model,
+        "dataset": plan.dataset,
+        "split": plan.split,
+        "column": plan.column,
+        "ctx_len": plan.ctx_len,
+        "tokens": seen,
+        "baseline": str(plan.base.path.resolve()) if plan.base else None,
+        "baseline_name": plan.base.name if plan.base else None,
+        "config": cfg.__dict__,
+        "notes": notes,
+        "saes": {c.name: {"layers": c.layers, "m": c.sae.m, "k": c.sae.k} for c in collectors},
+        "hist": {"log10_low": HIST_LOW, "log10_high": HIST_HIGH, "bins": HIST_BINS},
+    }
     return Collection(meta, {c.name: c.result() for c in collectors})
 
 
@@ -377,9 +430,11 @@ def _collectors(plan: _Plan, cfg: CollectConfig, device, generator, jaccard_memo
             size = CoOccurrence.nbytes(sae.m, mine[layer].m)
             if size > budget:
                 del collector.cooc[layer]
-                notes.append(f"{entry.name}, layer {layer}: no Jaccard match (its co-occurrence "
-                             f"counts, {size / 2**20:.0f} MiB, exceed what is left of "
-                             "--jaccard-memory)")  # fmt: skip
+                notes.append(
+                    f"{entry.name}, layer {layer}: no Jaccard match (its co-occurrence "
+                    f"counts, {size / 2**20:.0f} MiB, exceed what is left of "
+                    "--jaccard-memory)"
+                )
             else:
                 budget -= size
         collectors.append(collector)
@@ -387,14 +442,25 @@ def _collectors(plan: _Plan, cfg: CollectConfig, device, generator, jaccard_memo
 
 
 @torch.no_grad()
-def _stream(plan: _Plan, loaded: LoadedModel, collectors: list[SaeCollector],
-            cfg: CollectConfig, budget: int, batch_tokens: int, progress) -> int:  # fmt: skip
+def _stream(
+    plan: _Plan,
+    loaded: LoadedModel,
+    collectors: list[SaeCollector],
+    cfg: CollectConfig,
+    budget: int,
+    batch_tokens: int,
+    progress,
+) -> int:
     layers = sorted({layer for c in collectors for layer in c.layers})
     reader = ActivationReader(loaded, layers)
     device = next(loaded.model.parameters()).device
-    stream = TokenStream(plan.texts, loaded.tokenizer, ctx_len=plan.ctx_len,
-                         batch_size=max(1, batch_tokens // plan.ctx_len),
-                         position=StreamPosition())  # fmt: skip
+    stream = TokenStream(
+        plan.texts,
+        loaded.tokenizer,
+        ctx_len=plan.ctx_len,
+        batch_size=max(1, batch_tokens // plan.ctx_len),
+        position=StreamPosition(),
+    )
     seen = sequences = 0
     try:
         for batch in stream:
@@ -421,8 +487,7 @@ def _stream(plan: _Plan, loaded: LoadedModel, collectors: list[SaeCollector],
 
 def log_bin_edges() -> list[float]:
     """The histogram's bin edges (activation values), ``HIST_BINS + 1`` of them."""
-    return [10 ** (HIST_LOW + (HIST_HIGH - HIST_LOW) * i / HIST_BINS)
-            for i in range(HIST_BINS + 1)]  # fmt: skip
+    return [10 ** (HIST_LOW + (HIST_HIGH - HIST_LOW) * i / HIST_BINS) for i in range(HIST_BINS + 1)]
 
 
 __all__ = ["CollectConfig", "Collection", "SaeCollector", "collect", "log_bin_edges"]

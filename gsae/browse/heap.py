@@ -34,9 +34,15 @@ class Candidates(NamedTuple):
     acts: torch.Tensor  # [C, W] float32
 
 
-def window_candidates(values: torch.Tensor, indices: torch.Tensor, token_pos: torch.Tensor,
-                      row_offset: int, rows: int, window: int, seq_len: int
-                      ) -> Candidates:  # fmt: skip
+def window_candidates(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    token_pos: torch.Tensor,
+    row_offset: int,
+    rows: int,
+    window: int,
+    seq_len: int,
+) -> Candidates:
     """Group the sparse latents of a batch's tokens by (window, latent).
 
     ``values``/``indices`` ``[N, k]``: the top-k latents of N tokens; ``token_pos [N]``: each
@@ -67,8 +73,15 @@ class WindowHeap:
     W]`` (float16: the latent's value at each token), ``where [R, n]`` (an id of the window's
     place in the stream, -1 when empty)."""
 
-    def __init__(self, rows: int, n: int, window: int, device=None, random: bool = False,
-                 generator: torch.Generator | None = None):  # fmt: skip
+    def __init__(
+        self,
+        rows: int,
+        n: int,
+        window: int,
+        device=None,
+        random: bool = False,
+        generator: torch.Generator | None = None,
+    ):
         if rows < 1 or n < 1 or window < 1:
             raise ValueError(f"need rows, n and window >= 1, got {rows}, {n}, {window}")
         self.rows, self.n, self.window, self.random = rows, n, window, random
@@ -126,14 +139,18 @@ class WindowHeap:
         u_idx = rows[:, None].expand(u, n)
         value = torch.where(from_new, cand.value[src.clamp_min(0)], self.value[u_idx, old])
         win = cand.window[src.clamp_min(0)]  # [U, n]
-        tokens = torch.where(from_new[..., None], windows[win].to(torch.int32),
-                             self.tokens[u_idx, old])  # fmt: skip
-        acts = torch.where(from_new[..., None], cand.acts[src.clamp_min(0)].half(),
-                           self.acts[u_idx, old])  # fmt: skip
+        tokens = torch.where(
+            from_new[..., None], windows[win].to(torch.int32), self.tokens[u_idx, old]
+        )
+        acts = torch.where(
+            from_new[..., None], cand.acts[src.clamp_min(0)].half(), self.acts[u_idx, old]
+        )
         place = torch.where(from_new, where[win], self.where[u_idx, old])
         self.keys[rows], self.value[rows], self.tokens[rows] = best, value, tokens
         self.acts[rows], self.where[rows] = acts, place
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{name}": getattr(self, name).cpu()
-                for name in ("keys", "value", "tokens", "acts", "where")}  # fmt: skip
+        return {
+            f"{prefix}.{name}": getattr(self, name).cpu()
+            for name in ("keys", "value", "tokens", "acts", "where")
+        }

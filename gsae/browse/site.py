@@ -43,8 +43,9 @@ def _r(x: float, digits: int = 4) -> float | None:
     return float(f"{x:.{digits}g}")
 
 
-def _examples(t: dict, prefix: str, layers: list[int], latent: int, m: int, n: int,
-              text: TokenText) -> list[list]:  # fmt: skip
+def _examples(
+    t: dict, prefix: str, layers: list[int], latent: int, m: int, n: int, text: TokenText
+) -> list[list]:
     """The ``n`` windows of ``latent`` with the largest keys over every layer of its group:
     ``[layer, value, where, token texts, activations]``, best first (for random keys, a uniform
     sample of the group's windows: each layer's heap holds its top keys of i.i.d. keys). A
@@ -68,8 +69,15 @@ def _examples(t: dict, prefix: str, layers: list[int], latent: int, m: int, n: i
         ids, a = tokens[idx].tolist(), acts[idx].tolist()
         real = [j for j, i in enumerate(ids) if i >= 0]
         words = [w.replace("\n", "↵") for w in text([ids[j] for j in real])]  # one line each
-        out.append([layers[idx // width], _r(values[idx]), wheres[idx], words,
-                    [_r(a[j], 3) if a[j] else 0 for j in real]])  # fmt: skip
+        out.append(
+            [
+                layers[idx // width],
+                _r(values[idx]),
+                wheres[idx],
+                words,
+                [_r(a[j], 3) if a[j] else 0 for j in real],
+            ]
+        )
         if len(out) == n:
             break
     return out
@@ -96,27 +104,44 @@ def latent_records(col: Collection, name: str, text: TokenText) -> tuple[list[di
         peak = layers[int(peak_pos[i])] if fired_i else None
         top = _examples(t, "top", layers, i, m, cfg["top"], text) if fired_i else []
         rec = {
-            "i": i, "g": name, "layers": layers, "fired": fired_i, "freq": _r(freq[i]),
-            "per_layer": fired[:, i].tolist(), "tokens": tokens, "peak": peak,
-            "mean_layer": _r(dist.mean_layer[i]), "spread": _r(spread[i]),
+            "i": i,
+            "g": name,
+            "layers": layers,
+            "fired": fired_i,
+            "freq": _r(freq[i]),
+            "per_layer": fired[:, i].tolist(),
+            "tokens": tokens,
+            "peak": peak,
+            "mean_layer": _r(dist.mean_layer[i]),
+            "spread": _r(spread[i]),
             "mean_act": _r(mean_act[i]) if fired_i else None,
             "max_act": top[0][1] if top else None,
             "hist": t["hist"][i].tolist(),
             "top": top,
             "random": _examples(t, "random", layers, i, m, cfg["random"], text) if fired_i else [],
-            "neighbours": [[int(j), _r(c, 3)] for j, c in zip(
-                t["neighbours.index"][i].tolist(), t["neighbours.cosine"][i].tolist(),
-                strict=True)],
-            "baseline": [[x, int(t[f"baseline.{x}.cosine_index"][i]),
-                          _r(t[f"baseline.{x}.cosine"][i], 3),
-                          int(t[f"baseline.{x}.jaccard_index"][i])
-                          if f"baseline.{x}.jaccard" in t else None,
-                          _r(t[f"baseline.{x}.jaccard"][i], 3)
-                          if f"baseline.{x}.jaccard" in t else None] for x in base_layers],
-        }  # fmt: skip
+            "neighbours": [
+                [int(j), _r(c, 3)]
+                for j, c in zip(
+                    t["neighbours.index"][i].tolist(),
+                    t["neighbours.cosine"][i].tolist(),
+                    strict=True,
+                )
+            ],
+            "baseline": [
+                [
+                    x,
+                    int(t[f"baseline.{x}.cosine_index"][i]),
+                    _r(t[f"baseline.{x}.cosine"][i], 3),
+                    int(t[f"baseline.{x}.jaccard_index"][i])
+                    if f"baseline.{x}.jaccard" in t
+                    else None,
+                    _r(t[f"baseline.{x}.jaccard"][i], 3) if f"baseline.{x}.jaccard" in t else None,
+                ]
+                for x in base_layers
+            ],
+        }
         records.append(rec)
-        rows.append([name, i, rec["freq"], peak, rec["spread"], rec["mean_layer"],
-                     rec["max_act"]])  # fmt: skip
+        rows.append([name, i, rec["freq"], peak, rec["spread"], rec["mean_layer"], rec["max_act"]])
     return records, rows
 
 
@@ -139,12 +164,19 @@ def write_site(col: Collection, tokenizer, out: str | Path) -> list[Path]:
                 (data / str(g) / f"{start // SHARD}.js").write_text(
                     f"gsaeShard({json.dumps(name)}, {json.dumps(shard, separators=(',', ':'))});\n"
                 )
-        site = {"run": col.meta["run_name"], "model": col.meta["model"],
-                "dataset": col.meta["dataset"], "tokens": col.meta["tokens"],
-                "groups": groups, "shard": SHARD, "window": col.meta["config"]["window"],
-                "baseline": col.meta.get("baseline_name"), "notes": col.meta.get("notes", []),
-                "hist_edges": [_r(e, 3) for e in log_bin_edges()],
-                "hist_bins": HIST_BINS}  # fmt: skip
+        site = {
+            "run": col.meta["run_name"],
+            "model": col.meta["model"],
+            "dataset": col.meta["dataset"],
+            "tokens": col.meta["tokens"],
+            "groups": groups,
+            "shard": SHARD,
+            "window": col.meta["config"]["window"],
+            "baseline": col.meta.get("baseline_name"),
+            "notes": col.meta.get("notes", []),
+            "hist_edges": [_r(e, 3) for e in log_bin_edges()],
+            "hist_bins": HIST_BINS,
+        }
         (tmp / "index.html").write_text(_page("index", site, index_rows))
         (tmp / "latent.html").write_text(_page("latent", site, None))
         (tmp / "collection").mkdir()
@@ -167,8 +199,10 @@ def _asset(name: str) -> str:
 
 def _page(kind: str, site: dict, rows) -> str:
     title = f"gsae-browse: {site['run']}"
-    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_asset('style.css')}</style></head><body>")  # fmt: skip
+    head = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_asset('style.css')}</style></head><body>"
+    )
     data = json.dumps({"site": site, "rows": rows}, separators=(",", ":")).replace("</", "<\\/")
     script = f"<script>const DATA = {data};</script>"
     about = (
@@ -178,17 +212,21 @@ def _page(kind: str, site: dict, rows) -> str:
     )
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in site["notes"])
     if kind == "index":
-        body = (f"<h1>{html.escape(site['run'])}</h1>{about}<ul class='note'>{notes}</ul>"
-                "<p>SAE <select id='group'><option value=''>all</option></select> "
-                "<span class='pager'><button id='prev'>◀</button><span id='page'></span>"
-                "<button id='next'>▶</button></span></p><table id='table'></table>"
-                f"{script}<script>{_asset('index.js')}</script>")  # fmt: skip
+        body = (
+            f"<h1>{html.escape(site['run'])}</h1>{about}<ul class='note'>{notes}</ul>"
+            "<p>SAE <select id='group'><option value=''>all</option></select> "
+            "<span class='pager'><button id='prev'>◀</button><span id='page'></span>"
+            "<button id='next'>▶</button></span></p><table id='table'></table>"
+            f"{script}<script>{_asset('index.js')}</script>"
+        )
     else:
-        body = ("<p><a href='index.html'>all latents</a></p><h1 id='title'></h1><div id='main'>"
-                f"{about}<table class='stats' id='stats'></table><div id='layers'></div>"
-                "<div id='hist'></div><h2>Top activations</h2><div id='top'></div>"
-                "<h2>Random activations</h2><div id='random'></div>"
-                "<h2>Nearest latents (decoder cosine)</h2><ul id='neighbours'></ul>"
-                "<h2>Best match in the per-layer baseline</h2><table id='baseline'></table>"
-                f"</div>{script}<script>{_asset('latent.js')}</script>")  # fmt: skip
+        body = (
+            "<p><a href='index.html'>all latents</a></p><h1 id='title'></h1><div id='main'>"
+            f"{about}<table class='stats' id='stats'></table><div id='layers'></div>"
+            "<div id='hist'></div><h2>Top activations</h2><div id='top'></div>"
+            "<h2>Random activations</h2><div id='random'></div>"
+            "<h2>Nearest latents (decoder cosine)</h2><ul id='neighbours'></ul>"
+            "<h2>Best match in the per-layer baseline</h2><table id='baseline'></table>"
+            f"</div>{script}<script>{_asset('latent.js')}</script>"
+        )
     return head + body + "</body></html>\n"

@@ -24,9 +24,12 @@ def parser() -> argparse.ArgumentParser:
         "same command again to resume without re-asking.",
     )
     p.add_argument("run", metavar="RUN", help="a gsae-train output folder")
-    p.add_argument("--endpoint", required=True,
-                   help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM), "
-                   "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1")  # fmt: skip
+    p.add_argument(
+        "--endpoint",
+        required=True,
+        help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1 (vLLM), "
+        "http://localhost:11434/v1 (Ollama), https://api.openai.com/v1",
+    )
     p.add_argument(
         "--explainer-model", default=None, help="the explainer (and scorer) model's name (required)"
     )
@@ -35,31 +38,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", dest="old_model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--scorer-model", default=None, help="another model for scoring")
     p.add_argument("--scorer-endpoint", default=None, help="default: --endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the API key (default: %(default)s; "
-                   "unset: no key is sent)")  # fmt: skip
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (default: %(default)s; "
+        "unset: no key is sent)",
+    )
     p.add_argument("--out", required=True, help="output folder (also holds the answer cache)")
-    p.add_argument("--latents", type=int, default=64,
-                   help="latents sampled per SAE (default: %(default)s, the paper's)")  # fmt: skip
-    p.add_argument("--explain", type=int, default=10,
-                   help="top windows shown to the explainer (default: %(default)s)")  # fmt: skip
-    p.add_argument("--test", type=int, default=10,
-                   help="activating and as many non-activating windows per scoring prompt "
-                   "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--concurrency", type=int, default=8,
-                   help="requests in flight at once (default: %(default)s)")  # fmt: skip
-    p.add_argument("--rate", type=float, default=None,
-                   help="at most this many requests per second (default: no limit)")  # fmt: skip
-    p.add_argument("--retries", type=int, default=5,
-                   help="retries of a request on errors and HTTP 429/5xx (default: "
-                   "%(default)s)")  # fmt: skip
+    p.add_argument(
+        "--latents",
+        type=int,
+        default=64,
+        help="latents sampled per SAE (default: %(default)s, the paper's)",
+    )
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=10,
+        help="top windows shown to the explainer (default: %(default)s)",
+    )
+    p.add_argument(
+        "--test",
+        type=int,
+        default=10,
+        help="activating and as many non-activating windows per scoring prompt "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="requests in flight at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="at most this many requests per second (default: no limit)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="retries of a request on errors and HTTP 429/5xx (default: %(default)s)",
+    )
     p.add_argument("--timeout", type=float, default=120, help="seconds per request")
-    p.add_argument("--collection", default=None, metavar="DIR",
-                   help="reuse the collection of a gsae-browse --out DIR of this run instead "
-                   "of streaming text again")  # fmt: skip
-    p.add_argument("--report", default=None, metavar="EVAL_DIR",
-                   help="add the scores to this gsae-eval output folder (autointerp.jsonl, "
-                   "Figure 4, report.html)")  # fmt: skip
+    p.add_argument(
+        "--collection",
+        default=None,
+        metavar="DIR",
+        help="reuse the collection of a gsae-browse --out DIR of this run instead "
+        "of streaming text again",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="EVAL_DIR",
+        help="add the scores to this gsae-eval output folder (autointerp.jsonl, "
+        "Figure 4, report.html)",
+    )
     add_collect_args(p, tokens="1M")
     return p
 
@@ -113,24 +150,40 @@ def main(argv=None) -> int:
         settings = collect_config(args)
         tokens = parse_count(args.tokens)
         cache = AnswerCache(out / "cache.jsonl")
-        common = {"api_key": key, "concurrency": args.concurrency, "rate": args.rate,
-                  "retries": args.retries, "timeout": args.timeout, "cache": cache}  # fmt: skip
+        common = {
+            "api_key": key,
+            "concurrency": args.concurrency,
+            "rate": args.rate,
+            "retries": args.retries,
+            "timeout": args.timeout,
+            "cache": cache,
+        }
         explainer = ChatClient(args.endpoint, args.explainer_model, **common)
-        scorer = ChatClient(args.scorer_endpoint or args.endpoint,
-                            args.scorer_model or args.explainer_model, **common)  # fmt: skip
+        scorer = ChatClient(
+            args.scorer_endpoint or args.endpoint,
+            args.scorer_model or args.explainer_model,
+            **common,
+        )
         if args.collection:
             col = load_collection(args.run, args.collection)
         elif (out / "collection" / "collection.json").exists():
             col = load_collection(args.run, out / "collection")  # a resumed run: same examples
-            print(f"reusing the collection in {out / 'collection'} ({col.meta['tokens']:,} "
-                  "tokens)")  # fmt: skip
+            print(f"reusing the collection in {out / 'collection'} ({col.meta['tokens']:,} tokens)")
         else:
             with progress_bar(tokens, "collect") as bar:
-                col = collect(args.run, tokens=tokens, dataset=args.dataset, split=args.split,
-                              column=args.column, ctx_len=args.ctx_len,
-                              batch_tokens=args.batch_tokens, device=args.device,
-                              model_dtype=args.model_dtype, config=settings,
-                              progress=bar.update)  # fmt: skip
+                col = collect(
+                    args.run,
+                    tokens=tokens,
+                    dataset=args.dataset,
+                    split=args.split,
+                    column=args.column,
+                    ctx_len=args.ctx_len,
+                    batch_tokens=args.batch_tokens,
+                    device=args.device,
+                    model_dtype=args.model_dtype,
+                    config=settings,
+                    progress=bar.update,
+                )
             write_marker(out, "gsae-autointerp", collected)  # first: what it is collected with
             col.save(out / "collection")
         if not (out / MARKER).exists():
@@ -167,9 +220,11 @@ def main(argv=None) -> int:
         print(f"gsae-autointerp: error: {err} (the scores are in {out})", file=sys.stderr)
         return 2
     except EndpointError as err:
-        print(f"gsae-autointerp: error: {err}\n(answers so far are cached in "
-              f"{out / 'cache.jsonl'}: run the same command again to resume)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gsae-autointerp: error: {err}\n(answers so far are cached in "
+            f"{out / 'cache.jsonl'}: run the same command again to resume)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         for bar in bars.values():
@@ -177,15 +232,19 @@ def main(argv=None) -> int:
         held.close()  # the lock on --out
     seconds = time.perf_counter() - start
     overall = result.summary["overall"]
-    print(f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
-          f"detection {pm(overall['detection'])}, fuzzing {pm(overall['fuzzing'])}")  # fmt: skip
+    print(
+        f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
+        f"detection {pm(overall['detection'])}, fuzzing {pm(overall['fuzzing'])}"
+    )
     if result.summary["unreadable_answers"]:
         print(
             f"{result.summary['unreadable_answers']} answers could not be read: not cached, "
             "they are asked again when the same command runs again"
         )
-    print(f"{explainer.sent + scorer.sent} requests sent, {seconds:.1f} s; wrote "
-          f"{', '.join(str(p) for p in written)}")  # fmt: skip
+    print(
+        f"{explainer.sent + scorer.sent} requests sent, {seconds:.1f} s; wrote "
+        f"{', '.join(str(p) for p in written)}"
+    )
     return 0
 
 

@@ -22,15 +22,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN", help="a gsae-train output folder")
     p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
-    p.add_argument("--baseline", default=None, metavar="RUN",
-                   help="a gsae-train --groups per-layer run of the same model")  # fmt: skip
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN",
+        help="a gsae-train --groups per-layer run of the same model",
+    )
     add_collect_args(p)
-    p.add_argument("--neighbours", type=int, default=8,
-                   help="nearest latents by decoder cosine shown (default: "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--jaccard-memory", default="4G",
-                   help="memory for the co-occurrence counts behind --baseline's Jaccard match "
-                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=8,
+        help="nearest latents by decoder cosine shown (default: %(default)s)",
+    )
+    p.add_argument(
+        "--jaccard-memory",
+        default="4G",
+        help="memory for the co-occurrence counts behind --baseline's Jaccard match "
+        "(default: %(default)s)",
+    )
     add_overwrite_arg(p)
     return p
 
@@ -54,11 +64,21 @@ def main(argv=None) -> int:
         memory = parse_bytes(args.jaccard_memory, "--jaccard-memory")
         start = time.perf_counter()
         with progress_bar(tokens, "collect") as bar:
-            col = collect(args.run, tokens=tokens, dataset=args.dataset, split=args.split,
-                          column=args.column, ctx_len=args.ctx_len,
-                          batch_tokens=args.batch_tokens, device=args.device,
-                          model_dtype=args.model_dtype, baseline=args.baseline, config=config,
-                          jaccard_memory=memory, progress=bar.update)  # fmt: skip
+            col = collect(
+                args.run,
+                tokens=tokens,
+                dataset=args.dataset,
+                split=args.split,
+                column=args.column,
+                ctx_len=args.ctx_len,
+                batch_tokens=args.batch_tokens,
+                device=args.device,
+                model_dtype=args.model_dtype,
+                baseline=args.baseline,
+                config=config,
+                jaccard_memory=memory,
+                progress=bar.update,
+            )
         seconds = time.perf_counter() - start
         write_site(col, load_tokenizer(col.meta["model"]), out)  # and the collection, at once
     except stops() as err:
@@ -68,8 +88,10 @@ def main(argv=None) -> int:
     for note in col.meta["notes"]:
         print(f"note: {note}")
     latents = sum(v["m"] for v in col.meta["saes"].values())
-    print(f"{col.meta['tokens']:,} tokens in {seconds:.1f} s; {latents:,} latents of "
-          f"{len(col.saes)} SAEs; open {out / 'index.html'}")  # fmt: skip
+    print(
+        f"{col.meta['tokens']:,} tokens in {seconds:.1f} s; {latents:,} latents of "
+        f"{len(col.saes)} SAEs; open {out / 'index.html'}"
+    )
     return 0
 
 

@@ -66,11 +66,16 @@ def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
     p.add_argument("--split", default=None, help=f"default: the {whose} own")
     p.add_argument("--column", default=None, help=f"text column (default: the {whose} own)")
     p.add_argument("--ctx-len", type=int, default=None, help=f"default: the {whose} own")
-    p.add_argument("--batch-tokens", type=int, default=8192,
-                   help="tokens per forward (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--batch-tokens", type=int, default=8192, help="tokens per forward (default: %(default)s)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument("--model-dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                   help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--model-dtype",
+        default=None,
+        choices=["bf16", "fp16", "fp32"],
+        help="model forward dtype (default: bf16 on a GPU, fp32 on a CPU)",
+    )
 
 
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -117,8 +122,14 @@ def collect_config(args: argparse.Namespace):
     """The :class:`~gsae.browse.collect.CollectConfig` of the collection flags, checked."""
     from ..browse.collect import CollectConfig
 
-    cfg = CollectConfig(window=args.window, top=args.top, random=args.random, pool=args.pool,
-                        neighbours=getattr(args, "neighbours", 8), seed=args.seed)  # fmt: skip
+    cfg = CollectConfig(
+        window=args.window,
+        top=args.top,
+        random=args.random,
+        pool=args.pool,
+        neighbours=getattr(args, "neighbours", 8),
+        seed=args.seed,
+    )
     return cfg.validate()
 
 

@@ -22,27 +22,44 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="gsae-train output folders")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--baseline", default=None, metavar="RUN",
-                   help="a gsae-train --groups per-layer run of the same model: MMCS, MMCO and "
-                   "the star of the figures")  # fmt: skip
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN",
+        help="a gsae-train --groups per-layer run of the same model: MMCS, MMCO and "
+        "the star of the figures",
+    )
     p.add_argument("--tokens", default="1M", help="held-out tokens (default: %(default)s)")
     add_run_data_args(p, "runs'")
-    p.add_argument("--model", default=None, help="evaluate with this model instead of the runs' "
-                   "(e.g. a local copy of it)")  # fmt: skip
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="evaluate even when held-out text cannot be guaranteed (e.g. a --repeat "
-                   "run that went round its corpus)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default=None,
+        help="evaluate with this model instead of the runs' (e.g. a local copy of it)",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="evaluate even when held-out text cannot be guaranteed (e.g. a --repeat "
+        "run that went round its corpus)",
+    )
     p.add_argument(
         "--no-downstream",
         action="store_true",
         help="skip the spliced forwards (ΔCE, CE recovered, KL): much faster",
     )
-    p.add_argument("--mmco-pairs", default="all", choices=["all", "same-group", "diagonal", "none"],
-                   help="layer pairs for MMCO: all (the paper's heatmaps), same-group, diagonal "
-                   "or none (default: %(default)s)")  # fmt: skip
-    p.add_argument("--mmco-memory", default="4G",
-                   help="memory for MMCO counts per pass over the tokens; more pairs take more "
-                   "passes (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--mmco-pairs",
+        default="all",
+        choices=["all", "same-group", "diagonal", "none"],
+        help="layer pairs for MMCO: all (the paper's heatmaps), same-group, diagonal "
+        "or none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--mmco-memory",
+        default="4G",
+        help="memory for MMCO counts per pass over the tokens; more pairs take more "
+        "passes (default: %(default)s)",
+    )
     return p
 
 
@@ -63,15 +80,26 @@ def main(argv=None) -> int:
         )  # until the outputs are in
         tokens = parse_count(args.tokens)
         plan = prepare(
-            args.runs, baseline=args.baseline, tokens=tokens, dataset=args.dataset,
-            split=args.split, column=args.column, ctx_len=args.ctx_len,
-            batch_tokens=args.batch_tokens, model=args.model, device=args.device,
-            model_dtype=args.model_dtype, allow_overlap=args.allow_overlap,
-            downstream=not args.no_downstream, pairs=args.mmco_pairs,
+            args.runs,
+            baseline=args.baseline,
+            tokens=tokens,
+            dataset=args.dataset,
+            split=args.split,
+            column=args.column,
+            ctx_len=args.ctx_len,
+            batch_tokens=args.batch_tokens,
+            model=args.model,
+            device=args.device,
+            model_dtype=args.model_dtype,
+            allow_overlap=args.allow_overlap,
+            downstream=not args.no_downstream,
+            pairs=args.mmco_pairs,
             mmco_memory=parse_bytes(args.mmco_memory, "--mmco-memory"),
-        )  # fmt: skip
-        print(f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
-              f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}")  # fmt: skip
+        )
+        print(
+            f"{plan.model_name}: {len(plan.runs)} runs ({', '.join(r.name for r in plan.runs)})"
+            f"{'; baseline ' + plan.baseline.name if plan.baseline else ''}"
+        )
         for note in plan.notes:
             print(f"  {note}")
         start = time.perf_counter()
@@ -87,8 +115,10 @@ def main(argv=None) -> int:
     for note in result.notes[len(plan.notes) :]:
         print(f"note: {note}")
     passes = f" in {result.passes} passes" if result.passes > 1 else ""
-    print(f"{result.tokens:,} tokens{passes}, {seconds:.1f} s ({result.tokens / seconds:,.0f} "
-          f"tokens/s); wrote {len(written)} files to {args.out} (open report.html)")  # fmt: skip
+    print(
+        f"{result.tokens:,} tokens{passes}, {seconds:.1f} s ({result.tokens / seconds:,.0f} "
+        f"tokens/s); wrote {len(written)} files to {args.out} (open report.html)"
+    )
     return 0
 
 

@@ -20,13 +20,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a gsae-train output folder")
     p.add_argument("--format", required=True, choices=["sparsify", "saelens"])
     p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
-    p.add_argument("--hookpoint-prefix", default=None, metavar="PREFIX",
-                   help="sparsify hookpoints are PREFIX.N (default: the model's layer list "
-                   "inside its base model, e.g. layers for GPT-NeoX and Llama, h for "
-                   "GPT-2)")  # fmt: skip
-    p.add_argument("--model", default=None,
-                   help="read the hookpoint names from this copy of the run's model (a local "
-                   "directory) instead of the run's own")  # fmt: skip
+    p.add_argument(
+        "--hookpoint-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="sparsify hookpoints are PREFIX.N (default: the model's layer list "
+        "inside its base model, e.g. layers for GPT-NeoX and Llama, h for "
+        "GPT-2)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="read the hookpoint names from this copy of the run's model (a local "
+        "directory) instead of the run's own",
+    )
     add_overwrite_arg(p)
     return p
 
@@ -37,14 +44,23 @@ def main(argv=None) -> int:
 
     existed = Path(args.out).is_dir()
     try:
-        exported = export_run(args.run, args.format, args.out, prefix=args.hookpoint_prefix,
-                              model=args.model, overwrite=args.overwrite)  # fmt: skip
+        exported = export_run(
+            args.run,
+            args.format,
+            args.out,
+            prefix=args.hookpoint_prefix,
+            model=args.model,
+            overwrite=args.overwrite,
+        )
     except stops() as err:
         return failed("gsae-export", err, Path(args.out), existed)
     for e in exported:
         print(f"  {e.name:<28} layer {e.layer:>3}  from {e.group} (scale {e.scale:.4g} folded in)")
-    loader = ("sparsify.SparseCoder.load_many(OUT, local=True)" if args.format == "sparsify"
-              else "sae_lens.SAE.load_from_disk(OUT/<hookpoint>)")  # fmt: skip
+    loader = (
+        "sparsify.SparseCoder.load_many(OUT, local=True)"
+        if args.format == "sparsify"
+        else "sae_lens.SAE.load_from_disk(OUT/<hookpoint>)"
+    )
     print(f"wrote {len(exported)} SAEs to {args.out} ({args.format}; load with {loader})")
     return 0
 

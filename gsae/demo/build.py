@@ -30,9 +30,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
+    )
     tok.train_from_iterator(texts, trainer)
     special = "<|endoftext|>"
     return PreTrainedTokenizerFast(
@@ -63,11 +64,18 @@ def main(argv=None) -> None:
     data = torch.tensor(ids)
     print(f"{len(texts)} documents, {len(data):,} tokens")
     config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=args.d, num_hidden_layers=args.layers,
-        num_attention_heads=4, intermediate_size=4 * args.d, max_position_embeddings=1024,
-        rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=args.d,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        intermediate_size=4 * args.d,
+        max_position_embeddings=1024,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = GPTNeoXForCausalLM(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = 100

@@ -23,7 +23,21 @@ from .runs import HeldOut
 from .similarity import CoOccurrence, feature_distribution, mmcs
 
 __all__ = [
-    "CoOccurrence", "EvalResult", "HeldOut", "LayerResult", "RunSaes", "ce_recovered",
-    "delta_ce", "evaluate", "evaluate_run", "evaluate_runs", "feature_distribution", "fvu",
-    "kl_score", "mmcs", "pooled", "prepare", "run_plan",
-]  # fmt: skip
+    "CoOccurrence",
+    "EvalResult",
+    "HeldOut",
+    "LayerResult",
+    "RunSaes",
+    "ce_recovered",
+    "delta_ce",
+    "evaluate",
+    "evaluate_run",
+    "evaluate_runs",
+    "feature_distribution",
+    "fvu",
+    "kl_score",
+    "mmcs",
+    "pooled",
+    "prepare",
+    "run_plan",
+]

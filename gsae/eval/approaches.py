@@ -14,8 +14,17 @@ from ..run import FinishedRun
 from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
 
-POOLED = ("fvu", "delta_ce_pct", "ce_recovered", "kl_score", "cosine", "l0", "never_fired",
-          "mmcs", "mmco")  # fmt: skip
+POOLED = (
+    "fvu",
+    "delta_ce_pct",
+    "ce_recovered",
+    "kl_score",
+    "cosine",
+    "l0",
+    "never_fired",
+    "mmcs",
+    "mmco",
+)
 
 
 @dataclass
@@ -84,8 +93,9 @@ def table_layers(runs: list[FinishedRun]) -> list[int]:
 def training_flops(run: FinishedRun, loaded, kernels: str = "dense") -> float:
     """Per-token training FLOPs of a run: one forward A plus one step T of each of its SAEs
     (:func:`gsae.grouping.model_costs`, at the run's context, expansion and k)."""
-    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
-                                  run.k, kernels)  # fmt: skip
+    a_cost, _, _ = gp.model_costs(
+        loaded, run.grouped_layers, int(run.arg("ctx_len")), 1, run.k, kernels
+    )
     steps = sum(gp.sae_flops_per_token(loaded.d_model, sae.m, sae.k, kernels) for sae in run.saes)
     return float(a_cost + steps)  # T at each SAE's own width
 
@@ -97,8 +107,9 @@ def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
     reference = plan.baseline or max(
         (r for r in runs if r.per_layer), key=lambda r: r.expansion_factor, default=None
     )
-    reference_c = max(r.expansion_factor for r in runs) if reference is None else (
-        reference.expansion_factor)  # fmt: skip
+    reference_c = (
+        max(r.expansion_factor for r in runs) if reference is None else (reference.expansion_factor)
+    )
     known = distances_of(runs)
     out = []
     for run in runs:
@@ -106,8 +117,10 @@ def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
         by_group = {}
         for layer in layers:
             by_group.setdefault(rows[layer]["group"], []).append(rows[layer])
-        metrics = {key: pooled([[row.get(key) for row in group] for group in by_group.values()])
-                   for key in POOLED}  # fmt: skip
+        metrics = {
+            key: pooled([[row.get(key) for row in group] for group in by_group.values()])
+            for key in POOLED
+        }
         amad = float("nan")
         if known is not None:
             dist, dist_layers = known
@@ -118,11 +131,19 @@ def summarize(result: EvalResult, plan: EvalPlan) -> list[RunSummary]:
             ref_cost = training_flops(reference, plan.loaded)
         else:  # one SAE per layer at the largest expansion among the runs
             ref_cost = _per_layer_cost(run, plan.loaded, reference_c)
-        out.append(RunSummary(
-            run, approach(run, reference_c, g_hat), run.num_groups, run.expansion_factor, amad,
-            cost / ref_cost, metrics, reference is not None and run is reference,
-            run.num_groups == g_hat and not run.per_layer,
-        ))  # fmt: skip
+        out.append(
+            RunSummary(
+                run,
+                approach(run, reference_c, g_hat),
+                run.num_groups,
+                run.expansion_factor,
+                amad,
+                cost / ref_cost,
+                metrics,
+                reference is not None and run is reference,
+                run.num_groups == g_hat and not run.per_layer,
+            )
+        )
     return out
 
 
@@ -132,7 +153,8 @@ def run_labels(run: FinishedRun, layers: list[int]) -> list[int]:
 
 
 def _per_layer_cost(run: FinishedRun, loaded, c: float) -> float:
-    a_cost, _, _ = gp.model_costs(loaded, run.grouped_layers, int(run.arg("ctx_len")), 1,
-                                  run.k, "dense")  # fmt: skip
+    a_cost, _, _ = gp.model_costs(
+        loaded, run.grouped_layers, int(run.arg("ctx_len")), 1, run.k, "dense"
+    )
     d = loaded.d_model
     return a_cost + loaded.num_layers * gp.sae_flops_per_token(d, int(c * d), run.k, "dense")

@@ -112,8 +112,9 @@ class EvalResult:
         return [r for r in self.layers if r.run == run]
 
 
-def mmco_pairs(runs: Sequence[RunSaes], baseline: RunSaes | None, mode: str = "all"
-               ) -> list[tuple[str, int, int]]:  # fmt: skip
+def mmco_pairs(
+    runs: Sequence[RunSaes], baseline: RunSaes | None, mode: str = "all"
+) -> list[tuple[str, int, int]]:
     """(run, baseline layer, run layer) for which MMCO is counted. ``all``: every pair of layers
     both cover (the paper's heatmaps); ``same-group``: pairs inside one SAE's group;
     ``diagonal``: the same layer; ``none``. A run of per-layer SAEs other than the baseline
@@ -129,8 +130,11 @@ def mmco_pairs(runs: Sequence[RunSaes], baseline: RunSaes | None, mode: str = "a
         common = sorted(set(run.layers()) & set(baseline.layers()))
         per_layer = all(len(sae.layers) == 1 for sae in run.saes.values())
         for l1, l2 in itertools.product(common, common):
-            keep = {"all": not per_layer or l1 == l2, "diagonal": l1 == l2,
-                    "same-group": run.group_of(l1) == run.group_of(l2)}[mode]  # fmt: skip
+            keep = {
+                "all": not per_layer or l1 == l2,
+                "diagonal": l1 == l2,
+                "same-group": run.group_of(l1) == run.group_of(l2),
+            }[mode]
             if keep:
                 pairs.append((run.name, l1, l2))
     return pairs
@@ -169,9 +173,17 @@ class _Clean(NamedTuple):
 
 
 class _Evaluator:
-    def __init__(self, loaded: LoadedModel, runs: Sequence[RunSaes], tokens: int,
-                 baseline: str | None, downstream: bool, pairs: str, mmco_memory: int,
-                 progress: Callable[[int], None] | None):  # fmt: skip
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        runs: Sequence[RunSaes],
+        tokens: int,
+        baseline: str | None,
+        downstream: bool,
+        pairs: str,
+        mmco_memory: int,
+        progress: Callable[[int], None] | None,
+    ):
         self.loaded, self.runs, self.tokens = loaded, list(runs), tokens
         self.device = next(loaded.model.parameters()).device
         self.by_name = {run.name: run for run in self.runs}
@@ -182,9 +194,12 @@ class _Evaluator:
         self.downstream = downstream and loaded.lm_head
         self.progress = progress
         self.layers = sorted({layer for run in self.runs for layer in run.layers()})
-        self.recon = {(run.name, layer): ReconstructionStats(sae.d, sae.m, self.device)
-                      for run in self.runs for sae in run.saes.values()
-                      for layer in sae.layers}  # fmt: skip
+        self.recon = {
+            (run.name, layer): ReconstructionStats(sae.d, sae.m, self.device)
+            for run in self.runs
+            for sae in run.saes.values()
+            for layer in sae.layers
+        }
         self.spliced = {key: LossSums(self.device) for key in self.recon}
         self.clean = LossSums(self.device)
         self.zero = {layer: LossSums(self.device) for layer in self.layers}
@@ -206,15 +221,20 @@ class _Evaluator:
 
     def run(self, batches: Callable[[], Iterable[TokenBatch]]) -> None:
         for number, pairs in enumerate(self.passes):
-            counts = {(run, l1, l2): CoOccurrence(self._sae(self.baseline.name, l1).m,
-                                                  self._sae(run, l2).m, self.device)
-                      for run, l1, l2 in pairs}  # fmt: skip
+            counts = {
+                (run, l1, l2): CoOccurrence(
+                    self._sae(self.baseline.name, l1).m, self._sae(run, l2).m, self.device
+                )
+                for run, l1, l2 in pairs
+            }
             seen = self._pass(batches, number == 0, counts)
             if number == 0:
                 self.seen = seen
             elif seen != self.seen:
-                raise RuntimeError(f"pass {number + 1} saw {seen} tokens, the first {self.seen}: "
-                                   "the token stream is not reproducible")  # fmt: skip
+                raise RuntimeError(
+                    f"pass {number + 1} saw {seen} tokens, the first {self.seen}: "
+                    "the token stream is not reproducible"
+                )
             for (run, l1, l2), acc in counts.items():
                 self.mmco.setdefault(run, {})[(l1, l2)] = acc.mmco()
             del counts
@@ -291,8 +311,9 @@ class _Evaluator:
 
     def _wanted(self, counts: dict, run: str, layer: int) -> bool:
         base = self.baseline.name if self.baseline else None
-        return any((r == run and l2 == layer) or (run == base and l1 == layer)
-                   for r, l1, l2 in counts)  # fmt: skip
+        return any(
+            (r == run and l2 == layer) or (run == base and l1 == layer) for r, l1, l2 in counts
+        )
 
     # ---- results
 
@@ -301,16 +322,21 @@ class _Evaluator:
         base = self.baseline
         for run in self.runs:
             if base is not None and run.name != base.name:
-                pairs = [(l1, base.saes[base.group_of(l1)], group, sae)
-                         for l1 in base.layers() for group, sae in run.saes.items()]  # fmt: skip
-                similarity[run.name] = {(l1, g): mmcs(a.W_dec, b.W_dec).mean
-                                        for l1, a, g, b in pairs}  # fmt: skip
+                pairs = [
+                    (l1, base.saes[base.group_of(l1)], group, sae)
+                    for l1 in base.layers()
+                    for group, sae in run.saes.items()
+                ]
+                similarity[run.name] = {
+                    (l1, g): mmcs(a.W_dec, b.W_dec).mean for l1, a, g, b in pairs
+                }
                 at_init[run.name] = {(l1, g): self._mmcs_init(a, b) for l1, a, g, b in pairs}
             features[run.name] = {
                 group: feature_distribution(
-                    torch.stack([self.recon[(run.name, x)].fired for x in sae.layers]), sae.layers)
+                    torch.stack([self.recon[(run.name, x)].fired for x in sae.layers]), sae.layers
+                )
                 for group, sae in run.saes.items()
-            }  # fmt: skip
+            }
             for layer in run.layers():
                 group = run.group_of(layer)
                 key = (run.name, layer)
@@ -320,16 +346,28 @@ class _Evaluator:
                 same = similarity.get(run.name, {}).get((layer, group))
                 init = at_init.get(run.name, {}).get((layer, group))
                 co = self.mmco.get(run.name, {}).get((layer, layer))
-                rows.append(LayerResult(run.name, group, layer, self.recon[key].result(), down,
-                                        same, co, init))  # fmt: skip
+                rows.append(
+                    LayerResult(
+                        run.name, group, layer, self.recon[key].result(), down, same, co, init
+                    )
+                )
         notes = []
         if not self.asked_downstream:
             notes.append("downstream metrics not asked for (downstream=False)")
         elif not self.loaded.lm_head:
             reason = self.loaded.no_head_reason or "the model was loaded without its LM head"
             notes.append(f"downstream metrics (ΔCE, CE recovered, KL) skipped: {reason}")
-        return EvalResult(self.seen, self.clean.count, rows, features, self.mmco, similarity,
-                          at_init, notes, len(self.passes))  # fmt: skip
+        return EvalResult(
+            self.seen,
+            self.clean.count,
+            rows,
+            features,
+            self.mmco,
+            similarity,
+            at_init,
+            notes,
+            len(self.passes),
+        )
 
     def _mmcs_init(self, a: Sae, b: Sae) -> float:
         """MMCS of the decoders ``a`` and ``b`` started from (an SAE's initial decoder depends
@@ -342,11 +380,18 @@ class _Evaluator:
         return self._init_cache[key]
 
 
-def evaluate(loaded: LoadedModel, runs: Sequence[RunSaes],
-             batches: Callable[[], Iterable[TokenBatch]], tokens: int, *,
-             baseline: str | None = None, downstream: bool = True, pairs: str = "all",
-             mmco_memory: int = DEFAULT_MMCO_MEMORY,
-             progress: Callable[[int], None] | None = None) -> EvalResult:  # fmt: skip
+def evaluate(
+    loaded: LoadedModel,
+    runs: Sequence[RunSaes],
+    batches: Callable[[], Iterable[TokenBatch]],
+    tokens: int,
+    *,
+    baseline: str | None = None,
+    downstream: bool = True,
+    pairs: str = "all",
+    mmco_memory: int = DEFAULT_MMCO_MEMORY,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
     """Evaluate the SAEs of ``runs`` on the first ``tokens`` tokens of ``batches()``.
 
     ``loaded``: the model, loaded with ``lm_head=True`` for the downstream metrics (Eq. 7, CE
@@ -407,10 +452,13 @@ class EvalPlan:
         if self._texts is None:
             self._texts = open_texts(self.dataset, self.split, self.column)
         return TokenStream(
-            self._texts, self.loaded.tokenizer,
-            ctx_len=self.ctx_len, batch_size=self.batch_size, position=self.start,
+            self._texts,
+            self.loaded.tokenizer,
+            ctx_len=self.ctx_len,
+            batch_size=self.batch_size,
+            position=self.start,
             repeat=self.repeat,
-        )  # fmt: skip
+        )
 
     def batches(self) -> Iterable[TokenBatch]:
         """The evaluation batches, from the start each call (the first call reuses the stream
@@ -438,20 +486,39 @@ class EvalPlan:
     def config(self) -> dict:
         """The settings that reproduce the evaluation (no paths of this machine but the runs')."""
         return {
-            "model": self.model_name, "dataset": self.dataset, "split": self.split,
-            "column": self.column, "ctx_len": self.ctx_len, "batch_size": self.batch_size,
-            "start_document": self.start.documents, "repeat": self.repeat, "tokens": self.tokens,
-            "model_dtype": self.model_dtype, "downstream": self.downstream,
+            "model": self.model_name,
+            "dataset": self.dataset,
+            "split": self.split,
+            "column": self.column,
+            "ctx_len": self.ctx_len,
+            "batch_size": self.batch_size,
+            "start_document": self.start.documents,
+            "repeat": self.repeat,
+            "tokens": self.tokens,
+            "model_dtype": self.model_dtype,
+            "downstream": self.downstream,
             "mmco_pairs": self.pairs,
-        }  # fmt: skip
+        }
 
 
-def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = None,
-            tokens: int = 1_000_000, dataset: str | None = None, split: str | None = None,
-            column: str | None = None, ctx_len: int | None = None, batch_tokens: int = 8192,
-            model: str | None = None, device: str = "auto", model_dtype: str | None = None,
-            allow_overlap: bool = False, downstream: bool = True, pairs: str = "all",
-            mmco_memory: int = DEFAULT_MMCO_MEMORY) -> EvalPlan:  # fmt: skip
+def prepare(
+    run_dirs: Sequence[str | Path],
+    *,
+    baseline: str | Path | None = None,
+    tokens: int = 1_000_000,
+    dataset: str | None = None,
+    split: str | None = None,
+    column: str | None = None,
+    ctx_len: int | None = None,
+    batch_tokens: int = 8192,
+    model: str | None = None,
+    device: str = "auto",
+    model_dtype: str | None = None,
+    allow_overlap: bool = False,
+    downstream: bool = True,
+    pairs: str = "all",
+    mmco_memory: int = DEFAULT_MMCO_MEMORY,
+) -> EvalPlan:
     """Read and check the runs, load the model, open the held-out text and make sure it holds
     tokens: every refusal (:class:`~gsae.run.RunError`, :class:`~gsae.eval.runs.HeldOut`,
     ``ValueError``, and the model's and dataset's load errors) comes from here, before any
@@ -477,8 +544,9 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
     held_split = heldout_split(dataset, trained_split) if split is None else None
     split = split or held_split or trained_split
     if ctx_len < 2 or batch_tokens < 1:
-        raise ValueError(f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, "
-                         f"{batch_tokens}")  # fmt: skip
+        raise ValueError(
+            f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, {batch_tokens}"
+        )
     texts = open_texts(dataset, split, column)
     start, notes = heldout_start(runs, dataset, split, column, allow_overlap, texts)
     if held_split:
@@ -488,31 +556,54 @@ def prepare(run_dirs: Sequence[str | Path], *, baseline: str | Path | None = Non
         )
     for run in runs:
         if run.foreign and not run.arg("dataset"):
-            notes.append(f"{run.name}: sparsify SAEs whose training text is unknown (no "
-                         "config.json): it may overlap the evaluation text")  # fmt: skip
+            notes.append(
+                f"{run.name}: sparsify SAEs whose training text is unknown (no "
+                "config.json): it may overlap the evaluation text"
+            )
         if run.foreign:
             run.args.setdefault("ctx_len", ctx_len)  # for the FLOP model, when not recorded
     contexts = sorted({int(r.arg("ctx_len", ctx_len)) for r in runs})
     if contexts != [ctx_len]:
-        notes.append(f"the runs were trained with contexts of {contexts} tokens; all are "
-                     f"evaluated with {ctx_len}")  # fmt: skip
+        notes.append(
+            f"the runs were trained with contexts of {contexts} tokens; all are "
+            f"evaluated with {ctx_len}"
+        )
     model_dtype = model_dtype or default_dtype(device)
     if model is None:  # the runs' own (a sparsify baseline may not name it)
         model = next((r.model for r in runs if r.args.get("model")), None) or first.model
     loaded = load_model(model, model_dtype, device, lm_head=downstream)
     check_model(runs, loaded.num_layers, loaded.d_model, loaded.name)
     context_length(loaded, ctx_len)  # refuses one longer than the model's positions
-    plan = EvalPlan(runs, base, model, loaded, dataset, split, column, ctx_len,
-                    max(1, batch_tokens // ctx_len), start, allow_overlap, tokens, device,
-                    model_dtype, downstream, pairs, mmco_memory, notes)  # fmt: skip
+    plan = EvalPlan(
+        runs,
+        base,
+        model,
+        loaded,
+        dataset,
+        split,
+        column,
+        ctx_len,
+        max(1, batch_tokens // ctx_len),
+        start,
+        allow_overlap,
+        tokens,
+        device,
+        model_dtype,
+        downstream,
+        pairs,
+        mmco_memory,
+        notes,
+    )
     plan._texts = texts
     plan._stream = plan.open()
     plan.first = next(iter(plan._stream), None)
     if plan.first is None:
         plan.close()
         where = f" after document {start.documents}" if start.documents else ""
-        raise ValueError(f"the evaluation set is empty: {dataset!r} (split {split!r}) has no "
-                         f"text{where}; pass another --dataset or --split")  # fmt: skip
+        raise ValueError(
+            f"the evaluation set is empty: {dataset!r} (split {split!r}) has no "
+            f"text{where}; pass another --dataset or --split"
+        )
     return plan
 
 
@@ -538,17 +629,23 @@ def run_plan(plan: EvalPlan, progress: Callable[[int], None] | None = None) -> E
     try:
         runs = [RunSaes(r.name, {s.name: s.load(plan.device) for s in r.saes}) for r in plan.runs]
         result = evaluate(
-            plan.loaded, runs, plan.batches, plan.tokens,
+            plan.loaded,
+            runs,
+            plan.batches,
+            plan.tokens,
             baseline=plan.baseline.name if plan.baseline else None,
-            downstream=plan.downstream, pairs=plan.pairs, mmco_memory=plan.mmco_memory,
+            downstream=plan.downstream,
+            pairs=plan.pairs,
+            mmco_memory=plan.mmco_memory,
             progress=progress,
-        )  # fmt: skip
+        )
     finally:
         plan.close()
     result.notes[:0] = plan.notes
     if result.tokens < plan.tokens:
-        result.notes.append(f"the evaluation text ran out after {result.tokens:,} of "
-                            f"{plan.tokens:,} tokens")  # fmt: skip
+        result.notes.append(
+            f"the evaluation text ran out after {result.tokens:,} of {plan.tokens:,} tokens"
+        )
     return result
 
 
@@ -564,5 +661,15 @@ def evaluate_run(run_dir: str | Path, **kwargs) -> EvalResult:
     return evaluate_runs([run_dir], **kwargs)[0]
 
 
-__all__ = ["EvalPlan", "EvalResult", "LayerResult", "RunSaes", "evaluate",
-           "evaluate_run", "evaluate_runs", "mmco_pairs", "prepare", "run_plan"]  # fmt: skip
+__all__ = [
+    "EvalPlan",
+    "EvalResult",
+    "LayerResult",
+    "RunSaes",
+    "evaluate",
+    "evaluate_run",
+    "evaluate_runs",
+    "mmco_pairs",
+    "prepare",
+    "run_plan",
+]

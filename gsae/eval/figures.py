@@ -28,8 +28,9 @@ def _style(s: RunSummary) -> dict:
     return {"marker": "o", "markersize": 6, "color": "C0", "zorder": 3}
 
 
-def quality_against(summaries: list[RunSummary], x_key: str, path: Path, xlabel: str,
-                    title: str) -> bool:  # fmt: skip
+def quality_against(
+    summaries: list[RunSummary], x_key: str, path: Path, xlabel: str, title: str
+) -> bool:
     """FVU and ΔCE% (mean ± std over layers) of each run against ``x_key`` (``amad`` or
     ``flops_fraction``); AMAD-grouped runs are joined by a line with a one-std band."""
     points = [s for s in summaries if not math.isnan(getattr(s, x_key))]
@@ -49,10 +50,16 @@ def quality_against(summaries: list[RunSummary], x_key: str, path: Path, xlabel:
             ax.fill_between(xs, mu - sd, mu + sd, color="C0", alpha=0.15, zorder=1)
         for s in points:
             m = s.metrics[key]
-            ax.errorbar([getattr(s, x_key)], [m.mean], yerr=[m.std], capsize=3, linestyle="",
-                        **_style(s))  # fmt: skip
-            ax.annotate(_short(s), (getattr(s, x_key), m.mean), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)  # fmt: skip
+            ax.errorbar(
+                [getattr(s, x_key)], [m.mean], yerr=[m.std], capsize=3, linestyle="", **_style(s)
+            )
+            ax.annotate(
+                _short(s),
+                (getattr(s, x_key), m.mean),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -93,8 +100,16 @@ def _group_blocks(ax, summary: RunSummary, layers: list[int]) -> None:
         cells = sorted(position[x] for x in sae.layers if x in position)
         if cells and cells == list(range(cells[0], cells[-1] + 1)):
             side = len(cells)
-            ax.add_patch(Rectangle((cells[0] - 0.5, cells[0] - 0.5), side, side, fill=False,
-                                   edgecolor="black", linewidth=2))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (cells[0] - 0.5, cells[0] - 0.5),
+                    side,
+                    side,
+                    fill=False,
+                    edgecolor="black",
+                    linewidth=2,
+                )
+            )
 
 
 def _panels(summaries: list[RunSummary], by_run: dict) -> tuple | None:
@@ -126,8 +141,15 @@ def mmco_heatmaps(result: EvalResult, summaries: list[RunSummary], path: Path) -
                 for j in range(len(layers)):
                     if not np.isnan(grid[i, j]):
                         color = "white" if grid[i, j] > 0.6 else "black"
-                        ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
-                                fontsize=6, color=color)  # fmt: skip
+                        ax.text(
+                            j,
+                            i,
+                            f"{grid[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=6,
+                            color=color,
+                        )
         _group_blocks(ax, s, layers)
         ticks = range(len(layers)) if len(layers) <= 16 else range(0, len(layers), 2)
         ax.set_xticks(list(ticks), [str(layers[i]) for i in ticks])
@@ -156,8 +178,13 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
             color = f"C{number % 10}"
             ax.plot(xs, ys, color=color, linewidth=1, label=sae.name)
             init = result.mmcs_init.get(s.run.name, {})
-            ax.plot(xs, [init.get((x, sae.name), np.nan) for x in xs], color=color,
-                    linewidth=1, linestyle=":")  # fmt: skip
+            ax.plot(
+                xs,
+                [init.get((x, sae.name), np.nan) for x in xs],
+                color=color,
+                linewidth=1,
+                linestyle=":",
+            )
             inside = [(x, y) for x, y in pairs if x in sae.layers]
             ax.plot([x for x, _ in inside], [y for _, y in inside], "o", color=color)
         ax.set_xlabel("baseline SAE layer")
@@ -174,13 +201,13 @@ def mmcs_lines(result: EvalResult, summaries: list[RunSummary], path: Path) -> b
 def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> bool:
     """For each multi-layer SAE of a run, the share of each latent's firings at each layer of
     its group, latents sorted by their mean layer (only latents that fired)."""
-    named = [(g, d) for g, d in result.features.get(summary.run.name, {}).items()
-             if len(d.layers) > 1]  # fmt: skip
+    named = [
+        (g, d) for g, d in result.features.get(summary.run.name, {}).items() if len(d.layers) > 1
+    ]
     if not named:
         return False
     height = 0.9 + sum(0.45 * len(d.layers) + 0.6 for _, d in named)
-    fig, axes = subplots(len(named), 1, figsize=(8, height), squeeze=False,
-                             layout="constrained")  # fmt: skip
+    fig, axes = subplots(len(named), 1, figsize=(8, height), squeeze=False, layout="constrained")
     image = None
     for ax, (group, dist) in zip(axes[:, 0], named, strict=True):
         share = dist.share[:, dist.order].numpy()
@@ -188,12 +215,14 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
             ax.set_title(f"{group}: no latent fired on the evaluation tokens", fontsize=9)
             ax.axis("off")
             continue
-        image = ax.imshow(share, aspect="auto", cmap="Greys", vmin=0, vmax=1,
-                          interpolation="nearest")  # fmt: skip
+        image = ax.imshow(
+            share, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest"
+        )
         ax.set_yticks(range(len(dist.layers)), [str(x) for x in dist.layers])
         ax.set_ylabel("layer")
-        ax.set_title(f"{group}: {len(dist.order)} latents that fired, sorted by mean layer",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(
+            f"{group}: {len(dist.order)} latents that fired, sorted by mean layer", fontsize=9
+        )
     axes[-1, 0].set_xlabel("latent (sorted)")
     if image is not None:
         fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, label="share of firings")
@@ -204,24 +233,37 @@ def feature_heatmaps(result: EvalResult, summary: RunSummary, path: Path) -> boo
 
 def _by_groups(summaries: list[RunSummary]) -> list[RunSummary]:
     """Non-baseline runs, fewest groups first (as the paper's panels, G = 1 .. Ĝ)."""
-    return sorted((s for s in summaries if not s.is_baseline),
-                  key=lambda s: (s.run.per_layer, s.num_groups, s.run.name))  # fmt: skip
+    return sorted(
+        (s for s in summaries if not s.is_baseline),
+        key=lambda s: (s.run.per_layer, s.num_groups, s.run.name),
+    )
 
 
-def write_all(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary],
-              out: Path) -> list[tuple[Path, str]]:  # fmt: skip
+def write_all(
+    result: EvalResult, plan: EvalPlan, summaries: list[RunSummary], out: Path
+) -> list[tuple[Path, str]]:
     """Every figure that the runs allow, with the line the report prints under it."""
     name = plan.model_name
     written = []
     fig2 = out / "fig2_amad.png"
     if quality_against(summaries, "amad", fig2, "AMAD(G)", f"{name}: quality against AMAD(G)"):
-        written.append((fig2, "Figure 2: FVU and ΔCE% (mean ± std over layers) against AMAD(G) "
-                        "of each run's partition; star: per-layer baseline, square: Ĝ, triangle: "
-                        "evenly spaced groups, diamond: smaller per-layer SAEs. Lower is "
-                        "better; the paper finds a turning point near AMAD = 0.2."))  # fmt: skip
+        written.append(
+            (
+                fig2,
+                "Figure 2: FVU and ΔCE% (mean ± std over layers) against AMAD(G) "
+                "of each run's partition; star: per-layer baseline, square: Ĝ, triangle: "
+                "evenly spaced groups, diamond: smaller per-layer SAEs. Lower is "
+                "better; the paper finds a turning point near AMAD = 0.2.",
+            )
+        )
     fig3 = out / "fig3_flops.png"
-    if quality_against(summaries, "flops_fraction", fig3, "training FLOPs / per-layer SAEs",
-                       f"{name}: quality against training compute"):  # fmt: skip
+    if quality_against(
+        summaries,
+        "flops_fraction",
+        fig3,
+        "training FLOPs / per-layer SAEs",
+        f"{name}: quality against training compute",
+    ):
         written.append(
             (
                 fig3,
@@ -231,10 +273,15 @@ def write_all(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary],
         )
     mmco = out / "mmco.png"
     if mmco_heatmaps(result, summaries, mmco):
-        written.append((mmco, "Figures 9-11: MMCO (Eq. 17) between the baseline SAE of each "
-                        "layer (rows) and each run's SAE at each layer (columns), over the "
-                        "evaluation tokens; black squares: the run's groups. High values inside "
-                        "the squares: the group SAE fires like the per-layer ones."))  # fmt: skip
+        written.append(
+            (
+                mmco,
+                "Figures 9-11: MMCO (Eq. 17) between the baseline SAE of each "
+                "layer (rows) and each run's SAE at each layer (columns), over the "
+                "evaluation tokens; black squares: the run's groups. High values inside "
+                "the squares: the group SAE fires like the per-layer ones.",
+            )
+        )
     mmcs = out / "mmcs.png"
     if mmcs_lines(result, summaries, mmcs):
         written.append(
@@ -251,7 +298,12 @@ def write_all(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary],
         safe = s.run.name.replace("/", "_")
         path = out / f"features_{safe}.png"
         if feature_heatmaps(result, s, path):
-            written.append((path, f"Figures 15-17 ({s.run.name}): how each latent's firings "
-                            "spread over the layers of its group (share per layer, darker = "
-                            "more), latents sorted by their mean layer."))  # fmt: skip
+            written.append(
+                (
+                    path,
+                    f"Figures 15-17 ({s.run.name}): how each latent's firings "
+                    "spread over the layers of its group (share per layer, darker = "
+                    "more), latents sorted by their mean layer.",
+                )
+            )
     return written

@@ -60,8 +60,9 @@ class ReconstructionStats:
         self.fired = torch.zeros(m, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, indices: torch.Tensor,
-               values: torch.Tensor) -> None:  # fmt: skip
+    def update(
+        self, x: torch.Tensor, x_hat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+    ) -> None:
         """``x``, ``x_hat``: ``[N, d]`` in model units; ``indices``/``values``: the ``[N, k]``
         top-k latents that gave ``x_hat`` (a latent fires where its value is > 0)."""
         n = x.shape[0]
@@ -119,9 +120,12 @@ def reference_logprobs(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
 
 
-def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor,
-                      reference: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def next_token_losses(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    valid: torch.Tensor,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per scored position: cross-entropy of the next token ``[P]`` and, given the clean
     ``reference`` log-probabilities ``[P, V]``, ``KL(clean || this)`` ``[P]`` (float32)."""
     logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # [P, V]
@@ -190,8 +194,17 @@ def downstream(spliced: LossSums, clean: LossSums, zero: LossSums) -> Downstream
     """The metrics of one splice from its sums and the model's clean and zero-ablated sums."""
     ce_s, ce_c, ce_z = spliced.mean_ce(), clean.mean_ce(), zero.mean_ce()
     kl_s, kl_z = spliced.mean_kl(), zero.mean_kl()
-    return Downstream(spliced.count, ce_c, ce_s, ce_z, 100 * delta_ce(ce_s, ce_c),
-                      ce_recovered(ce_s, ce_c, ce_z), kl_s, kl_z, kl_score(kl_s, kl_z))  # fmt: skip
+    return Downstream(
+        spliced.count,
+        ce_c,
+        ce_s,
+        ce_z,
+        100 * delta_ce(ce_s, ce_c),
+        ce_recovered(ce_s, ce_c, ce_z),
+        kl_s,
+        kl_z,
+        kl_score(kl_s, kl_z),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,12 +28,39 @@ from .evaluate import EvalPlan, EvalResult
 from .metrics import Pooled, pooled
 
 CSV_COLUMNS = [
-    "run", "approach", "group", "group_layers", "layer", "tokens", "fvu", "explained_variance",
-    "cosine", "l0", "never_fired", "positions", "ce_clean", "ce_sae", "ce_zero", "delta_ce_pct",
-    "ce_recovered", "kl", "kl_zero", "kl_score", "mmcs", "mmcs_init", "mmco", "mmco_fired", "d",
-    "m", "k",
-    "tokens_trained", "model", "dataset", "split", "start_document",
-]  # fmt: skip
+    "run",
+    "approach",
+    "group",
+    "group_layers",
+    "layer",
+    "tokens",
+    "fvu",
+    "explained_variance",
+    "cosine",
+    "l0",
+    "never_fired",
+    "positions",
+    "ce_clean",
+    "ce_sae",
+    "ce_zero",
+    "delta_ce_pct",
+    "ce_recovered",
+    "kl",
+    "kl_zero",
+    "kl_score",
+    "mmcs",
+    "mmcs_init",
+    "mmco",
+    "mmco_fired",
+    "d",
+    "m",
+    "k",
+    "tokens_trained",
+    "model",
+    "dataset",
+    "split",
+    "start_document",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,20 +78,45 @@ def records(result: EvalResult, plan: EvalPlan, summaries: list[RunSummary]) -> 
         run = s.run
         sae = run.sae_for(row.layer)
         record = row.flat()
-        record.update({
-            "approach": s.approach, "run_path": str(run.path), "group_layers": sae.layers,
-            "d": sae.d, "m": sae.m, "k": sae.k, "tokens_trained": run.tokens_trained,
-            "training": {k: run.args.get(k) for k in TRAINING_KEYS},
-            "eval": config,
-        })  # fmt: skip
+        record.update(
+            {
+                "approach": s.approach,
+                "run_path": str(run.path),
+                "group_layers": sae.layers,
+                "d": sae.d,
+                "m": sae.m,
+                "k": sae.k,
+                "tokens_trained": run.tokens_trained,
+                "training": {k: run.args.get(k) for k in TRAINING_KEYS},
+                "eval": config,
+            }
+        )
         out.append(record)
     return out
 
 
-TRAINING_KEYS = ("model", "dataset", "split", "column", "ctx_len", "batch_tokens", "groups",
-                 "groups_file", "include_last", "layers_per_token", "expansion_factor", "k",
-                 "k_aux", "auxk_alpha", "dead_threshold", "lr", "scale_mode", "seed", "tokens",
-                 "model_dtype")  # fmt: skip
+TRAINING_KEYS = (
+    "model",
+    "dataset",
+    "split",
+    "column",
+    "ctx_len",
+    "batch_tokens",
+    "groups",
+    "groups_file",
+    "include_last",
+    "layers_per_token",
+    "expansion_factor",
+    "k",
+    "k_aux",
+    "auxk_alpha",
+    "dead_threshold",
+    "lr",
+    "scale_mode",
+    "seed",
+    "tokens",
+    "model_dtype",
+)
 
 
 def _csv_row(record: dict) -> dict:
@@ -125,10 +177,13 @@ def pm(stat: Pooled | dict, scale: float = 1.0, digits: int = 3) -> str:
 def table1(summaries: list[RunSummary], layers: list[int]) -> tuple[str, list[dict]]:
     """Markdown and CSV rows: FVU and ΔCE% per approach over ``layers`` (mean ± std over the
     layers, the paper's group-weighted aggregation), with the compute each one took."""
-    order = sorted(summaries, key=lambda s: (not s.is_baseline, not s.is_g_hat,
-                                             -s.num_groups, s.approach))  # fmt: skip
-    head = ("| Approach | run | G | c | FLOPs vs per-layer | FVU | ΔCE% | CE recovered "
-            "| KL score |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    order = sorted(
+        summaries, key=lambda s: (not s.is_baseline, not s.is_g_hat, -s.num_groups, s.approach)
+    )
+    head = (
+        "| Approach | run | G | c | FLOPs vs per-layer | FVU | ΔCE% | CE recovered "
+        "| KL score |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines, rows = [head], []
     for s in order:
         m = s.metrics
@@ -137,13 +192,21 @@ def table1(summaries: list[RunSummary], layers: list[int]) -> tuple[str, list[di
             f"| {s.flops_fraction:.3f} | {pm(m['fvu'])} | {pm(m['delta_ce_pct'], digits=2)} "
             f"| {pm(m['ce_recovered'])} | {pm(m['kl_score'])} |"
         )
-        rows.append({
-            "approach": s.approach, "run": s.run.name, "groups": s.num_groups,
-            "expansion_factor": _fmt(s.expansion), "flops_fraction": _fmt(s.flops_fraction),
-            "amad": _fmt(s.amad), **{f"{k}_{w}": _fmt(getattr(m[k], w))
-                                     for k in ("fvu", "delta_ce_pct", "ce_recovered", "kl_score")
-                                     for w in ("mean", "std")},
-        })  # fmt: skip
+        rows.append(
+            {
+                "approach": s.approach,
+                "run": s.run.name,
+                "groups": s.num_groups,
+                "expansion_factor": _fmt(s.expansion),
+                "flops_fraction": _fmt(s.flops_fraction),
+                "amad": _fmt(s.amad),
+                **{
+                    f"{k}_{w}": _fmt(getattr(m[k], w))
+                    for k in ("fvu", "delta_ce_pct", "ce_recovered", "kl_score")
+                    for w in ("mean", "std")
+                },
+            }
+        )
     caption = (
         f"\nMean ± std over layers {layers} (each group's mean and std over its layers, "
         "weighted by its number of layers: the paper's aggregation). FLOPs: training "
@@ -160,11 +223,18 @@ def table2(plan: EvalPlan, summaries: list[RunSummary]) -> str:
     reference = plan.baseline or runs[0]
     grouped = reference.grouped_layers if not reference.per_layer else table_layers(runs)
     ctx = int(reference.arg("ctx_len"))
-    c = int(round(max(s.expansion for s in summaries if s.run.per_layer) if any(
-        s.run.per_layer for s in summaries) else reference.expansion_factor))  # fmt: skip
+    c = int(
+        round(
+            max(s.expansion for s in summaries if s.run.per_layer)
+            if any(s.run.per_layer for s in summaries)
+            else reference.expansion_factor
+        )
+    )
     k = reference.k
-    shown = sorted({s.num_groups for s in summaries if not s.run.per_layer} | (
-        {g_hat} if g_hat is not None else set()))  # fmt: skip
+    shown = sorted(
+        {s.num_groups for s in summaries if not s.run.per_layer}
+        | ({g_hat} if g_hat is not None else set())
+    )
     name = plan.model_name
     lines = ["| Model | G | SAE step | A+LT | A+GT | Δ%(G) |", "|---|---|---|---:|---:|---:|"]
     for g in shown:
@@ -176,12 +246,16 @@ def table2(plan: EvalPlan, summaries: list[RunSummary]) -> str:
             delta = gp.compute_savings(g, n, a_cost, t_cost, extra)
             label = f"{g} (Ĝ)" if g == g_hat else str(g)
             step = "dense (paper)" if kernels == "dense" else "gsae sparse kernels"
-            lines.append(f"| {name} | {label} | {step} | {full / 1e6:.3f} | {part / 1e6:.3f} "
-                         f"| {100 * delta:.1f}% |")  # fmt: skip
-    note = (f"\nFLOPs in units of 10^15 per 10^9 training tokens (= MFLOP per token; the paper's "
-            f"Table 2 uses 10^18), L = {len(grouped)} grouped layers plus the last layer's own "
-            f"SAE counted on both sides, c = {c}, k = {k}, context {ctx}. Δ(G) = (A+GT)/(A+LT) - 1"
-            " (Eq. 5), as gsae-groups prints it.")  # fmt: skip
+            lines.append(
+                f"| {name} | {label} | {step} | {full / 1e6:.3f} | {part / 1e6:.3f} "
+                f"| {100 * delta:.1f}% |"
+            )
+    note = (
+        f"\nFLOPs in units of 10^15 per 10^9 training tokens (= MFLOP per token; the paper's "
+        f"Table 2 uses 10^18), L = {len(grouped)} grouped layers plus the last layer's own "
+        f"SAE counted on both sides, c = {c}, k = {k}, context {ctx}. Δ(G) = (A+GT)/(A+LT) - 1"
+        " (Eq. 5), as gsae-groups prints it."
+    )
     if g_hat is None:
         note += " No run measured the layer distances, so Ĝ is unknown."
     return "\n".join(lines) + "\n" + note + "\n"
@@ -193,11 +267,15 @@ def group_summary(result: EvalResult) -> dict:
     for row in result.layers:
         out.setdefault(row.run, {}).setdefault(row.group, []).append(row.flat())
     return {
-        run: {group: {"layers": [r["layer"] for r in rs],
-                      **{k: pooled([[r.get(k) for r in rs]])._asdict() for k in POOLED}}
-              for group, rs in groups.items()}
+        run: {
+            group: {
+                "layers": [r["layer"] for r in rs],
+                **{k: pooled([[r.get(k) for r in rs]])._asdict() for k in POOLED},
+            }
+            for group, rs in groups.items()
+        }
         for run, groups in out.items()
-    }  # fmt: skip
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,29 +314,58 @@ def _write_files(result: EvalResult, plan: EvalPlan, out: Path) -> list[Path]:
         with atomic_path(out / name) as tmp:
             tmp.write_text(text)
     _write_csv(out / "table1.csv", list(t1_rows[0]), t1_rows)
-    write_json(out / "summary.json", _jsonable({
-        "eval": plan.config(), "tokens": result.tokens, "positions": result.positions,
-        "seconds": round(result.seconds, 2), "passes": result.passes, "notes": result.notes,
-        "runs": {s.run.name: {"path": str(s.run.path.resolve()), "approach": s.approach,
-                              "groups": s.num_groups, "amad": s.amad,
-                              "flops_fraction": s.flops_fraction,
-                              **{k: v._asdict() for k, v in s.metrics.items()}}
-                 for s in summaries},
-        "per_group": group_summary(result),
-        "mmco": {run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
-                 for run, d in result.mmco.items()},
-        "mmcs": {run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()},
-        "mmcs_init": {run: {f"{a},{g}": v for (a, g), v in d.items()}
-                      for run, d in result.mmcs_init.items()},
-    }))  # fmt: skip
+    write_json(
+        out / "summary.json",
+        _jsonable(
+            {
+                "eval": plan.config(),
+                "tokens": result.tokens,
+                "positions": result.positions,
+                "seconds": round(result.seconds, 2),
+                "passes": result.passes,
+                "notes": result.notes,
+                "runs": {
+                    s.run.name: {
+                        "path": str(s.run.path.resolve()),
+                        "approach": s.approach,
+                        "groups": s.num_groups,
+                        "amad": s.amad,
+                        "flops_fraction": s.flops_fraction,
+                        **{k: v._asdict() for k, v in s.metrics.items()},
+                    }
+                    for s in summaries
+                },
+                "per_group": group_summary(result),
+                "mmco": {
+                    run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
+                    for run, d in result.mmco.items()
+                },
+                "mmcs": {
+                    run: {f"{a},{g}": v for (a, g), v in d.items()}
+                    for run, d in result.mmcs.items()
+                },
+                "mmcs_init": {
+                    run: {f"{a},{g}": v for (a, g), v in d.items()}
+                    for run, d in result.mmcs_init.items()
+                },
+            }
+        ),
+    )
     feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
     page = html_report(result, plan, t1_md, t2_md, images)
     page = _with_autointerp(page, out)  # auto-interp results added earlier stay in the report
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(page)
-    written = ["metrics.jsonl", "metrics.csv", "summary.json", "table1.md", "table1.csv",
-               "table2.md", "report.html"]  # fmt: skip
+    written = [
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "table1.md",
+        "table1.csv",
+        "table2.md",
+        "report.html",
+    ]
     return [out / name for name in written] + feature_files + [path for path, _ in images]
 
 
@@ -279,8 +386,12 @@ def write_features(result: EvalResult, out: Path) -> list[Path]:
             totals = dist.counts.sum(0).tolist()
             means = dist.mean_layer.tolist()
             for latent in range(dist.counts.shape[1]):
-                row = {"group": group, "latent": latent, "fired": totals[latent],
-                       "mean_layer": _fmt(means[latent])}  # fmt: skip
+                row = {
+                    "group": group,
+                    "latent": latent,
+                    "fired": totals[latent],
+                    "mean_layer": _fmt(means[latent]),
+                }
                 for i, x in enumerate(dist.layers):
                     row[f"layer_{x}"] = counts[i][latent]
                 rows.append(row)
@@ -304,8 +415,9 @@ def _md_table_html(markdown: str) -> str:
     return f"<table>{''.join(body)}</table>\n<p class='note'>{html.escape(rest)}</p>"
 
 
-def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
-                images: list[tuple[Path, str]]) -> str:  # fmt: skip
+def html_report(
+    result: EvalResult, plan: EvalPlan, t1: str, t2: str, images: list[tuple[Path, str]]
+) -> str:
     """One self-contained page: tables, figures (embedded PNGs) and a line under each."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -323,14 +435,19 @@ def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
     ]
     if result.notes:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in result.notes) + "</ul>")
-    parts += ["<h2>Table 1: reconstruction and downstream quality per approach</h2>",
-              _md_table_html(t1),
-              "<h2>Table 2: training compute</h2>", _md_table_html(t2)]  # fmt: skip
+    parts += [
+        "<h2>Table 1: reconstruction and downstream quality per approach</h2>",
+        _md_table_html(t1),
+        "<h2>Table 2: training compute</h2>",
+        _md_table_html(t2),
+    ]
     for path, caption in images:
         data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<figure><img alt='{html.escape(path.name)}' "
-                     f"src='data:image/png;base64,{data}'><figcaption class='note'>"
-                     f"{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+        parts.append(
+            f"<figure><img alt='{html.escape(path.name)}' "
+            f"src='data:image/png;base64,{data}'><figcaption class='note'>"
+            f"{html.escape(caption)}</figcaption></figure>"
+        )
     parts.append("<h2>Per layer</h2>" + _layer_table(result))
     parts.append(AUTOINTERP_BEGIN + AUTOINTERP_END)
     parts.append("</body></html>")
@@ -338,8 +455,21 @@ def html_report(result: EvalResult, plan: EvalPlan, t1: str, t2: str,
 
 
 def _layer_table(result: EvalResult) -> str:
-    keys = ["run", "group", "layer", "fvu", "cosine", "l0", "never_fired", "delta_ce_pct",
-            "ce_recovered", "kl_score", "mmcs", "mmcs_init", "mmco"]  # fmt: skip
+    keys = [
+        "run",
+        "group",
+        "layer",
+        "fvu",
+        "cosine",
+        "l0",
+        "never_fired",
+        "delta_ce_pct",
+        "ce_recovered",
+        "kl_score",
+        "mmcs",
+        "mmcs_init",
+        "mmco",
+    ]
     head = "<tr>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"
     rows = []
     for r in result.layers:
@@ -374,8 +504,9 @@ def add_autointerp(out: str | Path, summary: dict) -> list[Path]:
     section of ``report.html``. Returns the files written."""
     out = Path(out)
     if not (out / "report.html").exists():
-        raise FileNotFoundError(f"{out} holds no gsae-eval report (no report.html): run gsae-eval "
-                                f"--out {out} first")  # fmt: skip
+        raise FileNotFoundError(
+            f"{out} holds no gsae-eval report (no report.html): run gsae-eval --out {out} first"
+        )
     check_report_run(out, summary.get("run_path"))
     kept = [s for s in read_autointerp(out) if s.get("run_path") != summary.get("run_path")]
     _write_autointerp(out, kept + [summary])
@@ -426,24 +557,30 @@ def _autointerp_html(entries: list[dict], out: Path) -> str:
     for e in entries:
         info = runs.get(e["run"], {})
         det, fuz = e["overall"]["detection"], e["overall"]["fuzzing"]
-        rows.append(f"<tr><td>{html.escape(str(info.get('approach', '')))}</td>"
-                    f"<td>{html.escape(e['run'])}</td><td>{e['latents_scored']}</td>"
-                    f"<td>{pm(det)}</td><td>{pm(fuz)}</td>"
-                    "</tr>")  # fmt: skip
+        rows.append(
+            f"<tr><td>{html.escape(str(info.get('approach', '')))}</td>"
+            f"<td>{html.escape(e['run'])}</td><td>{e['latents_scored']}</td>"
+            f"<td>{pm(det)}</td><td>{pm(fuz)}</td>"
+            "</tr>"
+        )
     layer_rows = []
     for e in entries:
         for layer, v in e["per_layer"].items():
-            layer_rows.append(f"<tr><td>{html.escape(e['run'])}</td><td>{html.escape(v['sae'])}"
-                              f"</td><td>{layer}</td><td>{v['latents']}</td>"
-                              f"<td>{_fmt(v['detection'])}</td><td>{_fmt(v['fuzzing'])}</td>"
-                              "</tr>")  # fmt: skip
+            layer_rows.append(
+                f"<tr><td>{html.escape(e['run'])}</td><td>{html.escape(v['sae'])}"
+                f"</td><td>{layer}</td><td>{v['latents']}</td>"
+                f"<td>{_fmt(v['detection'])}</td><td>{_fmt(v['fuzzing'])}</td>"
+                "</tr>"
+            )
     figure = ""
     if _autointerp_figure(entries, runs, out / AUTOINTERP_FIGURE):
         data = base64.b64encode((out / AUTOINTERP_FIGURE).read_bytes()).decode()
-        figure = (f"<figure><img alt='{AUTOINTERP_FIGURE}' src='data:image/png;base64,{data}'>"
-                  "<figcaption class='note'>Detection and fuzzing accuracy against AMAD(G), as "
-                  "the paper's Figure 4 (star: per-layer baseline, square: Ĝ; mean ± std over "
-                  "layers).</figcaption></figure>")  # fmt: skip
+        figure = (
+            f"<figure><img alt='{AUTOINTERP_FIGURE}' src='data:image/png;base64,{data}'>"
+            "<figcaption class='note'>Detection and fuzzing accuracy against AMAD(G), as "
+            "the paper's Figure 4 (star: per-layer baseline, square: Ĝ; mean ± std over "
+            "layers).</figcaption></figure>"
+        )
     return (
         "<h2>Auto-interpretability</h2><p class='note'>Latents sampled per SAE, each explained "
         "by an explainer LLM from its top-activating windows at each layer of its group, then "
@@ -465,23 +602,40 @@ def _autointerp_figure(entries: list[dict], runs: dict, path: Path) -> bool:
     """Figure 4: detection and fuzzing against AMAD(G), one point per run whose AMAD is known."""
     from ..plots import subplots
 
-    points = [(runs[e["run"]], e) for e in entries
-              if e["run"] in runs and runs[e["run"]].get("amad") is not None]  # fmt: skip
+    points = [
+        (runs[e["run"]], e)
+        for e in entries
+        if e["run"] in runs and runs[e["run"]].get("amad") is not None
+    ]
     if not points:
         return False
     fig, axes = subplots(1, 2, figsize=(10.4, 3.8))
     for ax, metric in zip(axes, ("detection", "fuzzing"), strict=True):
         for info, e in points:
             approach = str(info.get("approach", ""))
-            style = ({"marker": "*", "markersize": 16, "color": "C3"}
-                     if approach.startswith("Per-layer") else
-                     {"marker": "s", "markersize": 10, "color": "C0"} if "Ĝ" in approach else
-                     {"marker": "o", "markersize": 6, "color": "C0"})  # fmt: skip
+            style = (
+                {"marker": "*", "markersize": 16, "color": "C3"}
+                if approach.startswith("Per-layer")
+                else {"marker": "s", "markersize": 10, "color": "C0"}
+                if "Ĝ" in approach
+                else {"marker": "o", "markersize": 6, "color": "C0"}
+            )
             m = e["overall"][metric]
-            ax.errorbar([info["amad"]], [_nan(m["mean"])], yerr=[_nan(m["std"])], capsize=3,
-                        linestyle="", **style)  # fmt: skip
-            ax.annotate(e["run"], (info["amad"], _nan(m["mean"])), textcoords="offset points",
-                        xytext=(5, 4), fontsize=7)  # fmt: skip
+            ax.errorbar(
+                [info["amad"]],
+                [_nan(m["mean"])],
+                yerr=[_nan(m["std"])],
+                capsize=3,
+                linestyle="",
+                **style,
+            )
+            ax.annotate(
+                e["run"],
+                (info["amad"], _nan(m["mean"])),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+            )
         ax.set_xlabel("AMAD(G)")
         ax.set_ylabel(f"{metric} accuracy")
         ax.grid(alpha=0.3)

@@ -74,8 +74,10 @@ def check_runs(
         if len(names) > 1:
             listing = ", ".join(f"{r.name}: {r.model}" for r in named)
             role = "the baseline and the runs are" if baseline is not None else "the runs are"
-            raise RunError(f"{role} of different models ({listing}); evaluate one model at a time "
-                           "(or pass --model to evaluate them all with one)")  # fmt: skip
+            raise RunError(
+                f"{role} of different models ({listing}); evaluate one model at a time "
+                "(or pass --model to evaluate them all with one)"
+            )
     known = [r for r in everything if not r.foreign or "num_model_layers" in r.extra]
     depths = {r.num_model_layers for r in known}
     if len(depths) > 1:
@@ -86,9 +88,11 @@ def check_runs(
         listing = ", ".join(f"{r.name}: d={r.saes[0].d}" for r in everything)
         raise RunError(f"the runs' SAEs have different widths ({listing})")
     if baseline is not None and not baseline.per_layer:
-        raise RunError(f"--baseline {baseline.path} is not a per-layer run (its SAEs cover "
-                       f"{[s.layers for s in baseline.saes]}); train one with gsae-train "
-                       "--groups per-layer")  # fmt: skip
+        raise RunError(
+            f"--baseline {baseline.path} is not a per-layer run (its SAEs cover "
+            f"{[s.layers for s in baseline.saes]}); train one with gsae-train "
+            "--groups per-layer"
+        )
 
 
 def check_model(runs: list[FinishedRun], num_layers: int, d_model: int, model: str) -> None:
@@ -96,15 +100,20 @@ def check_model(runs: list[FinishedRun], num_layers: int, d_model: int, model: s
     for run in runs:
         bad = [layer for layer in run.layers if layer >= num_layers]
         if bad:
-            raise RunError(f"run {run.path} has SAEs for layers {bad}, but {model} has "
-                           f"{num_layers} layers (0..{num_layers - 1})")  # fmt: skip
+            raise RunError(
+                f"run {run.path} has SAEs for layers {bad}, but {model} has "
+                f"{num_layers} layers (0..{num_layers - 1})"
+            )
         depth_known = not run.foreign or "num_model_layers" in run.extra
         if depth_known and run.num_model_layers != num_layers:
-            raise RunError(f"run {run.path} was trained on a model with {run.num_model_layers} "
-                           f"layers; {model} has {num_layers}")  # fmt: skip
+            raise RunError(
+                f"run {run.path} was trained on a model with {run.num_model_layers} "
+                f"layers; {model} has {num_layers}"
+            )
         if run.saes[0].d != d_model:
-            raise RunError(f"run {run.path} has SAEs of width d={run.saes[0].d}; {model} has "
-                           f"d={d_model}")  # fmt: skip
+            raise RunError(
+                f"run {run.path} has SAEs of width d={run.saes[0].d}; {model} has d={d_model}"
+            )
 
 
 def split_selects(dataset: str) -> bool:
@@ -131,9 +140,14 @@ class HeldOut(ValueError):
     """Held-out text cannot be guaranteed; the message says why and what to pass."""
 
 
-def heldout_start(runs: list[FinishedRun], dataset: str, split: str, column: str,
-                  allow_overlap: bool = False,
-                  texts: TextSource | None = None) -> tuple[StreamPosition, list[str]]:  # fmt: skip
+def heldout_start(
+    runs: list[FinishedRun],
+    dataset: str,
+    split: str,
+    column: str,
+    allow_overlap: bool = False,
+    texts: TextSource | None = None,
+) -> tuple[StreamPosition, list[str]]:
     """Where evaluation text starts so that no run trained on it, and notes saying so.
 
     A run trained on the same text (the same dataset however its path is spelled, see
@@ -151,8 +165,10 @@ def heldout_start(runs: list[FinishedRun], dataset: str, split: str, column: str
     trained = {run.arg("split", "train") for run in mine}
     if trained - {split} and not split_selects(dataset):
         splits = ", ".join(sorted(trained))
-        notes.append(f"--split {split}: {dataset!r} is a local file with one text whatever the "
-                     f"split, the one the runs trained on ({splits})")  # fmt: skip
+        notes.append(
+            f"--split {split}: {dataset!r} is a local file with one text whatever the "
+            f"split, the one the runs trained on ({splits})"
+        )
     columns = {run.arg("column", "text") for run in mine}
     if columns - {column} and not column_selects(dataset):
         notes.append(
@@ -167,16 +183,22 @@ def heldout_start(runs: list[FinishedRun], dataset: str, split: str, column: str
             continue
         problem = None
         if run.position is None:
-            problem = (f"run {run.name} does not record its final data position, so the text "
-                       "it trained on is unknown")  # fmt: skip
+            problem = (
+                f"run {run.name} does not record its final data position, so the text "
+                "it trained on is unknown"
+            )
         elif run.cycled:
-            problem = (f"run {run.name} went round its corpus {run.position.epoch + 1} times "
-                       "(--repeat): every document of it was trained on")  # fmt: skip
+            problem = (
+                f"run {run.name} went round its corpus {run.position.epoch + 1} times "
+                "(--repeat): every document of it was trained on"
+            )
         if problem:
             if not allow_overlap:
-                raise HeldOut(f"cannot guarantee held-out text on {dataset!r}: {problem}. Pass "
-                              "another --dataset or --split, or --allow-overlap to evaluate on "
-                              "text the SAEs may have seen")  # fmt: skip
+                raise HeldOut(
+                    f"cannot guarantee held-out text on {dataset!r}: {problem}. Pass "
+                    "another --dataset or --split, or --allow-overlap to evaluate on "
+                    "text the SAEs may have seen"
+                )
             notes.append(f"--allow-overlap: {problem}; the evaluation text may overlap it")
             continue
         here = run.position

@@ -47,8 +47,9 @@ def mmcs(w_a: torch.Tensor, w_b: torch.Tensor, block: int | None = None) -> Best
 
 
 @torch.no_grad()
-def nearest(w_a: torch.Tensor, w_b: torch.Tensor | None = None, n: int = 1,
-            block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def nearest(
+    w_a: torch.Tensor, w_b: torch.Tensor | None = None, n: int = 1, block: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``w_a [m_a, d]``, the ``n`` rows of ``w_b [m_b, d]`` with the largest
     cosine similarity, best first: ``(cosines [m_a, n], indices [m_a, n])``. Without ``w_b``,
     the nearest *other* rows of ``w_a`` (a latent's neighbours within its own SAE). Computed
@@ -56,8 +57,10 @@ def nearest(w_a: torch.Tensor, w_b: torch.Tensor | None = None, n: int = 1,
     same = w_b is None
     w_b = w_a if same else w_b
     if w_a.dim() != 2 or w_b.dim() != 2 or w_a.shape[1] != w_b.shape[1]:
-        raise ValueError(f"decoders must be [m, d] with the same d, got {tuple(w_a.shape)} and "
-                         f"{tuple(w_b.shape)}")  # fmt: skip
+        raise ValueError(
+            f"decoders must be [m, d] with the same d, got {tuple(w_a.shape)} and "
+            f"{tuple(w_b.shape)}"
+        )
     if w_a.shape[0] == 0 or w_b.shape[0] == 0:
         raise ValueError("a decoder with no latents has no nearest latents")
     n = min(n, w_b.shape[0] - (1 if same else 0))
@@ -118,13 +121,19 @@ class CoOccurrence:
         return 4 * (m_a * m_b + 1) + 8 * (m_a + m_b)
 
     @torch.no_grad()
-    def update(self, idx_a: torch.Tensor, on_a: torch.Tensor, idx_b: torch.Tensor,
-               on_b: torch.Tensor) -> None:  # fmt: skip
-        if idx_a.shape[0] != idx_b.shape[0] or idx_a.shape != on_a.shape or (
-                idx_b.shape != on_b.shape):  # fmt: skip
-            raise ValueError(f"expected [N, k] indices and masks for the same N tokens, got "
-                             f"{tuple(idx_a.shape)}, {tuple(on_a.shape)}, {tuple(idx_b.shape)}, "
-                             f"{tuple(on_b.shape)}")  # fmt: skip
+    def update(
+        self, idx_a: torch.Tensor, on_a: torch.Tensor, idx_b: torch.Tensor, on_b: torch.Tensor
+    ) -> None:
+        if (
+            idx_a.shape[0] != idx_b.shape[0]
+            or idx_a.shape != on_a.shape
+            or (idx_b.shape != on_b.shape)
+        ):
+            raise ValueError(
+                f"expected [N, k] indices and masks for the same N tokens, got "
+                f"{tuple(idx_a.shape)}, {tuple(on_a.shape)}, {tuple(idx_b.shape)}, "
+                f"{tuple(on_b.shape)}"
+            )
         idx_a, idx_b = idx_a.to(self.device).long(), idx_b.to(self.device).long()
         on_a, on_b = on_a.to(self.device).bool(), on_b.to(self.device).bool()
         self.count_a.index_add_(0, idx_a.reshape(-1), on_a.reshape(-1).long())

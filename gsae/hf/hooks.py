@@ -104,8 +104,10 @@ def splice(loaded: LoadedModel, replacements: dict[int, Callable[[torch.Tensor],
             hidden = output[0] if isinstance(output, tuple) else output
             new = fn(hidden)
             if new.shape != hidden.shape:
-                raise ValueError(f"a spliced activation must keep the shape {tuple(hidden.shape)},"
-                                 f" got {tuple(new.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"a spliced activation must keep the shape {tuple(hidden.shape)},"
+                    f" got {tuple(new.shape)}"
+                )
             new = new.to(hidden.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
@@ -148,13 +150,16 @@ def record(loaded: LoadedModel, layers: Sequence[int], fn=None):
 
 
 @torch.inference_mode()
-def lm_logits(loaded: LoadedModel, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def lm_logits(
+    loaded: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token logits ``[B, T, V]`` of a model loaded with ``lm_head=True`` (one full
     forward: hooks of :func:`splice` and :func:`record` apply)."""
     if not loaded.lm_head:
-        raise ValueError(f"{loaded.name} was loaded without a causal-LM head "
-                         f"({loaded.no_head_reason or 'load_model(lm_head=True)'})")  # fmt: skip
+        raise ValueError(
+            f"{loaded.name} was loaded without a causal-LM head "
+            f"({loaded.no_head_reason or 'load_model(lm_head=True)'})"
+        )
     device = next(loaded.model.parameters()).device
     mask = attention_mask.to(device) if attention_mask is not None else None
     out = loaded.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
@@ -163,9 +168,14 @@ def lm_logits(loaded: LoadedModel, input_ids: torch.Tensor,
 
 @contextlib.contextmanager
 def hidden_states(
-    loaded: LoadedModel, layers: Sequence[int], texts: TextSource, ctx_len: int, batch_size: int,
-    repeat: bool = False, position: StreamPosition | None = None,
-) -> Iterator[Iterator[torch.Tensor]]:  # fmt: skip
+    loaded: LoadedModel,
+    layers: Sequence[int],
+    texts: TextSource,
+    ctx_len: int,
+    batch_size: int,
+    repeat: bool = False,
+    position: StreamPosition | None = None,
+) -> Iterator[Iterator[torch.Tensor]]:
     """Yields an iterator of the ``[L, N, d]`` activations of ``layers`` over ``texts``, one
     batch of ``batch_size`` sequences of ``ctx_len`` tokens at a time (the tokenizer runs ahead
     in a thread, stopped when the block ends)."""

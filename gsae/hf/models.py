@@ -59,10 +59,23 @@ class LoadedModel:
 
 
 # position limits go by many names; encoders of the RoBERTa family count from padding_idx + 1
-POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
-                 "max_sequence_length")  # fmt: skip
-PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text",
-                        "xmod", "roberta-prelayernorm")  # fmt: skip
+POSITION_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "n_ctx",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+)
+PADDING_OFFSET_TYPES = (
+    "roberta",
+    "xlm-roberta",
+    "camembert",
+    "longformer",
+    "data2vec-text",
+    "xmod",
+    "roberta-prelayernorm",
+)
 DEFAULT_CTX_LEN = 1024
 
 
@@ -83,8 +96,9 @@ class ContextLength(NamedTuple):
     capped: bool
 
 
-def context_length(loaded: LoadedModel, requested: int | None,
-                   default: int = DEFAULT_CTX_LEN) -> ContextLength:  # fmt: skip
+def context_length(
+    loaded: LoadedModel, requested: int | None, default: int = DEFAULT_CTX_LEN
+) -> ContextLength:
     """``requested`` if the model takes it (a clear error if not); with None the default, capped
     at the model's position limit."""
     limit = loaded.position_limit
@@ -95,9 +109,11 @@ def context_length(loaded: LoadedModel, requested: int | None,
     if requested < 2:
         raise ValueError(f"--ctx-len {requested}: need at least 2 tokens per sequence")
     if limit is not None and requested > limit:
-        raise ValueError(f"--ctx-len {requested} is longer than the {limit} positions "
-                         f"{loaded.name} takes; pass --ctx-len {limit} or less (by default it "
-                         "is capped at the limit)")  # fmt: skip
+        raise ValueError(
+            f"--ctx-len {requested} is longer than the {limit} positions "
+            f"{loaded.name} takes; pass --ctx-len {limit} or less (by default it "
+            "is capped at the limit)"
+        )
     return ContextLength(requested, False)
 
 
@@ -133,8 +149,9 @@ def _causal_lm(source: str, dtype: torch.dtype, **kwargs):
     return None if info.get("missing_keys") else model
 
 
-def load_model(name: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               lm_head: bool = False) -> LoadedModel:  # fmt: skip
+def load_model(
+    name: str, dtype: str | torch.dtype | None = None, device: str = "cpu", lm_head: bool = False
+) -> LoadedModel:
     """Load the base model (no LM head) and tokenizer of ``name``, for inference, in ``dtype``
     (default: :func:`default_dtype` of the device) on ``device`` (``auto`` allowed).
 
@@ -149,10 +166,16 @@ def load_model(name: str, dtype: str | torch.dtype | None = None, device: str = 
 
     (model, tokenizer), source = _lookup(name, load)
     model = model.to(device).eval().requires_grad_(False)
-    has_head = lm_head and hasattr(model, "get_output_embeddings") and (
-        model.get_output_embeddings() is not None)  # fmt: skip
-    reason = "" if has_head or not lm_head else (
-        f"{type(model).__name__} has no causal-LM head in {source}")  # fmt: skip
+    has_head = (
+        lm_head
+        and hasattr(model, "get_output_embeddings")
+        and (model.get_output_embeddings() is not None)
+    )
+    reason = (
+        ""
+        if has_head or not lm_head
+        else (f"{type(model).__name__} has no causal-LM head in {source}")
+    )
     return LoadedModel(model, tokenizer, name, source, find_layers(model), has_head, reason)
 
 

@@ -121,8 +121,10 @@ class _LineFile(TextSource):
             message = f"{self.path}: the line at byte {start} is not JSON ({err})"
             raise DatasetLoadError(message) from None
         if not isinstance(record, dict) or self.column not in record:
-            raise DatasetLoadError(f"{self.path}: the record at byte {start} has no "
-                                   f"{self.column!r} field (pass it with --column)")  # fmt: skip
+            raise DatasetLoadError(
+                f"{self.path}: the record at byte {start} has no "
+                f"{self.column!r} field (pass it with --column)"
+            )
         return record[self.column]
 
 
@@ -149,10 +151,13 @@ def _parquet_rows(path: Path, column: str) -> _Rows:
     except Exception as err:  # pyarrow's errors name a buffer, not the file
         raise DatasetLoadError(f"{path} is not a parquet file ({err})") from None
     if column not in file.schema_arrow.names:
-        raise DatasetLoadError(f"{path} has no column {column!r} (it has "
-                               f"{file.schema_arrow.names}); pass it with --column")  # fmt: skip
-    starts = np.cumsum([0] + [file.metadata.row_group(i).num_rows
-                              for i in range(file.num_row_groups)])  # fmt: skip
+        raise DatasetLoadError(
+            f"{path} has no column {column!r} (it has "
+            f"{file.schema_arrow.names}); pass it with --column"
+        )
+    starts = np.cumsum(
+        [0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)]
+    )
 
     def read_rows(begin: int, end: int) -> list[str]:  # whole row groups, only those needed
         first = int(np.searchsorted(starts, begin, side="right")) - 1
@@ -172,8 +177,9 @@ def _saved_rows(path: Path, split: str, column: str) -> _Rows:
             raise DatasetLoadError(f"{path} has no split {split!r} (it has {list(data)})")
         data = data[split]
     if column not in data.column_names:
-        raise DatasetLoadError(f"{path} has no column {column!r} (it has {data.column_names}); "
-                               "pass it with --column")  # fmt: skip
+        raise DatasetLoadError(
+            f"{path} has no column {column!r} (it has {data.column_names}); pass it with --column"
+        )
     return _Rows(str(path), len(data), lambda begin, end: data[begin:end][column])
 
 
@@ -189,8 +195,10 @@ class _HubStream(TextSource):
         self.stream.load_state_dict(state["hub"] if state else self.start)
         for record in self.stream:
             if self.column not in record:
-                raise DatasetLoadError(f"{self.name} has no column {self.column!r} (it has "
-                                       f"{list(record)}); pass it with --column")  # fmt: skip
+                raise DatasetLoadError(
+                    f"{self.name} has no column {self.column!r} (it has "
+                    f"{list(record)}); pass it with --column"
+                )
             yield record[self.column], {"hub": self.stream.state_dict()}
 
 

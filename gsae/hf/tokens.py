@@ -71,13 +71,21 @@ class StreamPosition:
     offset: int = 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "documents": self.documents, "source": self.source,
-                "offset": self.offset}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "documents": self.documents,
+            "source": self.source,
+            "offset": self.offset,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamPosition:
-        return cls(int(d.get("epoch", 0)), int(d.get("documents", 0)), d.get("source"),
-                   int(d.get("offset", 0)))  # fmt: skip
+        return cls(
+            int(d.get("epoch", 0)),
+            int(d.get("documents", 0)),
+            d.get("source"),
+            int(d.get("offset", 0)),
+        )
 
 
 @dataclass
@@ -106,10 +114,18 @@ class TokenStream:
     several processes. Positions are those of the whole text, so each shard resumes alone.
     """
 
-    def __init__(self, texts: TextSource | Callable[[], Iterator[str]], tokenizer,
-                 ctx_len: int = 1024, batch_size: int = 8, position: StreamPosition | None = None,
-                 repeat: bool = False, prefetch: int = 4, docs_per_call: int = 64,
-                 shard: tuple[int, int] = (0, 1)):  # fmt: skip
+    def __init__(
+        self,
+        texts: TextSource | Callable[[], Iterator[str]],
+        tokenizer,
+        ctx_len: int = 1024,
+        batch_size: int = 8,
+        position: StreamPosition | None = None,
+        repeat: bool = False,
+        prefetch: int = 4,
+        docs_per_call: int = 64,
+        shard: tuple[int, int] = (0, 1),
+    ):
         if ctx_len < 2 or batch_size < 1:
             raise ValueError(f"need ctx_len >= 2 and batch_size >= 1, got {ctx_len}, {batch_size}")
         if not 0 <= shard[0] < shard[1]:
@@ -172,8 +188,11 @@ class TokenStream:
                 full = len(carry) // ctx
                 for i in range(full):
                     end = (i + 1) * ctx
-                    yield carry[end - ctx : end], ctx, StreamPosition(epoch, number, state,
-                                                                      done + end)  # fmt: skip
+                    yield (
+                        carry[end - ctx : end],
+                        ctx,
+                        StreamPosition(epoch, number, state, done + end),
+                    )
                 pending, skip = carry[full * ctx :], 0
                 last = StreamPosition(epoch, number, state, len(doc))
         if len(pending):  # a finite source's last, partial chunk: padded, and masked in the batch

@@ -111,8 +111,9 @@ def save(out: Path, state: dict, trainers: dict, world=None) -> None:
 
 
 def _write_error(out: Path, err: OSError) -> CheckpointWriteError:
-    return CheckpointWriteError(err.errno, f"cannot write a checkpoint in {out}: "
-                                           f"{err.strerror or err}")  # fmt: skip
+    return CheckpointWriteError(
+        err.errno, f"cannot write a checkpoint in {out}: {err.strerror or err}"
+    )
 
 
 def _save_together(out: Path, state: dict, trainers: dict, world) -> None:

@@ -48,8 +48,14 @@ class PeerFailed(RuntimeError):
 class World:
     """The processes of a run and this one's place among them (rank, size, device)."""
 
-    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0, device="cpu",
-                 timeout: float = DEFAULT_TIMEOUT):  # fmt: skip
+    def __init__(
+        self,
+        rank: int = 0,
+        size: int = 1,
+        local_rank: int = 0,
+        device="cpu",
+        timeout: float = DEFAULT_TIMEOUT,
+    ):
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.timeout = timeout  # seconds a collective waits for the others
         self.device = torch.device(device)  # where this process's tensors and collectives run

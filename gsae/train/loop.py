@@ -79,8 +79,15 @@ def state_version(trainers) -> tuple:
         tensors = [*t.sae.parameters(), t.tokens_since_fired, t.skipped_steps, t.skipped_tokens]
         for state in t.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-        parts.append((t.steps, t.tokens_seen, t.initialized, len(t.optimizer.state),
-                      tuple(x._version for x in tensors)))  # fmt: skip
+        parts.append(
+            (
+                t.steps,
+                t.tokens_seen,
+                t.initialized,
+                len(t.optimizer.state),
+                tuple(x._version for x in tensors),
+            )
+        )
     return tuple(parts)
 
 
@@ -175,10 +182,13 @@ class TrainingLoop:
         self.owners = self._owners(groups, every)
         rank = self.world.rank
         self.groups = [
-            Group(group_name(layers), list(layers),
-                  self._trainer(layers, scales) if rank in owners else None)
+            Group(
+                group_name(layers),
+                list(layers),
+                self._trainer(layers, scales) if rank in owners else None,
+            )
             for layers, owners in zip(groups, self.owners, strict=True)
-        ]  # fmt: skip
+        ]
         self.sampler = LayerSampler(groups, self.layers, settings.seed, self.device, every)
         self.engine = self._engine()
         self.reader = ActivationReader(loaded, self.layers)
@@ -218,8 +228,15 @@ class TrainingLoop:
         if not self.settings.distribute_saes:
             return ReplicatedSteps(self.world, self.groups, self.sampler, self.layout)
         dtype = next(self.loaded.model.parameters()).dtype
-        return DistributedSteps(self.world, self.groups, self.owners, self.sampler, self.layout,
-                                dtype, self.loaded.d_model)  # fmt: skip
+        return DistributedSteps(
+            self.world,
+            self.groups,
+            self.owners,
+            self.sampler,
+            self.layout,
+            dtype,
+            self.loaded.d_model,
+        )
 
     @property
     def main(self) -> bool:
@@ -248,8 +265,9 @@ class TrainingLoop:
         }
         if self.layout.strict:  # one position per shard; "position": where unread text begins
             shards = [positions.get(s) for s in range(self.layout.shards)]
-            state.update(position=furthest(shards), data_shards=self.layout.shards,
-                         positions=shards)  # fmt: skip
+            state.update(
+                position=furthest(shards), data_shards=self.layout.shards, positions=shards
+            )
         return state
 
     def save_checkpoint(self) -> None:
@@ -292,8 +310,9 @@ class TrainingLoop:
             truncate = self.log_bytes if resumed else None
             self.log = JsonlLog(self.out / LOG_FILE, truncate_to=truncate)
             self.sinks = make_sinks(s.tensorboard, s.wandb, self.out, s.to_json())
-        stream = ShardStreams(texts, self.loaded.tokenizer, self.layout, self.world.rank,
-                              self.positions, s.repeat)  # fmt: skip
+        stream = ShardStreams(
+            texts, self.loaded.tokenizer, self.layout, self.world.rank, self.positions, s.repeat
+        )
         try:
             with self.guard, stream, progress_bar(s.tokens, "train") as bar:
                 bar.update(min(self.tokens, s.tokens))
@@ -346,18 +365,29 @@ class TrainingLoop:
         mark = self.mark
         intact = mark is None or mark.done or state_version(self._trainers()) == mark.version
         if not intact:
-            return StepFailed(f"{what}, after some SAE updates of that step: the step's state "
-                              f"is not saved; {self._kept()}", saved=False)  # fmt: skip
+            return StepFailed(
+                f"{what}, after some SAE updates of that step: the step's state "
+                f"is not saved; {self._kept()}",
+                saved=False,
+            )
         if self.saved_steps == self.steps:
-            return StepFailed(f"{what}; the checkpoint holds step {self.steps} (the last "
-                              "finished one)", saved=True)  # fmt: skip
+            return StepFailed(
+                f"{what}; the checkpoint holds step {self.steps} (the last finished one)",
+                saved=True,
+            )
         try:
             self.save_checkpoint()
         except Exception as again:  # e.g. a CUDA error: the device cannot be read any more
-            return StepFailed(f"{what}; saving step {self.steps} failed too ({type(again).__name__}"
-                              f": {again}); {self._kept()}", saved=False)  # fmt: skip
-        return StepFailed(f"{what}; saved a checkpoint of step {self.steps} ({self.tokens:,} "
-                          "tokens), the last finished one", saved=True)  # fmt: skip
+            return StepFailed(
+                f"{what}; saving step {self.steps} failed too ({type(again).__name__}"
+                f": {again}); {self._kept()}",
+                saved=False,
+            )
+        return StepFailed(
+            f"{what}; saved a checkpoint of step {self.steps} ({self.tokens:,} "
+            "tokens), the last finished one",
+            saved=True,
+        )
 
     def _kept(self) -> str:
         if self.saved_steps < 0:
@@ -387,8 +417,9 @@ class TrainingLoop:
         """The activations ``[L, N, d]`` of a batch (of none: ``[L, 0, d]``)."""
         if batch is None or batch.input_ids.shape[0] == 0:
             dtype = next(self.loaded.model.parameters()).dtype
-            return torch.zeros(len(self.layers), 0, self.loaded.d_model, dtype=dtype,
-                               device=self.device)  # fmt: skip
+            return torch.zeros(
+                len(self.layers), 0, self.loaded.d_model, dtype=dtype, device=self.device
+            )
         return self.reader(batch.input_ids, batch.attention_mask)
 
     def train_batch(self, batch, bar=None, hidden: torch.Tensor | None = None) -> None:

@@ -169,8 +169,9 @@ class ReplicatedSteps:
 
     FLAGS = 2  # [some process had no data, some process was asked to stop]
 
-    def __init__(self, world: World, groups: list[Group], sampler: LayerSampler,
-                 layout: ShardLayout):  # fmt: skip
+    def __init__(
+        self, world: World, groups: list[Group], sampler: LayerSampler, layout: ShardLayout
+    ):
         self.world, self.groups, self.sampler = world, groups, sampler
         self.positions = layout.positions(world.rank, sampler.device)
         self.total = layout.tokens
@@ -201,8 +202,12 @@ class ReplicatedSteps:
         return {g.name: summarize(outs[g.name], g.trainer) for g in self.groups}
 
     def check_replicas(self, step: int) -> None:
-        _check_replicas(self.world, self.groups, {g.name: list(range(self.world.size))
-                                                  for g in self.groups}, step)  # fmt: skip
+        _check_replicas(
+            self.world,
+            self.groups,
+            {g.name: list(range(self.world.size)) for g in self.groups},
+            step,
+        )
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -218,9 +223,16 @@ class DistributedSteps:
     ``owners[i]``: the processes that train group i. ``dtype``: the model's (the activations
     are sent in it); ``d`` the model width."""
 
-    def __init__(self, world: World, groups: list[Group], owners: list[list[int]],
-                 sampler: LayerSampler, layout: ShardLayout, dtype: torch.dtype,
-                 d: int):  # fmt: skip
+    def __init__(
+        self,
+        world: World,
+        groups: list[Group],
+        owners: list[list[int]],
+        sampler: LayerSampler,
+        layout: ShardLayout,
+        dtype: torch.dtype,
+        d: int,
+    ):
         self.world, self.groups, self.owners, self.sampler = world, groups, owners, sampler
         self.total, self.d, self.dtype = layout.tokens, d, dtype
         rank, size = world.rank, world.size
@@ -333,13 +345,20 @@ class DistributedSteps:
                         picks = self.sampler.draws(step, self.total)
                     layer = ids[picks[i][layer]]
             if len(self.owners[i]) == 1:  # the whole batch here: the one-process step
-                outs[group.name] = group.trainer.step(x, layer, check_finite=False,
-                                                      tokens=self.total)  # fmt: skip
+                outs[group.name] = group.trainer.step(
+                    x, layer, check_finite=False, tokens=self.total
+                )
             else:  # a share of it: data-parallel with the SAE's other owners
                 bucket = self.bucket[i]
                 bucket.zero()
-                apply = _data_parallel(self.world, self.process_groups[i], [group],
-                                       [_Rows(x, layer)], bucket, self.total)  # fmt: skip
+                apply = _data_parallel(
+                    self.world,
+                    self.process_groups[i],
+                    [group],
+                    [_Rows(x, layer)],
+                    bucket,
+                    self.total,
+                )
                 outs.update(apply())
         return StepResult(outs, False, stop_any)
 
@@ -365,8 +384,9 @@ class ReplicaMismatch(RuntimeError):
     """Two processes hold different weights for an SAE they should hold identically."""
 
 
-def _check_replicas(world: World, held: list[Group], holders: dict[str, list[int]],
-                    step: int) -> None:  # fmt: skip
+def _check_replicas(
+    world: World, held: list[Group], holders: dict[str, list[int]], step: int
+) -> None:
     """Compare the digests of every SAE held by several processes (a collective)."""
     mine = {g.name: weights_digest(g.trainer) for g in held if len(holders[g.name]) > 1}
     digests = world.gather_objects(mine)

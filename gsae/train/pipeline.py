@@ -222,12 +222,20 @@ class TrainingRun:
         if grouping is None:
             passes = {}
             if self.layout.strict:  # every process measures its shards; the sums are merged
-                passes = dict(batches=self._pass_batches, merge=self._merge_distances,
-                              tokens=self._pass_tokens(self.settings.grouping_tokens))  # fmt: skip
+                passes = dict(
+                    batches=self._pass_batches,
+                    merge=self._merge_distances,
+                    tokens=self._pass_tokens(self.settings.grouping_tokens),
+                )
             grouping = w.checked(
-                groups.resolve, self.settings, self.loaded, self.texts, self.ctx.tokens,
-                self.groups_file, **passes,
-            )  # fmt: skip
+                groups.resolve,
+                self.settings,
+                self.loaded,
+                self.texts,
+                self.ctx.tokens,
+                self.groups_file,
+                **passes,
+            )
             if w.is_main:
                 w.checked(self.dir.write_groups, grouping)
             else:
@@ -235,8 +243,11 @@ class TrainingRun:
         else:
             w.checked(
                 groups.check_file,
-                grouping, str(self.dir.file(GROUPS_FILE)), self.loaded, self.settings.include_last,
-            )  # fmt: skip
+                grouping,
+                str(self.dir.file(GROUPS_FILE)),
+                self.loaded,
+                self.settings.include_last,
+            )
         self.grouping = grouping
         self.groups = groups.trained_groups(grouping, self.loaded.num_layers)
         return self.groups
@@ -257,8 +268,9 @@ class TrainingRun:
         s = self.settings
         steps = self._pass_steps(s.grouping_tokens if tokens is None else tokens)
         reader = ActivationReader(self.loaded, layers)
-        stream = ShardStreams(self.texts, self.loaded.tokenizer, self.layout, self.world.rank,
-                              None, s.repeat)  # fmt: skip
+        stream = ShardStreams(
+            self.texts, self.loaded.tokenizer, self.layout, self.world.rank, None, s.repeat
+        )
         with stream:
             yield (
                 reader(b.input_ids, b.attention_mask)
@@ -325,9 +337,16 @@ class TrainingRun:
         w = self.world
         out = self.dir.path
         run = w.checked(
-            TrainingLoop, out, self.settings, self.loaded, self.groups, self.scales,
-            self.ctx.tokens, w, self.layout,
-        )  # fmt: skip
+            TrainingLoop,
+            out,
+            self.settings,
+            self.loaded,
+            self.groups,
+            self.scales,
+            self.ctx.tokens,
+            w,
+            self.layout,
+        )
         self.run = run
         resumed = w.broadcast_object(self.resume and checkpoint.exists(out))
         if resumed:

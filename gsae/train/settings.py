@@ -27,8 +27,18 @@ from ..units import parse_count
 # model's numerics, the SAEs); --tokens extends or shortens the run, --repeat lets a finished
 # dataset cycle, --device moves it (CPU and GPU round differently: weights then differ in the
 # last bits), the rest only decides what is logged and when
-RESUMABLE = ("tokens", "repeat", "device", "save_every", "log_every", "wandb", "tensorboard",
-             "distribute_saes", "dist_timeout", "check_replicas")  # fmt: skip
+RESUMABLE = (
+    "tokens",
+    "repeat",
+    "device",
+    "save_every",
+    "log_every",
+    "wandb",
+    "tensorboard",
+    "distribute_saes",
+    "dist_timeout",
+    "check_replicas",
+)
 # --recipe NAME: the settings (by flag name) a recipe gives unless their flag is given. "default"
 # is gsae's own (SaeConfig's defaults: the tuned optimiser and init, benchmarks/bench_quality.py);
 # "paper" is the paper's Table 1 setting: Adam at 2e-4 / sqrt(m / 2^14), W_enc = W_dec^T, b_dec 0,

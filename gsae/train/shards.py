@@ -76,10 +76,11 @@ class ShardLayout:
         """``[local tokens]``: where each token process ``rank`` holds sits in a step's batch
         (flattened ``[batch_size, ctx_len]``), in the order the process holds them."""
         parts = [
-            torch.arange(self.first_row(s) * self.ctx_len,
-                         (self.first_row(s) + self.rows(s)) * self.ctx_len)
+            torch.arange(
+                self.first_row(s) * self.ctx_len, (self.first_row(s) + self.rows(s)) * self.ctx_len
+            )
             for s in self.owned(rank)
-        ]  # fmt: skip
+        ]
         flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         return flat.to(device)
 
@@ -111,10 +112,17 @@ class ShardStreams:
         self.shards = layout.owned(rank)
         positions = positions or {}
         self.streams = [
-            TokenStream(texts, tokenizer, layout.ctx_len, layout.rows(s), positions.get(s),
-                        repeat, shard=(s, layout.shards))
+            TokenStream(
+                texts,
+                tokenizer,
+                layout.ctx_len,
+                layout.rows(s),
+                positions.get(s),
+                repeat,
+                shard=(s, layout.shards),
+            )
             for s in self.shards
-        ]  # fmt: skip
+        ]
 
     def __iter__(self):
         layout, ctx = self.layout, self.layout.ctx_len

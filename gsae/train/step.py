@@ -167,9 +167,12 @@ class SaeTrainer:
         return out, auxk
 
     def step(
-        self, x: torch.Tensor, layer: int | torch.Tensor | None = None, check_finite: bool = True,
+        self,
+        x: torch.Tensor,
+        layer: int | torch.Tensor | None = None,
+        check_finite: bool = True,
         tokens: int | None = None,
-    ) -> StepOutput:  # fmt: skip
+    ) -> StepOutput:
         """One optimisation step on ``x [N, d]`` (model units) from ``layer``. ``tokens``: how
         many tokens the rows stand for (default N; fewer when x stacks several layers of each
         token), which is what the dead-latent counters count."""
@@ -193,8 +196,9 @@ class SaeTrainer:
         self._count_firing(out.latents, finite, x.shape[0] if tokens is None else tokens)
         with torch.no_grad():
             l0 = (out.latents.values > 0).sum(1).float().mean()
-        return StepOutput(loss.detach(), out.loss.fvu.detach(), auxk.detach(), l0,
-                          dead.float().mean())  # fmt: skip
+        return StepOutput(
+            loss.detach(), out.loss.fvu.detach(), auxk.detach(), l0, dead.float().mean()
+        )
 
     @torch.no_grad()
     def _update(self, finite: torch.Tensor) -> None:
@@ -360,8 +364,10 @@ class SaeTrainer:
         device = self.sae.W_dec.device
         saved = Sae.load(directory, device=device)
         if saved.layers != self.sae.layers or saved.cfg != self.cfg:
-            raise ValueError(f"{directory} holds an SAE for layers {saved.layers} with another "
-                             "config, not this one")  # fmt: skip
+            raise ValueError(
+                f"{directory} holds an SAE for layers {saved.layers} with another "
+                "config, not this one"
+            )
         self.sae.load_state_dict(saved.state_dict())
         meta = read_json(directory / STATE_JSON)
         tensors = read_safetensors(directory / STATE_TENSORS, "cpu")

@@ -31,8 +31,7 @@ from typing import NamedTuple
 P32, PI64 = "*fp32", "*i64"
 DEFAULT_TARGETS = ("cuda:80", "cuda:90", "hip:gfx90a", "hip:gfx942")
 # shared memory (LDS) one block may use: A100 163 KiB, H100/H200 227 KiB, MI200/MI300 64 KiB
-SHARED_LIMIT = {"cuda:80": 166_912, "cuda:90": 232_448, "hip:gfx90a": 65_536,
-                "hip:gfx942": 65_536}  # fmt: skip
+SHARED_LIMIT = {"cuda:80": 166_912, "cuda:90": 232_448, "hip:gfx90a": 65_536, "hip:gfx942": 65_536}
 # matrix (tensor-core) instructions: PTX mma.sync / wgmma, AMDGCN v_mfma
 _MMA = {"cuda": re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\b"), "hip": re.compile(r"\bv_mfma")}
 
@@ -258,8 +257,15 @@ def _ptxas_info(ptx: str, arch: int) -> dict:
         f.write(ptx)
     try:
         # the flags Triton's own ptxas call uses that change register allocation
-        cmd = [_ptxas(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}",
-               f.name, "-o", os.devnull]  # fmt: skip
+        cmd = [
+            _ptxas(arch),
+            "-v",
+            "--regAllocOptLevel=2",
+            f"--gpu-name=sm_{arch}{suffix}",
+            f.name,
+            "-o",
+            os.devnull,
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
     finally:
         os.unlink(f.name)
@@ -280,8 +286,11 @@ def _amdgcn_info(asm: str) -> dict:
     sgpr_spills = re.search(r"\.sgpr_spill_count:\s+(\d+)", asm)
     if vgpr is None or scratch is None:
         raise RuntimeError("cannot read registers and spills from the AMDGCN metadata")
-    return {"registers": int(vgpr.group(1)), "spill_bytes": int(scratch.group(1)),
-            "sgpr_spills_to_vgpr": int(sgpr_spills.group(1)) if sgpr_spills else 0}  # fmt: skip
+    return {
+        "registers": int(vgpr.group(1)),
+        "spill_bytes": int(scratch.group(1)),
+        "sgpr_spills_to_vgpr": int(sgpr_spills.group(1)) if sgpr_spills else 0,
+    }
 
 
 def compile_all(targets: list[str], kernels=None, **shape) -> list[Compiled]:
@@ -297,8 +306,9 @@ def compile_all(targets: list[str], kernels=None, **shape) -> list[Compiled]:
         backend, _, arch = spec.partition(":")
         if backend not in ("cuda", "hip") or not arch:
             raise ValueError(f"a target is cuda:<sm> or hip:<gfx arch>, got {spec!r}")
-        target = GPUTarget(backend, int(arch) if backend == "cuda" else arch,
-                           32 if backend == "cuda" else 64)  # fmt: skip
+        target = GPUTarget(
+            backend, int(arch) if backend == "cuda" else arch, 32 if backend == "cuda" else 64
+        )
         for launch in _launches(**shape):
             if kernels and not any(part in launch.name for part in kernels):
                 continue

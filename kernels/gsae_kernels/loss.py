@@ -50,11 +50,26 @@ class LossOutput(NamedTuple):
 
 @triton.jit
 def _fvu_auxk_kernel(
-    X, XH, XA, MEAN, GF, GA, PART,
-    N, D, stride_xn, stride_xd, stride_hn, stride_hd, stride_an, stride_ad,
-    HAS_AUX: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    X,
+    XH,
+    XA,
+    MEAN,
+    GF,
+    GA,
+    PART,
+    N,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_hn,
+    stride_hd,
+    stride_an,
+    stride_ad,
+    HAS_AUX: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
@@ -106,10 +121,22 @@ def _loss_fwd_triton(x, x_hat, aux_recon, write_grad):
     ga = torch.empty(n, d, dtype=torch.float32, device=x.device) if write_grad and has_aux else None
     xa = aux_recon if has_aux else x
     _fvu_auxk_kernel[(grid,)](
-        x, x_hat, xa, mean, gf if gf is not None else part, ga if ga is not None else part, part,
-        n, d, *x.stride(), *x_hat.stride(), *xa.stride(),
-        HAS_AUX=has_aux, WRITE_GRAD=write_grad, **meta,
-    )  # fmt: skip
+        x,
+        x_hat,
+        xa,
+        mean,
+        gf if gf is not None else part,
+        ga if ga is not None else part,
+        part,
+        n,
+        d,
+        *x.stride(),
+        *x_hat.stride(),
+        *xa.stride(),
+        HAS_AUX=has_aux,
+        WRITE_GRAD=write_grad,
+        **meta,
+    )
     den, num, aux = part.sum(0).unbind()
     return den, num, aux, mean, gf, ga
 

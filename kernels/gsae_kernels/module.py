@@ -102,14 +102,21 @@ class TopKSAE(nn.Module):
             raise ValueError(f"auxk must be 'sparse', 'dense' or None, got {auxk!r}")
         dense = auxk == "dense" and k_aux > 0
         latents = topk_encode(
-            x, *w, self.k, dead_mask, 0 if dense else k_aux, backend=b, precision=precision,
+            x,
+            *w,
+            self.k,
+            dead_mask,
+            0 if dense else k_aux,
+            backend=b,
+            precision=precision,
             aux_limit=aux_limit,
-        )  # fmt: skip
+        )
         x_hat = sparse_decode(latents.values, latents.indices, self.W_dec, self.b_dec, backend=b)
         aux_recon = None
         if dense:
-            aux_recon = auxk_recon(x, *w, self.W_dec, dead_mask, k_aux, precision=precision,
-                                   aux_limit=aux_limit)  # fmt: skip
+            aux_recon = auxk_recon(
+                x, *w, self.W_dec, dead_mask, k_aux, precision=precision, aux_limit=aux_limit
+            )
         elif latents.aux_values is not None:
             aux_recon = sparse_decode(
                 latents.aux_values, latents.aux_indices, self.W_dec, None, backend=b

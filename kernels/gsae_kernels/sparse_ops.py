@@ -54,10 +54,25 @@ from ._backend import cdiv, next_power_of_2, tl, triton
 
 @triton.jit
 def _gather_combine_kernel(
-    W, IDX, T, BIAS, OUT,
-    N, D, K, stride_wn, stride_wk, stride_in, stride_ik, stride_tm, stride_td, stride_b,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    W,
+    IDX,
+    T,
+    BIAS,
+    OUT,
+    N,
+    D,
+    K,
+    stride_wn,
+    stride_wk,
+    stride_in,
+    stride_ik,
+    stride_tm,
+    stride_td,
+    stride_b,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     rmask = rows < N
@@ -81,10 +96,23 @@ def _gather_combine_kernel(
 
 @triton.jit
 def _row_dot_kernel(
-    G, IDX, T, OUT,
-    N, D, K, stride_gn, stride_gd, stride_in, stride_ik, stride_tm, stride_td,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    G,
+    IDX,
+    T,
+    OUT,
+    N,
+    D,
+    K,
+    stride_gn,
+    stride_gd,
+    stride_in,
+    stride_ik,
+    stride_tm,
+    stride_td,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rmask = rows < N
@@ -112,11 +140,26 @@ def _row_dot_kernel(
 
 @triton.jit
 def _transpose_tail_kernel(
-    OFFS, ROWS, WS, X, SHIFT, PART, PART_B, XOFFS, PLAT,
-    M, D, SPLIT, stride_xn, stride_xd, stride_s,
-    HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
+    OFFS,
+    ROWS,
+    WS,
+    X,
+    SHIFT,
+    PART,
+    PART_B,
+    XOFFS,
+    PLAT,
+    M,
+    D,
+    SPLIT,
+    stride_xn,
+    stride_xd,
+    stride_s,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """Overflow piece q (the piece-th SPLIT entries of a long segment): its partial sums."""
     q = tl.program_id(0)
     cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -152,11 +195,29 @@ def _transpose_tail_kernel(
 
 @triton.jit
 def _sparse_transpose_kernel(
-    OFFS, ROWS, WS, X, SHIFT, OUT, OUT_B, PART, PART_B, XOFFS,
-    M, D, SPLIT, stride_xn, stride_xd, stride_s,
-    HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    OFFS,
+    ROWS,
+    WS,
+    X,
+    SHIFT,
+    OUT,
+    OUT_B,
+    PART,
+    PART_B,
+    XOFFS,
+    M,
+    D,
+    SPLIT,
+    stride_xn,
+    stride_xd,
+    stride_s,
+    HAS_SHIFT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Head: the first SPLIT entries of each of BLOCK_L latents, then their tails' partials."""
     lats = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -279,8 +340,12 @@ def gather_combine_meta(d: int) -> dict:
 
 def row_dot_meta(k: int, d: int) -> dict:
     # [8, 16, 32] gathered tiles: no spills on sm_80/sm_90/gfx90a/gfx942
-    return {"BLOCK_N": 8, "BLOCK_K": min(16, next_power_of_2(k)),
-            "BLOCK_D": min(32, _blocks_d(d)), "num_warps": 4}  # fmt: skip
+    return {
+        "BLOCK_N": 8,
+        "BLOCK_K": min(16, next_power_of_2(k)),
+        "BLOCK_D": min(32, _blocks_d(d)),
+        "num_warps": 4,
+    }
 
 
 def sparse_transpose_meta(d: int) -> dict:
@@ -320,9 +385,21 @@ def gather_combine(
         grid = (cdiv(n, meta["BLOCK_N"]), cdiv(d, meta["BLOCK_D"]))
         b = bias if bias is not None else table
         _gather_combine_kernel[grid](
-            w, idx, table, b, out, n, d, k, *w.stride(), *idx.stride(), *table.stride(),
-            b.stride(0), HAS_BIAS=bias is not None, **meta,
-        )  # fmt: skip
+            w,
+            idx,
+            table,
+            b,
+            out,
+            n,
+            d,
+            k,
+            *w.stride(),
+            *idx.stride(),
+            *table.stride(),
+            b.stride(0),
+            HAS_BIAS=bias is not None,
+            **meta,
+        )
         return out
     if k == 0 or n == 0:
         out = table.new_zeros(n, d)
@@ -360,9 +437,12 @@ def row_dot(
         with warnings.catch_warnings():  # torch flags CSR as beta on every construction
             warnings.simplefilter("ignore", UserWarning)
             pattern = torch.sparse_csr_tensor(
-                segs.offsets, segs.rows, torch.zeros_like(segs.rows, dtype=table.dtype),
-                size=(table.shape[0], n), check_invariants=False,
-            )  # fmt: skip
+                segs.offsets,
+                segs.rows,
+                torch.zeros_like(segs.rows, dtype=table.dtype),
+                size=(table.shape[0], n),
+                check_invariants=False,
+            )
         dots = torch.sparse.sampled_addmm(pattern, table, g.t(), beta=0.0).values()
         out = torch.empty(n * k, dtype=g.dtype, device=g.device)
         out[segs.order] = dots.to(g.dtype)
@@ -452,14 +532,43 @@ def _sparse_transpose_triton(segs, w_sorted, x, m, with_bias, shift, split):
         part_b = torch.empty(pieces, dtype=torch.float32, device=x.device)
         meta = transpose_tail_meta(d)
         _transpose_tail_kernel[(pieces, cdiv(d, meta["BLOCK_D"]))](
-            segs.offsets, segs.rows, w_sorted, x, s, part, part_b, xoffs, piece_latent,
-            m, d, split, *strides, HAS_SHIFT=shift is not None, HAS_BIAS=with_bias, **meta,
-        )  # fmt: skip
+            segs.offsets,
+            segs.rows,
+            w_sorted,
+            x,
+            s,
+            part,
+            part_b,
+            xoffs,
+            piece_latent,
+            m,
+            d,
+            split,
+            *strides,
+            HAS_SHIFT=shift is not None,
+            HAS_BIAS=with_bias,
+            **meta,
+        )
     meta = sparse_transpose_meta(d)
     grid = (cdiv(m, meta["BLOCK_L"]), cdiv(d, meta["BLOCK_D"]))
     _sparse_transpose_kernel[grid](
-        segs.offsets, segs.rows, w_sorted, x, s, out, out_b if with_bias else out,
-        part, part_b, xoffs, m, d, split, *strides,
-        HAS_SHIFT=shift is not None, HAS_BIAS=with_bias, HAS_TAIL=pieces > 0, **meta,
-    )  # fmt: skip
+        segs.offsets,
+        segs.rows,
+        w_sorted,
+        x,
+        s,
+        out,
+        out_b if with_bias else out,
+        part,
+        part_b,
+        xoffs,
+        m,
+        d,
+        split,
+        *strides,
+        HAS_SHIFT=shift is not None,
+        HAS_BIAS=with_bias,
+        HAS_TAIL=pieces > 0,
+        **meta,
+    )
     return out, out_b

@@ -178,11 +178,30 @@ def _store_topk(best, VALS, IDX, rows, rmask, K: tl.constexpr, K_PAD: tl.constex
 
 @triton.jit
 def _encode_topk_kernel(
-    X, W, B_ENC, B_DEC, VALS, IDX,
-    N, M, D, stride_xn, stride_xd, stride_wm, stride_wd, stride_be, stride_bd,
-    K: tl.constexpr, LOG_K: tl.constexpr, HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, LOG_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    X,
+    W,
+    B_ENC,
+    B_DEC,
+    VALS,
+    IDX,
+    N,
+    M,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_wm,
+    stride_wd,
+    stride_be,
+    stride_bd,
+    K: tl.constexpr,
+    LOG_K: tl.constexpr,
+    HAS_B_ENC: tl.constexpr,
+    HAS_B_DEC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LOG_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     K_PAD: tl.constexpr = 1 << LOG_K
     BLOCK_M: tl.constexpr = 1 << LOG_M
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -418,11 +437,25 @@ def _encode_fwd_triton(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, l
     b_enc_ = b_enc if b_enc is not None else x
     b_dec_ = b_dec if b_dec is not None else x
     _encode_topk_kernel[(cdiv(n, meta["BLOCK_N"]),)](
-        x, w, b_enc_, b_dec_, values, indices,
-        n, m, d, *x.stride(), *w.stride(), b_enc_.stride(0), b_dec_.stride(0),
-        K=k, HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None,
-        PRECISION="tf32" if precision == "tf32" else "ieee", **meta,
-    )  # fmt: skip
+        x,
+        w,
+        b_enc_,
+        b_dec_,
+        values,
+        indices,
+        n,
+        m,
+        d,
+        *x.stride(),
+        *w.stride(),
+        b_enc_.stride(0),
+        b_dec_.stride(0),
+        K=k,
+        HAS_B_ENC=b_enc is not None,
+        HAS_B_DEC=b_dec is not None,
+        PRECISION="tf32" if precision == "tf32" else "ieee",
+        **meta,
+    )
     if k_aux > 0:
         xc = x - b_dec if b_dec is not None else x  # [N, d]
         _aux_select(xc, W_enc, b_enc, dead_mask, k_aux, limit, precision, aux_values, aux_indices)
@@ -454,13 +487,17 @@ def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, li
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
-def _encode_bwd(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
-                needs, backend):  # fmt: skip
+def _encode_bwd(
+    grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices, needs, backend
+):
     """Gradients for (x, W_enc, b_enc, b_dec) from the selected entries only (None: not
     needed)."""
     need_x, need_w, need_be, need_bd = needs
-    parts = [(g * (v > 0), i) for g, v, i in ((grad_values, values, indices),
-             (grad_aux, aux_values, aux_indices)) if g is not None and i.shape[1] > 0]  # fmt: skip
+    parts = [
+        (g * (v > 0), i)
+        for g, v, i in ((grad_values, values, indices), (grad_aux, aux_values, aux_indices))
+        if g is not None and i.shape[1] > 0
+    ]
     n, d = x.shape
     m = W_enc.shape[0]
     if not parts:  # no gradient reached the values: every input gradient is zero
@@ -510,8 +547,12 @@ def _topk_encode_op(
 @_topk_encode_op.register_fake
 def _(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, backend, precision, aux_limit, fused):
     n = x.shape[0]
-    return (x.new_empty(n, k), x.new_empty(n, k, dtype=torch.int64),
-            x.new_empty(n, k_aux), x.new_empty(n, k_aux, dtype=torch.int64))  # fmt: skip
+    return (
+        x.new_empty(n, k),
+        x.new_empty(n, k, dtype=torch.int64),
+        x.new_empty(n, k_aux),
+        x.new_empty(n, k_aux, dtype=torch.int64),
+    )
 
 
 @torch.library.custom_op("gsae_kernels::topk_encode_backward", mutates_args=())
@@ -534,14 +575,39 @@ def _topk_encode_backward_op(
     """Gradients of (x, W_enc, b_enc, b_dec); a 0-element tensor for each one not needed."""
     with launch_guard(x):
         needs = (need_x, need_w, need_b_enc, need_b_dec)
-        grads = _encode_bwd(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values,
-                            aux_indices, needs, backend)  # fmt: skip
+        grads = _encode_bwd(
+            grad_values,
+            grad_aux,
+            x,
+            W_enc,
+            b_dec,
+            values,
+            indices,
+            aux_values,
+            aux_indices,
+            needs,
+            backend,
+        )
     return tuple(g if g is not None else empty_like_none(x) for g in grads)
 
 
 @_topk_encode_backward_op.register_fake
-def _(grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
-      need_x, need_w, need_b_enc, need_b_dec, backend):  # fmt: skip
+def _(
+    grad_values,
+    grad_aux,
+    x,
+    W_enc,
+    b_dec,
+    values,
+    indices,
+    aux_values,
+    aux_indices,
+    need_x,
+    need_w,
+    need_b_enc,
+    need_b_dec,
+    backend,
+):
     (n, d), m = x.shape, W_enc.shape[0]
     shapes = ((need_x, (n, d)), (need_w, (m, d)), (need_b_enc, (m,)), (need_b_dec, (d,)))
     return tuple(x.new_empty(shape) if need else empty_like_none(x) for need, shape in shapes)
@@ -563,12 +629,32 @@ def _encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indice
     need_be = need_be and ctx.has_b_enc
     need_bd = need_bd and b_dec is not None
     grads = torch.ops.gsae_kernels.topk_encode_backward(
-        grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices,
-        need_x, need_w, need_be, need_bd, ctx.backend,
-    )  # fmt: skip
+        grad_values,
+        grad_aux,
+        x,
+        W_enc,
+        b_dec,
+        values,
+        indices,
+        aux_values,
+        aux_indices,
+        need_x,
+        need_w,
+        need_be,
+        need_bd,
+        ctx.backend,
+    )
     needs = (need_x, need_w, need_be, need_bd)
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)),
-            None, None, None, None, None, None, None)  # fmt: skip
+    return (
+        *(g if need else None for g, need in zip(grads, needs, strict=True)),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)
