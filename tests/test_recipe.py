@@ -101,7 +101,7 @@ def test_resume_refuses_another_recipe_by_name(tmp_path):
 
 def test_resume_refusal_names_the_flag_as_typed(tmp_path, capsys):
     """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
-    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)))
+    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
     assert main(["--resume", str(tmp_path), "--init", "paper"]) == 2
     err = capsys.readouterr().err
     assert "these cannot change: --init (the run has 'fit')" in err and "--init-" not in err

@@ -4,6 +4,7 @@ intermediate state, the Ctrl-C guard and the time split."""
 import os
 import shutil
 import signal
+import sys
 import threading
 
 import pytest
@@ -197,6 +198,33 @@ def test_a_ctrl_c_inside_a_step_waits_for_its_end_and_a_second_one_does_not():
                 done.append("never")
         assert guard.broken and "never" not in done
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_lost_in_a_finalizer_stops_the_next_step():
+    """Between steps SIGINT raises at once; if that happens inside a finalizer (a generator
+    closed by the garbage collector, as after ``next(model.parameters())``) Python drops the
+    exception: the next step must raise it before it runs, not train on."""
+    guard = StepGuard()
+    done = []
+
+    def params():
+        try:
+            yield 1
+        finally:
+            signal.raise_signal(signal.SIGINT)  # the handler runs during the close
+
+    with guard:
+        gen = params()
+        next(gen)
+        del gen  # closed by its finalizer: the KeyboardInterrupt is dropped there
+        with pytest.raises(KeyboardInterrupt):
+            with guard.step():
+                done.append("step")
+        assert done == []
+        with guard.step():  # raised once: the following step runs
+            done.append("next")
+    assert done == ["next"] and sys.unraisablehook is not guard._unraisable
 
 
 def test_the_guard_does_nothing_off_the_main_thread():

@@ -17,6 +17,7 @@ Signal handlers can only be set from the main thread; elsewhere the guard does n
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 
@@ -26,19 +27,31 @@ class StepGuard:
         self.in_step = False
         self.pending = False  # a Ctrl-C arrived inside the current step
         self.broken = False  # a second one stopped a step half-way
+        self.lost = False  # a KeyboardInterrupt died in a finalizer: the next step raises it
         self._previous = None
+        self._previous_hook = None
         self._installed = False
 
     def __enter__(self) -> StepGuard:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
             self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._previous_hook
             self._installed = False
+
+    def _unraisable(self, info) -> None:
+        # Python drops an exception raised in a finalizer (a generator closed by the garbage
+        # collector, a __del__) and reports it here: a Ctrl-C whose handler ran there would be
+        # lost, so it is noted and the next step raises it before changing anything
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            self.lost = True
+        self._previous_hook(info)
 
     def _handle(self, signum, frame) -> None:
         # no printing here: the signal may land inside another write to the same stream
@@ -61,6 +74,9 @@ class _Step:
         self.guard = guard
 
     def __enter__(self) -> None:
+        if self.guard.lost:
+            self.guard.lost = False
+            raise KeyboardInterrupt
         self.guard.in_step = True
 
     def __exit__(self, exc_type, exc, tb) -> None:
