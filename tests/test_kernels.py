@@ -11,6 +11,7 @@ from conftest import TRITON_DEVICE
 from gsae_kernels import TopKSAE, fvu_auxk_loss, reference, resolve_backend, sparse_decode
 from gsae_kernels import topk_encode as encode
 from gsae_kernels.sparse_ops import latent_segments, sparse_transpose, transpose_split
+from tolerances import RELATIVE, TOL
 from torch.utils._python_dispatch import TorchDispatchMode
 
 GPU = torch.cuda.is_available()
@@ -20,7 +21,6 @@ BACKENDS = [
 ]
 # the Triton backend with its GEMM forward (its default outside the tests: see conftest.py)
 ENCODE_BACKENDS = [*BACKENDS, pytest.param("triton-gemm", "cuda" if GPU else "cpu", id="gemm")]
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
 def make_params(n, d, m, dtype=torch.float32, device="cpu", seed=0):
@@ -359,7 +359,6 @@ LOW = [
     pytest.param("triton", "cuda", torch.bfloat16, id="triton-bf16", marks=GPU_ONLY),
     pytest.param("triton", "cuda", torch.float16, id="triton-fp16", marks=GPU_ONLY),
 ]
-LOW_TOL = {torch.bfloat16: 2e-2, torch.float16: 3e-3}  # relative error of a whole tensor
 MARGIN = {torch.bfloat16: 1e-2, torch.float16: 2e-3}  # a few units in the last place
 
 
@@ -385,7 +384,7 @@ def test_low_precision_selects_and_differentiates_like_the_reference(backend, de
     assert torch.equal(out.indices.sort(1).values, ref.indices.sort(1).values), "selected sets"
     for name in want:
         err = relative_error(got[name], want[name])
-        assert err < LOW_TOL[dtype], f"{name}: relative error {err:.2e}"
+        assert err < RELATIVE[dtype], f"{name}: relative error {err:.2e}"
     # the decoder on the same latents, and its gradients
     grad_out = torch.randn(n, d, device=device, dtype=dtype)
     values = out.values.detach()
@@ -395,7 +394,7 @@ def test_low_precision_selects_and_differentiates_like_the_reference(backend, de
     )
     for name in ref:
         err = relative_error(dec[name], ref[name])
-        assert err < LOW_TOL[dtype], f"{name}: relative error {err:.2e}"
+        assert err < RELATIVE[dtype], f"{name}: relative error {err:.2e}"
 
 
 # -------------------------------------------------------------------- sparsity and determinism

@@ -10,6 +10,7 @@ from gsae_kernels import auxk as auxk_mod
 from gsae_kernels.auxk import auxk_recon
 from gsae_kernels.topk_encode import _aux_candidates, resolve_encoder
 from test_kernels import dead_mask_for, fresh, make_params
+from tolerances import TOL
 
 NAMES = ("x", "W_enc", "b_enc", "b_dec", "W_dec")
 
@@ -71,7 +72,7 @@ def test_dense_auxk_matches_the_sparse_one(monkeypatch, n_dead, exact, precision
     # a bf16 GEMM too, where the sparse decode sums fp32 rows: bf16's 2^-8, on the tensor's scale
     def close(a, b, name):
         scale = 1.0 if precision == "fp32" else float(b.abs().max())
-        tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=0, atol=8e-3)
+        tol = TOL[torch.float32] if precision == "fp32" else dict(rtol=0, atol=8e-3)
         torch.testing.assert_close(a / scale, b / scale, **tol, msg=lambda s: f"{name}: {s}")
 
     close(got, want, "recon")

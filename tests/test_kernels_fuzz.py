@@ -24,18 +24,13 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE
 from gsae_kernels import fvu_auxk_loss, sparse_decode, topk_encode
+from tolerances import TOL
 
 SEED = int(os.environ.get("GSAE_FUZZ_SEED", "0"))
 SCALE = int(os.environ.get("GSAE_FUZZ_CASES", "1"))
 CASES = {"torch": 48 * SCALE, "triton": 16 * SCALE}  # the interpreter is slow: fewer, smaller
 LAYOUTS = ("contiguous", "transposed", "sliced", "sliced-transposed")
 GAP = 1e-3
-TOL = {
-    torch.float64: dict(rtol=1e-5, atol=1e-7),  # reference.fvu_auxk_loss sums in fp32
-    torch.float32: dict(rtol=1e-4, atol=1e-5),
-    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
 
 
 # ------------------------------------------------------------------------------------ layouts
