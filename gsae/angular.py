@@ -99,12 +99,12 @@ def build_extension(name: str, arch_flags: tuple[str, ...] = NATIVE_FLAGS) -> No
         owner.unlink(missing_ok=True)
 
 
-def clear_stale_lock(
-    folder: Path, stale_after: float = LOCK_STALE_AFTER, poll: float = 0.2
-) -> None:
+def clear_stale_lock(folder: Path, stale_after: float | None = None, poll: float = 0.2) -> None:
     """Wait while another process builds in ``folder``; remove a lock whose recorded gsae
     builders have all exited; raise :class:`ExtensionLockError`, naming the lock and what to
-    do, for one that no builder known to run holds once it is ``stale_after`` seconds old."""
+    do, for one that no builder known to run holds once it is ``stale_after`` seconds old
+    (None: ``LOCK_STALE_AFTER`` as it is when called, not when this module was loaded)."""
+    stale_after = LOCK_STALE_AFTER if stale_after is None else stale_after
     lock = folder / "lock"
     said = False
     while lock.exists():

@@ -146,6 +146,7 @@ torch.save(torch.ops.gsae.angular_distance_sums(hidden)[0], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_portable_build_without_avx512_matches(ext, tmp_path):
     """Built without -march (x86-64 baseline, or any other CPU), the extension takes its
     portable omp-simd kernel instead of the AVX-512 one; it must agree with the definition."""

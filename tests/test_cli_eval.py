@@ -250,6 +250,7 @@ def _copy(run, dest):
     return dest
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
     """The paper's comparison on the bundled demo, on a tiny budget: --groups auto (Ĝ), 1,
     per-layer and even:2, evaluated together against the per-layer baseline."""

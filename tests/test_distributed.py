@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from gsae.cli.train import main as train_main
 from gsae.train.distributed import plan_owners
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# every test starts torchrun processes (6-17 s each on 2 cores)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 FAST = [

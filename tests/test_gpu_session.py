@@ -76,6 +76,7 @@ def test_the_rehearsal_runs_every_stage_without_datasets(tmp_path):
     assert "| gsae per-layer |" in markdown
 
 
+@pytest.mark.slow
 def test_a_stage_over_its_box_is_stopped_and_the_others_still_run(tmp_path):
     proc, report = run_session(
         tmp_path, "--rehearse", "--only", "encoder,versions", "--box", "encoder=1"

@@ -268,6 +268,7 @@ def run_step(case, p, backend):
 CHECKS = {"encode": run_encode, "decode": run_decode, "loss": run_loss, "step": run_step}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fuzz_against_reference(backend):
     failures = []

@@ -19,6 +19,7 @@ def small_config(**kw):
     return SaeConfig(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_learns_known_directions():
     data = SparseData(seed=1000)  # not the SAE's seed: its init would copy the directions
     sae = Sae(small_config(), layers=[0])
