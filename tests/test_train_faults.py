@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import train_flags
 
 from gsae.cli.train import main as train_main
 from gsae.train import loop, pipeline
@@ -25,30 +26,7 @@ pytestmark = [
 
 # 8 steps of 128 tokens over 3 SAEs (groups [0, 1], [2] and the last layer's own [3]); no
 # distance measurement, so each run takes well under a second on one thread
-SMALL = [
-    "--tokens",
-    "1k",
-    "--scale-tokens",
-    "256",
-    "--batch-tokens",
-    "128",
-    "--ctx-len",
-    "32",
-    "--k",
-    "8",
-    "--expansion-factor",
-    "4",
-    "--dead-threshold",
-    "300",
-    "--groups",
-    "even:2",
-    "--log-every",
-    "2",
-    "--save-every",
-    "1M",
-    "--device",
-    "cpu",
-]
+SMALL = [*train_flags("1k"), "--save-every", "1M", "--device", "cpu"]
 NAMES = ("layers_0-1", "layer_2", "layer_3")
 
 

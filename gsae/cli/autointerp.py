@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_collect_args, collect_config
+from .common import add_collect_args, collect_config, run_data
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,13 +174,7 @@ def main(argv=None) -> int:
                 col = collect(
                     args.run,
                     tokens=tokens,
-                    dataset=args.dataset,
-                    split=args.split,
-                    column=args.column,
-                    ctx_len=args.ctx_len,
-                    batch_tokens=args.batch_tokens,
-                    device=args.device,
-                    model_dtype=args.model_dtype,
+                    **run_data(args),
                     config=settings,
                     progress=bar.update,
                 )

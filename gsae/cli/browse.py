@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_collect_args, add_overwrite_arg, collect_config, failed, stops
+from .common import add_collect_args, add_overwrite_arg, collect_config, failed, run_data, stops
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,13 +67,7 @@ def main(argv=None) -> int:
             col = collect(
                 args.run,
                 tokens=tokens,
-                dataset=args.dataset,
-                split=args.split,
-                column=args.column,
-                ctx_len=args.ctx_len,
-                batch_tokens=args.batch_tokens,
-                device=args.device,
-                model_dtype=args.model_dtype,
+                **run_data(args),
                 baseline=args.baseline,
                 config=config,
                 jaccard_memory=memory,

@@ -78,6 +78,13 @@ def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
     )
 
 
+def run_data(args: argparse.Namespace) -> dict:
+    """The flags of :func:`add_run_data_args` as the library's keyword arguments (``collect``,
+    ``prepare``)."""
+    names = ("dataset", "split", "column", "ctx_len", "batch_tokens", "device", "model_dtype")
+    return {name: getattr(args, name) for name in names}
+
+
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the data flags that were not given."""
     from ..hf.texts import DEFAULT_DATASET

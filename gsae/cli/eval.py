@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_run_data_args, failed, stops
+from .common import add_run_data_args, failed, run_data, stops
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,14 +83,8 @@ def main(argv=None) -> int:
             args.runs,
             baseline=args.baseline,
             tokens=tokens,
-            dataset=args.dataset,
-            split=args.split,
-            column=args.column,
-            ctx_len=args.ctx_len,
-            batch_tokens=args.batch_tokens,
+            **run_data(args),
             model=args.model,
-            device=args.device,
-            model_dtype=args.model_dtype,
             allow_overlap=args.allow_overlap,
             downstream=not args.no_downstream,
             pairs=args.mmco_pairs,

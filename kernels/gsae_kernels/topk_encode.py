@@ -374,10 +374,21 @@ def native_bf16_mm(device: torch.device) -> bool:
     return _OUT_DTYPE_MM[kind]
 
 
-def _pre_acts(a: Tensor, w: Tensor, b: Tensor | None, precision: str, out: Tensor) -> Tensor:
+def _native(w: Tensor, a: Tensor) -> bool:
+    """Whether :func:`_pre_acts` runs the bf16 GEMM with fp32 output (a bf16 copy of the weight
+    for rows that are not bf16), which writes its own output: no buffer to pass it."""
+    return w.dtype == torch.bfloat16 and a.dtype != torch.bfloat16
+
+
+def _gemm_buffer(a: Tensor, w: Tensor, rows: int) -> Tensor | None:
+    """The ``[rows, C]`` output buffer :func:`_pre_acts` fills, reused by every chunk."""
+    return None if _native(w, a) else a.new_empty(rows, w.shape[0])
+
+
+def _pre_acts(a: Tensor, w: Tensor, b: Tensor | None, precision: str, out: Tensor | None) -> Tensor:
     """``a [c, d] @ w[C, d].T + b`` into ``out [>= c, C]`` (fp32) in the precision. ``w`` is a
     bf16 copy when :func:`native_bf16_mm` (then ``a`` is rounded here), else already rounded."""
-    if w.dtype == torch.bfloat16 and a.dtype != torch.bfloat16:
+    if _native(w, a):
         z = torch.mm(a.to(torch.bfloat16), w.t(), out_dtype=torch.float32)  # [c, C]
         return z.add_(b) if b is not None else z
     a = round_operand(a, precision)
@@ -414,8 +425,7 @@ def _aux_select(xc, W_enc, b_enc, dead_mask, k_aux, limit, precision, aux_values
     w = _gemm_weight(W_enc.index_select(0, cand), precision)  # [C, d]
     b = b_enc.index_select(0, cand) if b_enc is not None else None
     step = _chunk_rows(xc.shape[0], cand.shape[0], xc.is_cuda)
-    native = w.dtype == torch.bfloat16 and xc.dtype != torch.bfloat16  # writes its own output
-    buf = None if native else xc.new_empty(step, cand.shape[0])
+    buf = _gemm_buffer(xc, w, step)
     with _matmul_precision(xc.device, precision):
         for s in range(0, xc.shape[0], step):
             z = _pre_acts(xc[s : s + step], w, b, precision, buf)  # [c, C]
@@ -473,8 +483,7 @@ def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, li
     ka = min(k_aux, cand.numel()) if cand is not None else 0
     w = _gemm_weight(W_enc, precision)
     step = _chunk_rows(n, m, xc.is_cuda)
-    native = w.dtype == torch.bfloat16 and xc.dtype != torch.bfloat16  # writes its own output
-    buf = None if native else xc.new_empty(step, m)
+    buf = _gemm_buffer(xc, w, step)
     with _matmul_precision(xc.device, precision):
         for s in range(0, n, step):
             e = min(n, s + step)
