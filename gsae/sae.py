@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from .init import SCALE_MODES, geometry_encoder_scale, init_from_batch
 from .io import atomic_dir, dumps_json, read_json, read_safetensors, recover_dir, save_safetensors
+from .options import option
 
 ENCODER_INITS = ("fit", "geometry", "paper")
 B_DEC_INITS = ("zeros", "mean", "median")
@@ -45,29 +46,50 @@ SPARSIFY_NAMES = {
 }
 
 
-@dataclasses.dataclass
-class SaeConfig:
-    """Hyperparameters of one SAE (defaults: the paper's Table 4, but for the optimiser and the
-    init, gsae's; the paper's are ``gsae.train.RECIPES["paper"]``)."""
+@dataclasses.dataclass(kw_only=True)
+class SaeSettings:
+    """What a run sets for every SAE (all of :class:`SaeConfig` but ``d``, which comes from the
+    model). Defaults: the paper's Table 4, but for the optimiser and the init, gsae's; the
+    paper's are ``gsae.train.RECIPES["paper"]``. The fields made with :func:`option` are
+    gsae-train's flags; the rest are research settings (``--config``, the Python API)."""
 
-    d: int
-    expansion_factor: int = 16
+    expansion_factor: int = option(16, "latents per dimension")
     num_latents: int | None = None  # overrides expansion_factor
-    k: int = 128
-    auxk_alpha: float = 1 / 32
+    k: int = option(128, "active latents")
+    auxk_alpha: float = 1 / 32  # AuxK's weight in the loss
     k_aux: int | None = None  # default d // 2 (capped by the number of dead latents)
-    dead_threshold: int = 10_000_000  # tokens without firing before a latent counts as dead
-    lr: float | None = None  # default BASE_LR[optimizer] / sqrt(m / 2^14)
+    dead_threshold: int = option(
+        10_000_000, "tokens without firing before a latent is dead", count=True
+    )
+    lr: float | None = option(
+        None,
+        "learning rate",
+        shown=", ".join(f"{lr:g} / sqrt(m / 2^14) for {name}" for name, lr in BASE_LR.items()),
+    )
     betas: tuple[float, float] = (0.9, 0.999)  # Adam's
-    # "signum": schedule-free sign-SGD (as sparsify's default, gsae's lr and averaging: see the
-    # README's quality section); "adam": the paper's (--recipe paper)
-    optimizer: str = "signum"
+    # "signum": schedule-free sign-SGD (as sparsify's default, with gsae's lr and averaging:
+    # benchmarks/bench_quality.py); "adam": the paper's (--recipe paper)
+    optimizer: str = option(
+        "signum",
+        "signum is schedule-free sign-SGD, as sparsify's default, with gsae's tuned learning rate "
+        "and averaging (its averaged weights are evaluated and saved); adam is the paper's",
+        choices=OPTIMIZERS,
+    )
     average_power: float = 2.0  # signum: step t weighs t^r in the average (sparsify's: r = 0)
     init_encoder: str = "fit"  # scale of W_enc = c W_dec^T: see Sae; "paper": c = 1
     init_b_dec: str = "mean"  # of the first batch; "median": geometric median; "zeros" (paper)
     scale_mode: str = "mean_sq"  # paper: E||s x||^2 = 1; "mean_norm": E||s x|| = 1 (authors' code)
-    scale_tokens: int = 5_000_000  # tokens used to estimate each layer's scale
+    scale_tokens: int = option(
+        5_000_000, "tokens to estimate each layer's activation scale", count=True
+    )
     seed: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class SaeConfig(SaeSettings):
+    """Hyperparameters of one SAE: its :class:`SaeSettings` and the model's width ``d``."""
+
+    d: int
 
     @property
     def m(self) -> int:
@@ -114,7 +136,8 @@ class SaeConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        return {"d": data.pop("d"), **data}  # d first, as cfg.json has always been written
 
     @classmethod
     def from_dict(cls, data: dict) -> SaeConfig:

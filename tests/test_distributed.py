@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import config_flags
 
 from gsae.cli.train import main as train_main
 from gsae.train.distributed import plan_owners
@@ -50,6 +51,11 @@ ATOL = 1e-5
 
 def args(model, corpus, out, *extra):
     return ["--model", str(model), "--dataset", str(corpus), "--out", str(out), *FAST, *extra]
+
+
+def replicas_checked(folder) -> list[str]:
+    """The flags of a run that compares every copy of each SAE at each log step."""
+    return config_flags(folder, check_replicas=True)
 
 
 def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
@@ -116,7 +122,9 @@ def test_two_processes_train_the_saes_of_one(
     placement, reference, tiny_model_dir, tiny_corpus, tmp_path
 ):
     out = tmp_path / "run"
-    extra = ["--check-replicas"] + (["--distribute-saes"] if placement != "replicated" else [])
+    extra = replicas_checked(tmp_path) + (
+        ["--distribute-saes"] if placement != "replicated" else []
+    )
     ok(torchrun(args(tiny_model_dir, tiny_corpus, out, *extra)))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["data_shards"] == 2
@@ -147,13 +155,14 @@ def test_fewer_saes_than_processes_split_each_batch(
     """One SAE for every layer on 2 processes: both own it, each trains on half the rows (with
     --layers-per-token all: half of every layer's rows)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = ["--groups", "1", "--include-last", "--layers-per-token", per_token]
-    assert train_main(args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra)) == 0
-    ok(
-        torchrun(
-            args(tiny_model_dir, tiny_corpus, two, *extra, "--distribute-saes", "--check-replicas")
-        )
+    extra = ["--groups", "1", "--include-last"]
+    alone = config_flags(tmp_path, layers_per_token=per_token)
+    checked = config_flags(tmp_path, layers_per_token=per_token, check_replicas=True)
+    assert (
+        train_main(args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra, *alone))
+        == 0
     )
+    ok(torchrun(args(tiny_model_dir, tiny_corpus, two, *extra, *checked, "--distribute-saes")))
     assert json.loads((two / "summary.json").read_text())["owners"] == {"layers_0-3": [0, 1]}
     assert_same_saes(one, two)
 
@@ -226,7 +235,7 @@ def test_replicas_that_differ_are_caught(tiny_model_dir, tiny_corpus, tmp_path):
     """--check-replicas compares every copy at each log step: a copy changed on one process
     stops the run, naming the SAE."""
     result = torchrun(
-        args(tiny_model_dir, tiny_corpus, tmp_path / "run", "--check-replicas"),
+        args(tiny_model_dir, tiny_corpus, tmp_path / "run", *replicas_checked(tmp_path)),
         env={"GSAE_TEST_FAULT": "1:1:perturb"},
     )
     assert result.returncode != 0

@@ -2,6 +2,7 @@
 cannot run on a test machine (offline, CPU only)."""
 
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -81,7 +82,9 @@ def test_links_between_the_pages_resolve():
 # The bash examples, by how their first line starts: the test that runs them, or why none can.
 FIRST_HOUR = "tests/test_readme.py::test_the_first_hour_flows"
 COMPARISON = "test_the_papers_comparison_on_the_demo"
+CONFIG = "test_the_config_example_sets_what_no_flag_does"
 RUN = {
+    'echo \'{"init_encoder": "paper"': CONFIG,
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . &&": FIRST_HOUR,
     "gsae-eval out/demo --out out/demo-eval": FIRST_HOUR,
     'common="--model demo --dataset demo': COMPARISON,
@@ -194,3 +197,19 @@ def test_the_papers_comparison_on_the_demo(tmp_path, monkeypatch, offline, one_t
     assert (tmp_path / "browse-auto/index.html").stat().st_size > 0
     exported = sorted(p.parent.name for p in (tmp_path / "runs/auto-sparsify").glob("*/cfg.json"))
     assert exported == [f"layers.{layer}" for layer in range(6)]
+
+
+@pytest.mark.slow
+def test_the_config_example_sets_what_no_flag_does(tmp_path, offline):
+    """docs/training.md's --config example in bash with the installed gsae-train (a smaller
+    budget): the run's settings hold the file's research settings."""
+    script = bash_block(next(k for k in RUN if RUN[k] == CONFIG))
+    script = script.replace("--tokens 20k", "--tokens 2k --grouping-tokens 2k --scale-tokens 2k")
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = json.loads((tmp_path / "out/research/run.json").read_text())["settings"]
+    assert settings["sae"]["init_encoder"] == "paper" and settings["layers_per_token"] == "all"

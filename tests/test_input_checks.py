@@ -202,7 +202,7 @@ def test_the_demos_repeat_is_for_the_demo_corpus_only(tmp_path):
     own.write_text("one line of my own\n")
     p = train_cli.parser()
     mine = train_cli.settings_from_args(p.parse_args(["--model", "demo", "--dataset", str(own)]))
-    assert mine.repeat is False and mine.sae["k"] == 32  # the demo model's defaults still apply
+    assert mine.repeat is False and mine.sae.k == 32  # the demo model's defaults still apply
     demo = train_cli.settings_from_args(p.parse_args(["--model", "demo", "--dataset", "demo"]))
     assert demo.repeat is True
 

@@ -6,10 +6,18 @@ import math
 
 import pytest
 import torch
+from tiny import config_flags
 
-from gsae.cli.train import main, parser, resumed_settings, setting_flags, settings_from_args
+from gsae.cli.train import (
+    NOT_SETTINGS,
+    main,
+    parser,
+    resumed_settings,
+    setting_flags,
+    settings_from_args,
+)
 from gsae.run import RunFolder
-from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig
+from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeSettings
 from gsae.synthetic import SparseFeatures
 from gsae.train.step import SaeTrainer
 
@@ -80,40 +88,106 @@ def test_the_defaults_are_not_the_paper_recipe(one_thread):
     assert fvu < 0.5 * PAPER_FVU, fvu
 
 
-def test_flags_override_the_recipe():
+def test_flags_override_the_config_file_which_overrides_the_recipe(tmp_path):
+    config = config_flags(tmp_path, init_encoder="fit", optimizer="signum", k=16)
     s = settings_from_args(
-        parser().parse_args([*FLAGS, "--recipe", "paper", "--init", "fit", "--model-dtype", "bf16"])
+        parser().parse_args(
+            [*FLAGS, "--recipe", "paper", *config, "--k", "8", "--model-dtype", "bf16"]
+        )
     )
     cfg = s.sae_config(32)
-    assert (cfg.init_encoder, cfg.init_b_dec, cfg.optimizer) == ("fit", "zeros", "adam")
-    assert s.model_dtype == "bf16" and s.recipe == "paper"
+    assert (cfg.init_encoder, cfg.init_b_dec, cfg.optimizer) == ("fit", "zeros", "signum")
+    assert cfg.k == 8 and s.model_dtype == "bf16" and s.recipe == "paper"
 
 
 def test_resume_refuses_another_recipe_by_name(tmp_path):
     RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
     with pytest.raises(ValueError, match="--recipe"):
         resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "paper"]))
-    with pytest.raises(ValueError, match="--average-power"):
-        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--average-power", "0"]))
+    with pytest.raises(ValueError, match="--optimizer"):
+        resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--optimizer", "adam"]))
     same = resumed_settings(parser().parse_args(["--resume", str(tmp_path), "--recipe", "default"]))
     assert same.recipe == "default"
 
 
-def test_resume_refusal_names_the_flag_as_typed(tmp_path, capsys):
-    """--init is stored as init_encoder: the refusal names --init, the flag that exists."""
+def test_resume_refusal_names_the_flag_of_an_sae_setting(tmp_path, capsys):
+    """scale_tokens is stored in the run's SaeSettings: the refusal names its flag."""
     RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
-    assert main(["--resume", str(tmp_path), "--init", "paper"]) == 2
+    assert main(["--resume", str(tmp_path), "--scale-tokens", "1k"]) == 2
     err = capsys.readouterr().err
-    assert "these cannot change: --init (the run has 'fit')" in err and "--init-" not in err
+    assert "these cannot change: --scale-tokens (the run has 20000)" in err
 
 
-def test_every_stored_setting_maps_to_a_flag_of_the_parser():
-    stored = settings_from_args(parser().parse_args(FLAGS)).flags()
-    flags = setting_flags(parser())
-    options = {o for a in parser()._actions for o in a.option_strings}
-    assert set(stored) <= set(flags), set(stored) - set(flags)
-    assert all(flags[k] in options for k in stored)
-    assert flags["init_encoder"] == "--init" and flags["ctx_len"] == "--ctx-len"
+def test_resume_refuses_a_config_file(tmp_path, capsys):
+    RunFolder(tmp_path).write_settings(settings_from_args(parser().parse_args(FLAGS)).to_json())
+    config = config_flags(tmp_path, log_every=5)
+    assert main(["--resume", str(tmp_path), *config]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_every_setting_is_a_flag_or_a_config_entry(tmp_path):
+    """Each stored setting either has a flag, generated from its field, whose default the
+    help shows, or is a research setting that --config sets (and only --config)."""
+    p = parser()
+    stored = settings_from_args(p.parse_args(FLAGS)).flags()
+    flags = set(setting_flags(p)) - {*NOT_SETTINGS, "help"}
+    research = {
+        "init_encoder": "paper",
+        "init_b_dec": "zeros",
+        "average_power": 0.5,
+        "scale_mode": "mean_norm",
+        "k_aux": 7,
+        "auxk_alpha": 0.25,
+        "layers_per_token": "all",
+        "check_replicas": True,
+        "num_latents": 96,
+        "betas": [0.8, 0.99],
+    }
+    assert set(stored) == set(flags) | set(research)
+    assert not set(flags) & set(research)
+    s = settings_from_args(p.parse_args([*FLAGS, *config_flags(tmp_path, **research)]))
+    got = s.flags()
+    assert {k: got[k] for k in research} == {**research, "betas": (0.8, 0.99)}
+    help_text = " ".join(p.format_help().split())
+    assert f"active latents (default: {SaeSettings.k})" in help_text
+    assert "token budget per SAE (default: 1B)" in help_text  # RunSettings.tokens, 10^9
+
+
+@pytest.mark.parametrize("flag", ["--init", "--average-power", "--layers-per-token"])
+def test_a_former_flag_says_where_its_setting_went(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parser().parse_args([*FLAGS, flag, "x"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{flag} is no longer a flag: set" in err and "--config" in err
+
+
+def test_a_run_json_is_a_config_for_the_same_run(tmp_path):
+    s = settings_from_args(
+        parser().parse_args([*FLAGS, "--k", "8", *config_flags(tmp_path, init_b_dec="median")])
+    )
+    RunFolder(tmp_path / "run").write_settings(s.to_json(), {"other": 1})
+    again = settings_from_args(
+        parser().parse_args(["--config", str(tmp_path / "run" / "run.json")])
+    )
+    assert again == s
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ('{"init_encodr": "fit"}', "unknown settings init_encodr"),
+        ("[1, 2]", "not a JSON object of settings"),
+        ("{oops", "cannot be read"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_before_any_work(text, says, tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert main([*FLAGS, "--out", str(out), "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and not out.exists()
 
 
 def test_a_signum_config_saved_before_average_power_loads_as_it_was():

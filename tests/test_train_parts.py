@@ -271,12 +271,13 @@ def test_each_layer_set_gets_its_own_init_seed():
 def test_demo_defaults_all_take_effect():
     """`gsae-train --model demo --dataset demo` (the README's main command) must get every demo
     default: without --repeat the 482k-token corpus runs out before the 1M-token budget."""
-    from gsae.cli.train import DEMO_DEFAULTS, parser, settings_from_args
+    from gsae.cli.train import parser, settings_from_args
+    from gsae.train.settings import DEMO_SETTINGS
 
     s = settings_from_args(parser().parse_args(["--model", "demo", "--dataset", "demo"]))
     assert s.repeat is True and s.tokens == 1_000_000 and s.ctx_len == 128
     flags = s.flags()
-    for key in DEMO_DEFAULTS:
-        assert key in flags, key
+    for key, value in DEMO_SETTINGS.items():
+        assert flags[key] == value, key
     assert flags["k"] == 32 and s.batch_tokens == 2048
     assert settings_from_args(parser().parse_args(["--model", "pythia-70m"])).repeat is False

@@ -7,6 +7,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import config_flags
 
 from gsae.cli.train import main as train_main
 from gsae.run import RunFolder
@@ -279,8 +280,7 @@ def test_dead_latents_count_tokens_with_layers_per_token_all(
     not after that many activations (a quarter of them)."""
     out = tmp_path / "all"
     argv = base(tiny_model_dir, tiny_corpus, out) + [
-        "--layers-per-token",
-        "all",
+        *config_flags(tmp_path, layers_per_token="all"),
         "--groups",
         "even:1",
         "--include-last",

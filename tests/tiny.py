@@ -135,3 +135,13 @@ def train_flags(tokens: str) -> list[str]:
         "--log-every",
         "2",
     ]
+
+
+def config_flags(folder: Path, **settings) -> list[str]:
+    """``--config FILE`` for gsae-train's research settings (those without a flag), written
+    as a JSON file in ``folder``."""
+    import json
+
+    path = Path(folder) / f"config-{len(list(Path(folder).glob('config-*.json')))}.json"
+    path.write_text(json.dumps(settings))
+    return ["--config", str(path)]

@@ -7,47 +7,55 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "pythia-160m"
+# the run settings that say which model reads which text: flags of gsae-train and gsae-groups
+DATA_SETTINGS = (
+    "model",
+    "dataset",
+    "split",
+    "column",
+    "ctx_len",
+    "repeat",
+    "device",
+    "model_dtype",
+)
+
+
+def add_options(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None) -> None:
+    """A flag for each :func:`gsae.options.option` field of the dataclass ``cls`` (those named
+    in ``only``), stored under the field's name with None as its default, so that the flags
+    given are known; the field's default is the one the help shows."""
+    from ..options import count_text, flag_name, options
+
+    for f, meta in options(cls):
+        if only is not None and f.name not in only:
+            continue
+        kwargs = dict(dest=f.name, default=None, help=meta["help"])
+        if isinstance(f.default, bool):
+            negatable = meta["negatable"]
+            kwargs["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
+        else:
+            kwargs["type"] = _flag_type(f, meta)
+            kwargs["choices"] = meta["choices"]
+            shown = meta["shown"] or (count_text(f.default) if meta["count"] else f.default)
+            if shown is not None:
+                kwargs["help"] += f" (default: {shown})"
+        p.add_argument(flag_name(f), **kwargs)
+
+
+def _flag_type(f, meta):
+    """How a flag's text is read: the field's type (``int | None``: int), but counts (``1M``)
+    and ``int | str`` (``--save-every 15m``) stay text, read with the run's settings."""
+    kinds = [t.strip() for t in str(f.type).split("|")]
+    if meta["count"] or "str" in kinds:
+        return str
+    return {"int": int, "float": float}[kinds[0]]
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """--model, --dataset, --split, --column, --ctx-len, --repeat, --device, --model-dtype."""
-    from ..hf.models import DEFAULT_CTX_LEN  # torch: not for the light commands
-    from ..hf.texts import DEFAULT_DATASET
+    from ..train.settings import RunSettings  # torch: not for the light commands
 
-    p.add_argument(
-        "--model",
-        default=None,
-        help=f"local directory, hub id, pythia-<size> or 'demo' (default: {DEFAULT_MODEL})",
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="hub dataset id (streamed), local .txt/.jsonl/.parquet[.gz], saved "
-        f"datasets dir, or 'demo' (default: {DEFAULT_DATASET})",
-    )
-    p.add_argument("--split", default=None, help="(default: train)")
-    p.add_argument("--column", default=None, help="text column of the dataset (default: text)")
-    p.add_argument(
-        "--ctx-len",
-        type=int,
-        default=None,
-        help=f"tokens per sequence (default: {DEFAULT_CTX_LEN}, or the model's "
-        "position limit if lower)",
-    )
-    p.add_argument(
-        "--repeat",
-        action="store_true",
-        default=None,
-        help="cycle over a finite dataset instead of stopping at its end",
-    )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
-    p.add_argument(
-        "--model-dtype",
-        default=None,
-        choices=["bf16", "fp16", "fp32"],
-        help="dtype of the model forward (default: bf16 on a GPU, fp32 on a CPU)",
-    )
+    add_options(p, RunSettings, DATA_SETTINGS)
 
 
 def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
@@ -86,20 +94,12 @@ def run_data(args: argparse.Namespace) -> dict:
 
 
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the data flags that were not given."""
-    from ..hf.texts import DEFAULT_DATASET
+    """Fill the data flags that were not given with the run settings' defaults."""
+    from ..train.settings import RunSettings
 
-    defaults = {
-        "model": DEFAULT_MODEL,
-        "dataset": DEFAULT_DATASET,
-        "split": "train",
-        "column": "text",
-        "repeat": False,
-        "device": "auto",
-    }
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    for key in DATA_SETTINGS:
+        if getattr(args, key, None) is None and key in RunSettings.__dataclass_fields__:
+            setattr(args, key, RunSettings.__dataclass_fields__[key].default)
     return args
 
 

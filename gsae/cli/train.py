@@ -22,9 +22,8 @@ from ..hf.models import ModelLoadError
 from ..hf.texts import DatasetLoadError
 from ..progress import set_progress
 from ..run import DAMAGED_CHECKPOINT
-from ..sae import B_DEC_INITS, BASE_LR, ENCODER_INITS, OPTIMIZERS, SaeConfig
+from ..sae import SaeSettings
 from ..train import (
-    RECIPES,
     RESUMABLE,
     CheckpointError,
     DataExhausted,
@@ -35,151 +34,44 @@ from ..train import (
 )
 from ..train.distributed import CollectiveError, PeerFailed, init_world
 from ..train.groups import group_name
-from ..train.settings import parse_save_every
-from ..train.step import SAE_PRECISIONS
-from ..units import parse_count
-from .common import add_data_args, data_defaults
+from ..train.settings import resolve_settings
+from .common import add_options
 
-# the paper's settings; the bundled demo model is tiny and gets its own unless set by flag
-DEFAULTS = {
-    "tokens": "1B",
-    "grouping_tokens": "10M",
-    "scale_tokens": "5M",
-    "batch_tokens": 32768,
-    "k": 128,
-    "dead_threshold": "10M",
-    "save_every": RunSettings.save_every,
-    "repeat": False,
-    "groups": "auto",
-    "threshold": gp.DEFAULT_THRESHOLD,
-    "layers_per_token": "one",
-    "expansion_factor": 16,
-    "auxk_alpha": 1 / 32,
-    "scale_mode": "mean_sq",
-    "recipe": "default",
-    "optimizer": SaeConfig.optimizer,
-    "average_power": SaeConfig.average_power,
-    "sae_precision": "auto",
-    "init_encoder": SaeConfig.init_encoder,
-    "init_b_dec": SaeConfig.init_b_dec,
-    "log_every": 20,
-    "seed": 0,
-    "include_last": False,
-    "wandb": False,
-    "tensorboard": False,
-    "distribute_saes": False,
-    "dist_timeout": 600.0,
-    "check_replicas": False,
+# flags of earlier versions whose settings are now research settings, set in a --config file
+FORMER_FLAGS = {
+    "--init": "init_encoder",
+    "--init-b-dec": "init_b_dec",
+    "--average-power": "average_power",
+    "--scale-mode": "scale_mode",
+    "--k-aux": "k_aux",
+    "--auxk-alpha": "auxk_alpha",
+    "--layers-per-token": "layers_per_token",
+    "--check-replicas": "check_replicas",
 }
-DEMO_DEFAULTS = {
-    "tokens": "1M",
-    "grouping_tokens": "50k",
-    "scale_tokens": "20k",
-    "batch_tokens": 2048,
-    "ctx_len": 128,
-    "k": 32,
-    "dead_threshold": "100k",
-    "save_every": "100k",
-}
-# the demo corpus's own: its train part (the held-out part is gsae-eval's) is smaller than the
-# demo model's 1M-token budget; another dataset read by the demo model stops at its end
-DEMO_DATA_DEFAULTS = {"repeat": True}
-COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold")
-NOT_SETTINGS = ("out", "resume", "overwrite", "previous_checkpoint")
+NOT_SETTINGS = ("out", "resume", "overwrite", "previous_checkpoint", "config")
 
 
 def parser() -> argparse.ArgumentParser:
-    """Every default is None here and filled by :func:`settings_from_args`, so that the flags
-    given on the command line are known (``--resume`` accepts only some)."""
+    """The flags are the :func:`gsae.options.option` fields of RunSettings and SaeSettings,
+    each None unless given, so that the flags given are known (``--resume`` accepts only
+    some); :func:`settings_from_args` fills in the rest."""
     p = argparse.ArgumentParser(
         prog="gsae-train",
         description="Train Group-SAEs: one TopK SAE per group of similar layers, all from one "
         "model forward per batch. `gsae-train --model demo --dataset demo --out OUT` runs the "
         "whole pipeline offline on the bundled demo model.",
     )
-    add_data_args(p)
+    add_options(p, RunSettings)
+    add_options(p, SaeSettings)
     add = p.add_argument
     add("--out", help="output directory")
-    add("--groups", help="auto (AMAD < threshold), N, per-layer or even:N (default: auto)")
-    add("--groups-file", help="a groups.json from gsae-groups (with --groups N: its partition N)")
     add(
-        "--threshold", type=float, help=f"AMAD threshold for auto (default: {gp.DEFAULT_THRESHOLD})"
+        "--config",
+        metavar="JSON",
+        help="settings by name, as a run's run.json holds them (its whole file will do): the "
+        "research settings that have no flag (init_encoder, k_aux, layers_per_token, ...: see "
+        "docs/training.md); flags given override it",
     )
-    add(
-        "--include-last",
-        action="store_true",
-        default=None,
-        help="group the last layer too (by default it gets its own SAE)",
-    )
-    add("--tokens", help="token budget per SAE (default: 1B)")
-    add("--grouping-tokens", help="tokens for --groups auto or N (default: 10M)")
-    add("--scale-tokens", help="tokens to estimate the activation scales (default: 5M)")
-    add("--batch-tokens", type=int, help="tokens per step (default: 32768)")
-    add(
-        "--layers-per-token",
-        choices=["one", "all"],
-        help="each SAE sees one random layer of its group per token (paper), or all",
-    )
-    add("--expansion-factor", type=int, help="latents per dimension (default: 16)")
-    add("--k", type=int, help="active latents (default: 128)")
-    add("--k-aux", type=int, help="AuxK latents (default: d/2)")
-    add("--auxk-alpha", type=float, help="AuxK weight (default: 1/32)")
-    add("--dead-threshold", help="tokens without firing before a latent is dead (default: 10M)")
-    add(
-        "--lr",
-        type=float,
-        help="default "
-        + ", ".join(f"{lr:g} / sqrt(m / 2^14) for {name}" for name, lr in BASE_LR.items()),
-    )
-    add(
-        "--recipe",
-        choices=list(RECIPES),
-        help="default: gsae's tuned optimiser and init; paper: the paper's Table 1 setting "
-        "(Adam at 2e-4 / sqrt(m / 2^14), --init paper, --init-b-dec zeros, --model-dtype fp32). "
-        "Flags given override the recipe's values",
-    )
-    add(
-        "--optimizer",
-        choices=OPTIMIZERS,
-        help=f"{SaeConfig.optimizer} (default) or adam (the paper's); signum is schedule-free "
-        "sign-SGD, as sparsify's default, with gsae's tuned learning rate and averaging (its "
-        "averaged weights are evaluated and saved)",
-    )
-    add(
-        "--average-power",
-        type=float,
-        help="signum: step t weighs t^r in the averaged weights (default: "
-        f"{SaeConfig.average_power}; 0 is the plain mean, sparsify's)",
-    )
-    add(
-        "--sae-precision",
-        choices=SAE_PRECISIONS,
-        help="the SAE encoder's matmul: auto (default: bf16 on a GPU, fp32 on a CPU), bf16 or "
-        "tf32 (tensor cores, fp32 sums; weights and optimiser state stay fp32) or fp32 (the "
-        "paper's)",
-    )
-    add(
-        "--init",
-        dest="init_encoder",
-        choices=ENCODER_INITS,
-        help="encoder scale at init: fit (to the first batch, default), geometry (predicted "
-        "from k, m and d) or paper (W_enc = W_dec^T)",
-    )
-    add(
-        "--init-b-dec",
-        choices=B_DEC_INITS,
-        help="b_dec at init: mean (of the first batch, default), median (geometric) or zeros "
-        "(the paper's)",
-    )
-    add("--scale-mode", choices=["mean_sq", "mean_norm", "none"], help="(default: mean_sq)")
-    add(
-        "--save-every",
-        help="checkpoint interval: a time (30s, 15m, 1h; lowercase m is minutes) or tokens "
-        f"(100M, 500k) (default: {RunSettings.save_every}: an exception or a kill loses at most "
-        "that much work)",
-    )
-    add("--log-every", type=int, help="steps between log lines (default: 20)")
-    add("--seed", type=int, help="(default: 0)")
     resume = add("--resume", metavar="OUT")
     add(
         "--previous-checkpoint",
@@ -193,83 +85,40 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="remove the run in --out first, then start a new one",
     )
-    add(
-        "--distribute-saes",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="with several processes (torchrun): each process trains whole group SAEs and "
-        "receives the activations they need (default: every SAE on every process; a resumed "
-        "run may switch)",
-    )
-    add(
-        "--data-shards",
-        type=int,
-        help="split the text into this many shards, a part of every step's batch each (default: "
-        "the number of processes; fixed for the run: it decides the batches)",
-    )
-    add(
-        "--dist-timeout",
-        type=float,
-        help="seconds a process waits for the others in a collective before the job stops "
-        "(default: 600)",
-    )
-    add(
-        "--check-replicas",
-        action="store_true",
-        default=None,
-        help="at each log step, check that every copy of each SAE is identical (debugging)",
-    )
-    add("--wandb", action="store_true", default=None, help="log to Weights & Biases if installed")
-    add("--tensorboard", action="store_true", default=None, help="log to TensorBoard if installed")
+    for flag, name in FORMER_FLAGS.items():
+        add(flag, action=_Moved, nargs="?", help=argparse.SUPPRESS, dest=f"_former_{name}")
     flags = setting_flags(p)
-    resume.help = (
-        f"continue the run in OUT; it may take {', '.join(flags[k] for k in RESUMABLE)} (the "
-        "rest is the run's own)"
-    )
+    resumable = ", ".join(flags[k] for k in RESUMABLE if k in flags)
+    resume.help = f"continue the run in OUT; it may take {resumable} (the rest is the run's own)"
     return p
 
 
+class _Moved(argparse.Action):
+    """A flag of an earlier version: one line naming where its setting went."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = self.dest.removeprefix("_former_")
+        parser.error(f"{option_string} is no longer a flag: set {name} in a --config file")
+
+
 def setting_flags(p: argparse.ArgumentParser) -> dict[str, str]:
-    """Each flag by the name its value is stored under in the run's settings: the parser is
-    the one source (``init_encoder`` is ``--init``)."""
-    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
-
-
-def sae_fields(args: argparse.Namespace) -> dict:
-    """The SaeConfig fields set by flags (d comes from the model): one line per field."""
-    return dict(
-        expansion_factor=args.expansion_factor,
-        k=args.k,
-        k_aux=args.k_aux,
-        auxk_alpha=args.auxk_alpha,
-        dead_threshold=args.dead_threshold,
-        lr=args.lr,
-        scale_mode=args.scale_mode,
-        scale_tokens=args.scale_tokens,
-        seed=args.seed,
-        optimizer=args.optimizer,
-        average_power=args.average_power,
-        init_encoder=args.init_encoder,
-        init_b_dec=args.init_b_dec,
-    )
+    """Each flag by the name its value is stored under in the run's settings."""
+    return {
+        a.dest: a.option_strings[0]
+        for a in p._actions
+        if a.option_strings and not a.dest.startswith("_former_")
+    }
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    """The run's settings: the flags given, then the demo's or the paper's defaults."""
-    args = argparse.Namespace(**vars(args))
-    recipe = RECIPES[args.recipe or DEFAULTS["recipe"]]
-    defaults = {**DEFAULTS, **(DEMO_DEFAULTS if args.model == "demo" else {})}
-    defaults.update(DEMO_DATA_DEFAULTS if args.dataset == "demo" else {})
-    defaults.update(recipe)  # the recipe's values win over the defaults, the flags over both
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    data_defaults(args)  # after the run's own: the demo's --repeat must not be reset
-    for key in COUNTS:
-        setattr(args, key, parse_count(getattr(args, key)))
-    args.save_every = parse_save_every(args.save_every)
-    run_fields = set(RunSettings.__dataclass_fields__) - {"sae"}
-    return RunSettings(**{k: getattr(args, k) for k in run_fields}, sae=sae_fields(args)).check()
+    """The run's settings: the flags given, then the --config file's, the recipe's, and the
+    demo's or the paper's defaults."""
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in NOT_SETTINGS and not k.startswith("_former_")
+    }
+    return resolve_settings(given, getattr(args, "config", None))
 
 
 def resumed_settings(args: argparse.Namespace) -> RunSettings:
@@ -277,6 +126,8 @@ def resumed_settings(args: argparse.Namespace) -> RunSettings:
     a different value is refused, naming it."""
     if args.out and Path(args.out) != Path(args.resume):
         raise ValueError(f"--out {args.out} and --resume {args.resume}: give only --resume")
+    if args.config:
+        raise ValueError(f"--config {args.config} and --resume: a resumed run keeps its settings")
     saved = RunSettings.read(args.resume)
     given = {k for k, v in vars(args).items() if v is not None and k not in NOT_SETTINGS}
     asked = settings_from_args(args).flags()

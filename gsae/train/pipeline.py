@@ -301,12 +301,12 @@ class TrainingRun:
         needed = sorted({layer for g in self.groups for layer in g})
         scales = w.checked(self.dir.read_scales) if self.resume else None
         if scales is None or sorted(scales) != needed:
-            if s.scale_mode == "none":  # nothing to measure: skip the pass over the data
+            if s.sae.scale_mode == "none":  # nothing to measure: skip the pass over the data
                 scales = dict.fromkeys(needed, 1.0)
             else:
                 scales = w.checked(self._measure_scales, needed)
             if w.is_main:
-                w.checked(self.dir.write_scales, scales, s.scale_mode, s.scale_tokens)
+                w.checked(self.dir.write_scales, scales, s.sae.scale_mode, s.sae.scale_tokens)
             else:
                 w.agree()
         self.scales = scales
@@ -315,16 +315,16 @@ class TrainingRun:
     def _measure_scales(self, needed: list[int]) -> dict[int, float]:
         s = self.settings
         if self.layout.strict:
-            tokens, merge = self._pass_tokens(s.scale_tokens), self._merge_sums
-            source = self._pass_batches(needed, s.scale_tokens)
+            tokens, merge = self._pass_tokens(s.sae.scale_tokens), self._merge_sums
+            source = self._pass_batches(needed, s.sae.scale_tokens)
         else:
-            tokens, merge = s.scale_tokens, None
+            tokens, merge = s.sae.scale_tokens, None
             source = hidden_states(
                 self.loaded, needed, self.texts, self.ctx.tokens, s.batch_size, s.repeat
             )
         label = "scales" if merge is None else "scales, own shards"  # tokens: this process's
         with source as batches, progress_bar(tokens, label) as bar:
-            values = activation_scales(_counted(batches, bar), tokens, s.scale_mode, merge)
+            values = activation_scales(_counted(batches, bar), tokens, s.sae.scale_mode, merge)
         return dict(zip(needed, values, strict=True))
 
     # ---- 4. training and outputs
