@@ -30,6 +30,7 @@ import torch
 from .angular import angular_distance_sums
 from .io import write_json
 from .progress import progress_bar
+from .sae import SaeSettings
 
 DEFAULT_THRESHOLD = 0.2
 
@@ -485,8 +486,8 @@ def measure_model(
     center: bool = False,
     cluster_space: str = "precomputed",
     threshold: float = DEFAULT_THRESHOLD,
-    expansion_factor: int = 16,
-    k: int = 128,
+    expansion_factor: int = SaeSettings.expansion_factor,
+    k: int = SaeSettings.k,
     batches=None,
     merge=None,
 ) -> Grouping:

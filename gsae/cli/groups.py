@@ -14,6 +14,7 @@ from .. import plots
 from ..hf.models import ModelLoadError, context_length, load_model
 from ..hf.texts import DatasetLoadError, open_texts
 from ..outdir import claim, write_marker
+from ..sae import SaeSettings
 from ..units import parse_count
 from .common import add_data_args, data_defaults
 
@@ -41,18 +42,17 @@ def parser() -> argparse.ArgumentParser:
         help="group the last layer too (by default it gets its own SAE)",
     )
     p.add_argument(
-        "--center",
-        action="store_true",
-        help="subtract each layer's running mean first (the authors' code)",
+        "--expansion-factor",
+        type=int,
+        default=SaeSettings.expansion_factor,
+        help="for the SAE cost estimate (default: %(default)s)",
     )
     p.add_argument(
-        "--cluster-space",
-        choices=["precomputed", "rows"],
-        default="precomputed",
-        help="'rows': Euclidean linkage on the matrix rows, as the authors' code",
+        "--k",
+        type=int,
+        default=SaeSettings.k,
+        help="for the SAE cost estimate (default: %(default)s)",
     )
-    p.add_argument("--expansion-factor", type=int, default=16, help="for the SAE cost estimate")
-    p.add_argument("--k", type=int, default=128, help="for the SAE cost estimate")
     p.add_argument(
         "--from-matrix",
         default=None,
@@ -112,7 +112,6 @@ def main(argv=None) -> int:
                 gp.read_matrix(args.from_matrix),
                 model=args.model or "",
                 threshold=args.threshold,
-                cluster_space=args.cluster_space,
                 extra={"source": str(args.from_matrix)},
             )
         else:
@@ -133,8 +132,6 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size,
                 repeat=args.repeat,
                 include_last=args.include_last,
-                center=args.center,
-                cluster_space=args.cluster_space,
                 threshold=args.threshold,
                 expansion_factor=args.expansion_factor,
                 k=args.k,
