@@ -25,3 +25,20 @@ def progress_bar(total: int, desc: str, unit: str = "tok"):
         # work (its bar open, still at 0) prints its one-line error and nothing else
         delay=0.1,
     )
+
+
+class StageBars:
+    """One bar per stage of a pipeline that reports ``(stage, done, total)``, opened at its
+    first report (the requests of gsae-autointerp's explain and score stages)."""
+
+    def __init__(self, unit: str = "req"):
+        self.unit, self.bars = unit, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.bars:
+            self.bars[stage] = progress_bar(total, stage, self.unit)
+        self.bars[stage].update(done - self.bars[stage].n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

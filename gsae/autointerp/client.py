@@ -238,6 +238,21 @@ class ChatClient:
         return self.backoff * 2 ** (attempt - 1)
 
 
+def clients(
+    endpoint: str,
+    model: str,
+    *,
+    scorer_endpoint: str | None = None,
+    scorer_model: str | None = None,
+    **options,
+) -> tuple[ChatClient, ChatClient]:
+    """The explainer's and the scorer's clients; the scorer is the explainer's model at its
+    endpoint unless named. ``options``: :class:`ChatClient`'s (api_key, rate, cache, ...)."""
+    explainer = ChatClient(endpoint, model, **options)
+    scorer = ChatClient(scorer_endpoint or endpoint, scorer_model or model, **options)
+    return explainer, scorer
+
+
 def _retry_after(err: urllib.error.HTTPError) -> str:
     value = err.headers.get("Retry-After") if err.headers else None
     try:

@@ -383,3 +383,37 @@ def load_collection(run_dir: str | Path, collection: str | Path) -> Collection:
             f"{Path(run_dir).resolve()}"
         )
     return col
+
+
+def collection_for(
+    run_dir: Path,
+    out: Path,
+    *,
+    collection: str | Path | None,
+    settings: dict,
+    tokens: int,
+    data: dict,
+    config,
+    progress=None,
+) -> tuple[Collection, str]:
+    """The collection to score, and how it was had: ``collection`` (a gsae-browse output of
+    this run) as given; the one an earlier run of the same ``settings`` left in ``out`` (a
+    rerun scores the same examples); or streamed now (``data``: the run-data keyword
+    arguments of :func:`~gsae.browse.collect.collect`) and saved in ``out/collection``, after
+    the marker that records its ``settings``."""
+    from ..browse.collect import collect
+    from ..outdir import MARKER, write_marker
+
+    if collection:
+        col, how = load_collection(run_dir, collection), f"the collection in {collection}"
+    elif (out / "collection" / "collection.json").exists():
+        col = load_collection(run_dir, out / "collection")
+        how = f"reusing the collection in {out / 'collection'} ({col.meta['tokens']:,} tokens)"
+    else:
+        col = collect(run_dir, tokens=tokens, **data, config=config, progress=progress)
+        write_marker(out, "gsae-autointerp", settings)  # first: what it is collected with
+        col.save(out / "collection")
+        how = f"collected {tokens:,} tokens into {out / 'collection'}"
+    if not (out / MARKER).exists():
+        write_marker(out, "gsae-autointerp")
+    return col, how

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import add_collect_args, collect_config, run_data
+from .common import add_collect_args, collect_config, run_data, stops
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,19 +120,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..autointerp import AnswerCache, AutoInterpConfig, ChatClient, EndpointError
-    from ..autointerp.score import load_collection, run_autointerp, write_results
-    from ..browse.collect import Collection, collect
+    from ..autointerp import AnswerCache, AutoInterpConfig, EndpointError
+    from ..autointerp.client import clients
+    from ..autointerp.score import collection_for, run_autointerp, write_results
     from ..eval.report import add_autointerp, check_report_run, pm
-    from ..hf.models import ModelLoadError, load_tokenizer
-    from ..hf.texts import DatasetLoadError
-    from ..outdir import MARKER, check_settings, claim, locked, owner, write_marker
-    from ..progress import progress_bar
+    from ..hf.models import load_tokenizer
+    from ..outdir import check_settings, claim, locked, owner
+    from ..progress import StageBars, progress_bar
     from ..run import load_run
     from ..units import parse_count
 
     out = Path(args.out)
-    key = os.environ.get(args.api_key_env) or None
     held = contextlib.ExitStack()
     try:
         run = load_run(args.run)  # names RUN when it is not a run
@@ -147,63 +145,40 @@ def main(argv=None) -> int:
             check_settings(out, collected)
         cfg = AutoInterpConfig(args.latents, args.explain, args.test, args.seed).validate()
         cfg.check_sizes({sae.name: sae.m for sae in run.saes})
-        settings = collect_config(args)
-        tokens = parse_count(args.tokens)
+        tokens, settings = parse_count(args.tokens), collect_config(args)
         cache = AnswerCache(out / "cache.jsonl")
-        common = {
-            "api_key": key,
-            "concurrency": args.concurrency,
-            "rate": args.rate,
-            "retries": args.retries,
-            "timeout": args.timeout,
-            "cache": cache,
-        }
-        explainer = ChatClient(args.endpoint, args.explainer_model, **common)
-        scorer = ChatClient(
-            args.scorer_endpoint or args.endpoint,
-            args.scorer_model or args.explainer_model,
-            **common,
+        explainer, scorer = clients(
+            args.endpoint,
+            args.explainer_model,
+            scorer_endpoint=args.scorer_endpoint,
+            scorer_model=args.scorer_model,
+            api_key=os.environ.get(args.api_key_env) or None,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            retries=args.retries,
+            timeout=args.timeout,
+            cache=cache,
         )
-        if args.collection:
-            col = load_collection(args.run, args.collection)
-        elif (out / "collection" / "collection.json").exists():
-            col = load_collection(args.run, out / "collection")  # a resumed run: same examples
-            print(f"reusing the collection in {out / 'collection'} ({col.meta['tokens']:,} tokens)")
-        else:
-            with progress_bar(tokens, "collect") as bar:
-                col = collect(
-                    args.run,
-                    tokens=tokens,
-                    **run_data(args),
-                    config=settings,
-                    progress=bar.update,
-                )
-            write_marker(out, "gsae-autointerp", collected)  # first: what it is collected with
-            col.save(out / "collection")
-        if not (out / MARKER).exists():
-            write_marker(out, "gsae-autointerp")
+        with progress_bar(tokens, "collect") as bar:
+            col, how = collection_for(
+                Path(args.run),
+                out,
+                collection=args.collection,
+                settings=collected,
+                tokens=tokens,
+                data=run_data(args),
+                config=settings,
+                progress=bar.update,
+            )
+        print(how)
         tokenizer = load_tokenizer(col.meta["model"])
-    except (ModelLoadError, DatasetLoadError, ValueError, FileNotFoundError) as err:
+    except stops() as err:
         held.close()
-        print(f"gsae-autointerp: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        held.close()
-        return _interrupted(out)
-    assert isinstance(col, Collection)
+        return _interrupted(out) if isinstance(err, KeyboardInterrupt) else failed(err)
     print(f"{len(cache)} answers cached in {out / 'cache.jsonl'}")
-    start = time.perf_counter()
-    bars = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            from tqdm.auto import tqdm
-
-            bars[stage] = tqdm(total=total, desc=stage, unit="req", dynamic_ncols=True)
-        bars[stage].update(done - bars[stage].n)
-
+    start, bars = time.perf_counter(), StageBars()
     try:
-        result = run_autointerp(col, tokenizer, explainer, scorer, cfg, progress)
+        result = run_autointerp(col, tokenizer, explainer, scorer, cfg, bars)
         written = write_results(result, out)
         if args.report:
             with locked(args.report, "gsae-autointerp --report"):
@@ -211,8 +186,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return _interrupted(out)
     except ValueError as err:  # --report: another process writes that folder now
-        print(f"gsae-autointerp: error: {err} (the scores are in {out})", file=sys.stderr)
-        return 2
+        return failed(f"{err} (the scores are in {out})")
     except EndpointError as err:
         print(
             f"gsae-autointerp: error: {err}\n(answers so far are cached in "
@@ -221,10 +195,8 @@ def main(argv=None) -> int:
         )
         return 1
     finally:
-        for bar in bars.values():
-            bar.close()
+        bars.close()
         held.close()  # the lock on --out
-    seconds = time.perf_counter() - start
     overall = result.summary["overall"]
     print(
         f"{len(result.records)} latent x layer pairs scored ({len(result.skipped)} skipped); "
@@ -236,10 +208,15 @@ def main(argv=None) -> int:
             "they are asked again when the same command runs again"
         )
     print(
-        f"{explainer.sent + scorer.sent} requests sent, {seconds:.1f} s; wrote "
-        f"{', '.join(str(p) for p in written)}"
+        f"{explainer.sent + scorer.sent} requests sent, {time.perf_counter() - start:.1f} s; "
+        f"wrote {', '.join(str(p) for p in written)}"
     )
     return 0
+
+
+def failed(err) -> int:
+    print(f"gsae-autointerp: error: {err}", file=sys.stderr)
+    return 2
 
 
 def _interrupted(out: Path) -> int:
