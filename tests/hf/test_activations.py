@@ -2,11 +2,11 @@
 
 import gzip
 import json
-import shutil
 import time
 
 import pytest
 import torch
+from tiny import build_family
 
 from gsae.hf.hooks import ActivationReader
 from gsae.hf.hub import hub_id
@@ -155,48 +155,9 @@ def test_reader_rejects_layers_out_of_range(tiny_model_dir):
         ActivationReader(loaded, [2, 4])
 
 
-def _save_family(kind, directory, tokenizer_dir):
-    import transformers as tf
-
-    configs = {
-        "gpt2": (
-            tf.GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=4, n_positions=64),
-            tf.GPT2LMHeadModel,
-        ),
-        "llama": (
-            tf.LlamaConfig(
-                vocab_size=300,
-                hidden_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-            ),
-            tf.LlamaForCausalLM,
-        ),
-        "bert": (
-            tf.BertConfig(
-                vocab_size=300,
-                hidden_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                intermediate_size=64,
-                max_position_embeddings=64,
-            ),
-            tf.BertModel,
-        ),
-    }
-    config, cls = configs[kind]
-    cls(config).save_pretrained(directory)
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, directory / f.name)
-    return directory
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
 def test_other_model_families(kind, tiny_model_dir, tmp_path):
-    path = _save_family(kind, tmp_path / kind, tiny_model_dir)
+    path = build_family(kind, tmp_path / kind, tiny_model_dir)
     loaded = load_model(str(path), dtype="fp32")
     assert len(find_layers(loaded.model)) == 3
     ids = torch.randint(0, 300, (2, 8))

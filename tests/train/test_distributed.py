@@ -21,7 +21,7 @@ from gsae.train.distributed import plan_owners
 # every test starts torchrun processes (6-17 s each on 2 cores)
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).parents[1] / "dist_worker.py"
 FAST = [
     "--tokens",
     "4k",
