@@ -112,6 +112,15 @@ def build_family(
     return directory
 
 
+def small_config(**kw):
+    """A small SAE's config (d 32, 128 latents, k 4) for the tests of the SAE, its step and its
+    files; ``kw`` overrides any field."""
+    from gsae.sae import SaeConfig
+
+    base = dict(d=32, num_latents=128, k=4, dead_threshold=20_000)
+    return SaeConfig(**{**base, **kw})
+
+
 def train_flags(tokens: str) -> list[str]:
     """gsae-train flags for a run of a few steps on a tiny model: 2 groups, scales from 256
     tokens, batches of 128 tokens in contexts of 32, k 8 of 4x latents."""

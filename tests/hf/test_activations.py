@@ -165,7 +165,7 @@ def test_other_model_families(kind, tiny_model_dir, tmp_path):
     assert acts.shape == (2, 16, 32) and torch.isfinite(acts).all()
 
 
-# ---- issue 9: streaming resume, bounded positions, the hub probe
+# ---- streaming resume, bounded positions, the hub probe
 
 
 def test_a_position_stays_small_inside_a_long_document():
