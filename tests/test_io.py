@@ -35,7 +35,7 @@ def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_users_folder_named_like_an_old_copy_is_left_alone(tmp_path):
-    """Swaps are recovered from their journal only (tests/test_outputs.py kills one half-way):
+    """Swaps are recovered from their journal only (the test below kills one half-way):
     a folder ``sae.old`` of the user's is neither taken for the SAE nor deleted."""
     sae = Sae(small_config())
     sae.save(tmp_path / "sae")

@@ -19,7 +19,7 @@ from gsae.train.step import SaeTrainer
 def test_default_hyperparameters_follow_the_paper():
     cfg = SaeConfig(d=768)
     assert cfg.m == 768 * 16 and cfg.k == 128 and cfg.auxk_alpha == 1 / 32
-    # the optimiser is gsae's (signum, tests/test_recipe.py); Adam's lr is the paper's
+    # the optimiser is gsae's (signum, tests/train/test_recipe.py); Adam's lr is the paper's
     paper_lr = SaeConfig(d=768, optimizer="adam").lr_value
     assert paper_lr == pytest.approx(2e-4 / math.sqrt(cfg.m / 2**14))
     assert cfg.k_aux_value == 384 and cfg.dead_threshold == 10_000_000
