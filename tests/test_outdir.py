@@ -448,25 +448,14 @@ def test_export_model_must_be_a_copy_of_the_runs(trained_runs, tmp_path, capsys)
 
 def test_autointerp_rerun_with_other_settings_is_refused_by_name(trained_runs, tmp_path, capsys):
     out = tmp_path / "ai"
+    run = trained_runs["grouped"]
     with ChatStub() as stub:
-        base = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--explainer-model",
-            "stub",
-            "--latents",
-            "2",
-            "--out",
-            out,
-        ]
-        assert call(autointerp_main, [*base, *BROWSE]) == 0
+        assert call(autointerp_main, autointerp_argv(run, stub, out)) == 0
         sent = len(stub.requests)
-        for flag, value in (("--window", "6"), ("--tokens", "768")):
-            changed = [*BROWSE, flag, value]
-            assert call(autointerp_main, [*base, *changed]) == 2
+        for flag, value in (("--window", "6"), ("--tokens", "768")):  # after BROWSE's: they win
+            assert call(autointerp_main, autointerp_argv(run, stub, out, flag, value)) == 2
             assert flag in capsys.readouterr().err
-        assert call(autointerp_main, [*base, *BROWSE]) == 0  # the same: resumed, nothing asked
+        assert call(autointerp_main, autointerp_argv(run, stub, out)) == 0  # resumed, nothing asked
         assert len(stub.requests) == sent
 
 

@@ -72,23 +72,19 @@ def test_an_interrupted_run_resumes_without_asking_again(
 def test_scores_go_into_the_gsae_eval_report(trained_runs, tmp_path, one_thread, monkeypatch):
     eval_dir = tmp_path / "eval"
     runs = [str(trained_runs["grouped"]), "--baseline", str(trained_runs["per-layer"])]
-    assert (
-        eval_main(
-            [
-                *runs,
-                "--out",
-                str(eval_dir),
-                "--tokens",
-                "256",
-                "--batch-tokens",
-                "256",
-                "--no-downstream",
-                "--mmco-pairs",
-                "none",
-            ]
-        )
-        == 0
-    )
+    evaluate = [
+        *runs,
+        "--out",
+        str(eval_dir),
+        "--tokens",
+        "256",
+        "--batch-tokens",
+        "256",
+        "--no-downstream",
+        "--mmco-pairs",
+        "none",
+    ]
+    assert eval_main(evaluate) == 0
     monkeypatch.setenv("GSAE_TEST_KEY", "sk-secret")
     with ChatStub() as stub:
         for name in ("grouped", "per-layer"):
@@ -113,23 +109,7 @@ def test_scores_go_into_the_gsae_eval_report(trained_runs, tmp_path, one_thread,
     summary = json.loads((tmp_path / "grouped" / "summary.json").read_text())
     assert summary["overall"]["detection"]["mean"] == pytest.approx(0.5)  # the all-ones stub
     # gsae-eval run again keeps the auto-interp section
-    assert (
-        eval_main(
-            [
-                *runs,
-                "--out",
-                str(eval_dir),
-                "--tokens",
-                "256",
-                "--batch-tokens",
-                "256",
-                "--no-downstream",
-                "--mmco-pairs",
-                "none",
-            ]
-        )
-        == 0
-    )
+    assert eval_main(evaluate) == 0
     assert "<h2>Auto-interpretability</h2>" in (eval_dir / "report.html").read_text()
 
 

@@ -52,10 +52,10 @@ def args(model, corpus, out, *extra):
     return ["--model", str(model), "--dataset", str(corpus), "--out", str(out), *FAST, *extra]
 
 
-def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py ARGV`` (gsae-train,
-    faults injected as ``env`` says); ``--standalone`` rendezvous on a free local port."""
-    cmd = [
+def torchrun_command(argv) -> list[str]:
+    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py ARGV``: gsae-train on two
+    processes; ``--standalone`` rendezvous on a free local port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -65,6 +65,11 @@ def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
         str(WORKER),
         *map(str, argv),
     ]
+
+
+def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
+    """:func:`torchrun_command` run to its end, faults injected as ``env`` says."""
+    cmd = torchrun_command(argv)
     full = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -372,16 +377,7 @@ def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(
     out = tmp_path / "run"
     argv = args(tiny_model_dir, tiny_corpus, out, "--log-every", "5")
     argv[argv.index("--tokens") + 1] = "50M"  # longer than the test waits
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        *map(str, argv),
-    ]
+    cmd = torchrun_command(argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
