@@ -21,6 +21,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's d
 # torch.topk, the torch backend's forward) is covered by the "triton-gemm" cases that name it
 os.environ.setdefault("GSAE_ENCODER", "fused")
 
+# the tests of each area (tests/kernels/, tests/hf/, ...) import the shared helpers of this
+# folder (tiny, tolerances, chat_stub) by name. pytest's default import mode ("prepend") puts
+# the folder of this conftest.py and of each test file on sys.path, so test files' names must be
+# unique across the areas; the helpers' folder is named here too, not left to that mode alone.
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
 import pytest  # noqa: E402
 
 # a shell starts background jobs (`.ci/run &`, nohup) with SIGINT ignored, and Python keeps an
