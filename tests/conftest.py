@@ -21,6 +21,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's d
 # torch.topk, the torch backend's forward) is covered by the "triton-gemm" cases that name it
 os.environ.setdefault("GSAE_ENCODER", "fused")
 
+# the tests of each area (tests/kernels/, tests/hf/, ...) import the shared helpers of this
+# folder (tiny, tolerances, chat_stub) by name. pytest's default import mode ("prepend") puts
+# the folder of this conftest.py and of each test file on sys.path, so test files' names must be
+# unique across the areas; the helpers' folder is named here too, not left to that mode alone.
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
 import pytest  # noqa: E402
 
 # a shell starts background jobs (`.ci/run &`, nohup) with SIGINT ignored, and Python keeps an
@@ -81,50 +89,25 @@ def one_thread():
 def trained_runs(tmp_path_factory, tiny_model_dir):
     """Real gsae-train runs on the tiny model: ``grouped`` (G=2: layers [0], [1, 2], [3]) and
     ``per-layer``, 2k tokens each, on ``corpus`` (~10k tokens: most of it never trained on)."""
-    from tiny import write_corpus
+    from tiny import RUN_BUDGET, flags, write_corpus
 
     from gsae.cli.train import main as train_main
 
     root = tmp_path_factory.mktemp("trained-runs")
     corpus = write_corpus(root / "corpus.txt", copies=100)
-    fast = [
-        "--batch-tokens",
-        "512",
-        "--ctx-len",
-        "64",
-        "--k",
-        "8",
-        "--scale-tokens",
-        "1k",
-        "--grouping-tokens",
-        "2k",
-        "--dead-threshold",
-        "3k",
-        "--expansion-factor",
-        "4",
-        "--log-every",
-        "100",
-        "--device",
-        "cpu",
-        "--tokens",
-        "2k",
-    ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         runs = {"corpus": corpus, "model": tiny_model_dir}
         for name, groups in (("grouped", "2"), ("per-layer", "per-layer")):
-            argv = [
-                "--model",
-                str(tiny_model_dir),
-                "--dataset",
-                str(corpus),
-                "--out",
-                str(root / name),
-                "--groups",
-                groups,
-                *fast,
-            ]
+            argv = flags(
+                model=tiny_model_dir,
+                dataset=corpus,
+                out=root / name,
+                groups=groups,
+                **RUN_BUDGET,
+                tokens="2k",
+            )
             assert train_main(argv) == 0
             runs[name] = root / name
     finally:

@@ -1,5 +1,5 @@
 """``gsae-train`` as torchrun starts it, with a fault injected into one process for
-tests/test_distributed.py: ``python -m torch.distributed.run ... tests/dist_worker.py ARGS``.
+tests/train/test_distributed.py: ``python -m torch.distributed.run ... tests/dist_worker.py ARGS``.
 
 ``GSAE_TEST_FAULT=RANK:STEP:KIND`` makes process RANK, right after its training step STEP:
 ``sigint`` send itself a Ctrl-C, ``raise`` raise an error, ``hang`` stop answering (sleep),

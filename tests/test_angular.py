@@ -1,6 +1,12 @@
-"""The angular-distance op: C++ extension and torch path against a float64 brute force."""
+"""The angular-distance op: C++ extension and torch path against a float64 brute force; the
+extension's first build under Ctrl-C, after a killed build and beside a stale lock."""
 
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -187,3 +193,115 @@ def test_gpu_tensors_stay_on_the_gpu():
     sums, count = angular_distance_sums(hidden)
     assert sums.is_cuda
     torch.testing.assert_close(sums.cpu() / 300, brute_force(hidden.cpu()) / 300, atol=2e-6, rtol=0)
+
+
+# ---- the C++ extension's first build
+
+
+def test_a_ctrl_c_during_the_build_stops_the_command(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    from gsae import angular
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+
+    def interrupted(**kwargs):
+        raise RuntimeError(
+            "Error building extension 'x': ninja: build stopped: interrupted by user."
+        )
+
+    monkeypatch.setattr(cpp_extension, "load", interrupted)
+    monkeypatch.delenv(angular.ENV_DISABLE, raising=False)
+    angular.load_extension.cache_clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            angular.load_extension()  # not a warning and the torch path
+    finally:
+        angular.load_extension.cache_clear()
+    assert not list(tmp_path.rglob(angular.OWNER_PREFIX + "*"))  # its record is removed
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(tmp_path):
+    import socket
+
+    from gsae.angular import OWNER_PREFIX, clear_stale_lock
+
+    (tmp_path / "lock").touch()
+    (tmp_path / f"{OWNER_PREFIX}{socket.gethostname()}.{_dead_pid()}").touch()
+    started = time.perf_counter()
+    clear_stale_lock(tmp_path)
+    assert time.perf_counter() - started < 1
+    assert not (tmp_path / "lock").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_lock_nobody_owns_is_named_once_it_is_old(tmp_path):
+    from gsae.angular import ExtensionLockError, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.raises(ExtensionLockError, match=f"rm {lock}"):
+        clear_stale_lock(tmp_path, stale_after=300)
+    assert lock.exists()  # not ours to remove: another machine may be building
+
+
+def test_a_lock_of_a_running_build_is_waited_for(tmp_path, capsys):
+    import socket
+
+    from gsae.angular import OWNER_PREFIX, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    (tmp_path / f"{OWNER_PREFIX}{socket.gethostname()}.{os.getpid()}").touch()  # running
+    threading.Timer(0.5, lock.unlink).start()  # that build finishes
+    started = time.perf_counter()
+    clear_stale_lock(tmp_path, stale_after=0, poll=0.05)
+    assert time.perf_counter() - started >= 0.4
+    assert "waiting for another process" in capsys.readouterr().err
+
+
+def test_the_extension_failing_on_a_stale_lock_names_it(monkeypatch, tmp_path):
+    from gsae import angular
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(angular, "LOCK_STALE_AFTER", 0.0)
+    monkeypatch.delenv(angular.ENV_DISABLE, raising=False)
+    monkeypatch.delenv(angular.ENV_REQUIRE, raising=False)
+    folder = tmp_path / f"gsae_ext_{angular._cpu_tag()}"
+    folder.mkdir()
+    (folder / "lock").touch()
+    angular.load_extension.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"rm {folder / 'lock'}"):
+            assert angular.load_extension() is False  # the torch path, not a hang
+    finally:
+        angular.load_extension.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_build_killed_midway_does_not_hang_the_next_one(tmp_path):
+    """The hang's reproduction: a fresh TORCH_EXTENSIONS_DIR, a SIGKILL during the build, then
+    a second build: it must finish (it hung at "distances 0%" forever)."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "GSAE_REQUIRE_EXT": "1"}
+    env.pop("GSAE_DISABLE_EXT", None)
+    code = "from gsae.angular import load_extension; print(load_extension())"
+    first = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("*/lock")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob("*/lock")), "the build never started"
+    time.sleep(2)  # inside the compiler
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert list(tmp_path.glob("*/lock"))  # left behind, as torch leaves it
+    second = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0 and second.stdout.strip() == "True", second.stderr

@@ -99,12 +99,13 @@ NOT_RUNNABLE = {
     "gsae-train --model pythia-1b": "Pythia-1B and the Pile from the HF hub",
     "gsae-groups --model pythia-160m": "Pythia-160M and the Pile from the HF hub",
     "torchrun --nproc_per_node 8": (
-        "8 GPUs, Pythia-1B from the HF hub (tests/test_distributed.py runs gsae-train under "
+        "8 GPUs, Pythia-1B from the HF hub (tests/train/test_distributed.py runs gsae-train under "
         "torchrun on CPUs)"
     ),
     "torchrun --nnodes 2": "two nodes of 8 GPUs, and the HF hub",
     "export OPENAI_API_KEY": (
-        "an LLM server (tests/test_autointerp.py runs the whole pipeline against a stub server)"
+        "an LLM server (tests/autointerp/test_score.py runs the whole pipeline against a stub "
+        "server)"
     ),
 }
 
@@ -126,7 +127,9 @@ def readme_table() -> dict[str, str]:
     return dict(rows)
 
 
-TABLE_NOT_RUNNABLE = {"gsae-autointerp": "an LLM server (its pipeline: tests/test_autointerp.py)"}
+TABLE_NOT_RUNNABLE = {
+    "gsae-autointerp": "an LLM server (its pipeline: tests/autointerp/test_score.py)"
+}
 
 
 def test_the_readme_table_lists_every_command_with_an_example_that_runs():

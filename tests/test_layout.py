@@ -4,6 +4,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,30 @@ def test_only_gsae_run_names_the_files_of_a_run_folder():
         if found:
             offenders[str(path.relative_to(ROOT))] = sorted(found)
     assert not offenders
+
+
+def test_each_test_folder_mirrors_a_package_of_the_code():
+    """tests/<area>/ holds the tests of one package: ``kernels`` (gsae_kernels) or a gsae
+    subpackage; the tests of gsae's top-level modules and of the repository as a whole sit in
+    tests/ itself, beside the shared helpers (tiny.py, tolerances.py, ...)."""
+    packages = {"kernels"} | {
+        p.name for p in (ROOT / "gsae").iterdir() if (p / "__init__.py").exists()
+    }
+    areas = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert areas <= packages, sorted(areas - packages)
+
+
+def test_every_test_file_a_page_or_a_module_names_exists():
+    """A pointer to a test (``tests/<area>/test_x.py``) in the docs, the code or the tests names a
+    file that exists: moving a test must not leave its old path behind."""
+    sources = [ROOT / "README.md", ROOT / ".ci" / "run", *(ROOT / "docs").glob("*.md")]
+    for folder in ("gsae", "kernels", "csrc", "benchmarks", "tests"):
+        sources += (ROOT / folder).rglob("*.py")
+    named = {
+        (str(path.relative_to(ROOT)), found)
+        for path in sources
+        for found in re.findall(r"\btests/[\w/]+\.py\b", path.read_text())
+    }
+    assert named and not sorted(
+        (path, found) for path, found in named if not (ROOT / found).is_file()
+    )

@@ -1,4 +1,6 @@
-"""The SAE and its training step: learning, constraints, save/load, resume and bad input."""
+"""The SAE (:mod:`gsae.sae`): its config and defaults, each layer's scale inside encode and
+decode, per-token layer ids that it does not cover refused (never given another layer's scale),
+save/load and bad input."""
 
 import math
 import os
@@ -6,51 +8,18 @@ import os
 import pytest
 import torch
 from gsae_kernels import sparse_decode, topk_encode
+from tiny import small_config
 
-from gsae.init import activation_scale
-from gsae.io import atomic_dir
+import gsae.sae
 from gsae.sae import Sae, SaeConfig
 from gsae.synthetic import SparseFeatures as SparseData
 from gsae.train.step import SaeTrainer
 
 
-def small_config(**kw):
-    base = dict(d=32, num_latents=128, k=4, dead_threshold=20_000)
-    return SaeConfig(**{**base, **kw})
-
-
-@pytest.mark.slow
-def test_learns_known_directions():
-    data = SparseData(seed=1000)  # not the SAE's seed: its init would copy the directions
-    sae = Sae(small_config(), layers=[0])
-    assert data.recovered(sae, threshold=0.9) < 0.1  # nothing is found before training
-    sae.set_scale(0, activation_scale([data.batch(4096)], 4096))
-    trainer = SaeTrainer(sae)
-    for _ in range(1200):  # ~15 s on 2 CPU cores
-        trainer.step(data.batch(512))
-    with torch.no_grad():
-        fvu = float(sae(data.batch(4096)).loss.fvu)
-    recovered = data.recovered(sae, threshold=0.9)
-    assert fvu < 0.1, fvu
-    assert recovered >= 0.9, recovered
-
-
-def test_decoder_rows_stay_unit_norm_and_dead_latents_are_counted():
-    data = SparseData()
-    trainer = SaeTrainer(Sae(small_config(dead_threshold=2048), layers=[0]))
-    for _ in range(20):
-        out = trainer.step(data.batch(256))
-    torch.testing.assert_close(trainer.sae.W_dec.norm(dim=1), torch.ones(128))
-    dead = trainer.dead_mask()
-    assert 0 < int(dead.sum()) < 128  # 128 latents for 64 directions: some must die
-    assert float(out.dead_fraction) == pytest.approx(float(dead.float().mean()), abs=0.1)
-    assert float(out.auxk) > 0  # AuxK is on once latents are dead
-
-
 def test_default_hyperparameters_follow_the_paper():
     cfg = SaeConfig(d=768)
     assert cfg.m == 768 * 16 and cfg.k == 128 and cfg.auxk_alpha == 1 / 32
-    # the optimiser is gsae's (signum, tests/test_recipe.py); Adam's lr is the paper's
+    # the optimiser is gsae's (signum, tests/train/test_recipe.py); Adam's lr is the paper's
     paper_lr = SaeConfig(d=768, optimizer="adam").lr_value
     assert paper_lr == pytest.approx(2e-4 / math.sqrt(cfg.m / 2**14))
     assert cfg.k_aux_value == 384 and cfg.dead_threshold == 10_000_000
@@ -69,17 +38,6 @@ def test_default_hyperparameters_follow_the_paper():
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sae(SaeConfig(**{"d": 8, **kwargs}))
-
-
-def test_activation_scale_modes():
-    x = torch.randn(1000, 16) * 5
-    s = activation_scale([x[:400], x[400:]], 1000, "mean_sq")
-    assert float((s * x).pow(2).sum(1).mean()) == pytest.approx(1.0, rel=1e-5)
-    s = activation_scale([x], 1000, "mean_norm")
-    assert float((s * x).norm(dim=1).mean()) == pytest.approx(1.0, rel=1e-5)
-    assert activation_scale([x], 10, "none") == 1.0
-    with pytest.raises(ValueError, match="cannot estimate"):
-        activation_scale([], 10)
 
 
 def test_scales_are_applied_inside_encode_and_decode():
@@ -124,110 +82,60 @@ def test_save_load_round_trip(tmp_path):
         Sae.load(tmp_path / "nothing")
 
 
-def _train(trainer, data, steps):
-    for _ in range(steps):
-        trainer.step(data.batch(256))
+def make_sae():
+    sae = Sae(SaeConfig(d=8, num_latents=32, k=4), layers=[2, 5, 3])
+    for layer, scale in ((2, 0.5), (5, 2.0), (3, 4.0)):
+        sae.set_scale(layer, scale)
+    return sae
 
 
-def test_resume_gives_the_same_weights(tmp_path):
-    cfg = small_config(dead_threshold=4096)  # AuxK active in both halves
-    straight = SaeTrainer(Sae(cfg))
-    _train(straight, SparseData(seed=1), 30)
-
-    data = SparseData(seed=1)
-    first = SaeTrainer(Sae(cfg))
-    _train(first, data, 15)
-    first.save(tmp_path / "ckpt")
-    resumed = SaeTrainer.load(tmp_path / "ckpt")
-    _train(resumed, data, 15)
-
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        assert torch.equal(getattr(resumed.sae, name), getattr(straight.sae, name)), name
-    assert torch.equal(resumed.tokens_since_fired, straight.tokens_since_fired)
-    assert resumed.tokens_seen == straight.tokens_seen and resumed.steps == 30
+def test_covered_ids_get_their_own_scale():
+    sae = make_sae()
+    for dtype in (torch.int64, torch.int32):
+        ids = torch.tensor([3, 2, 5, 5, 3], dtype=dtype)
+        got = sae.scale_for(ids).squeeze(1)
+        torch.testing.assert_close(got, torch.tensor([4.0, 0.5, 2.0, 2.0, 4.0]))
 
 
-def test_non_finite_step_changes_nothing():
-    data = SparseData()
-    trainer = SaeTrainer(Sae(small_config()))
-    trainer.step(data.batch(64))
-    before = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
-    counters = trainer.tokens_since_fired.clone()
-    bad = data.batch(64)
-    bad[3, 5] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        trainer.step(bad)
-    trainer.step(bad, check_finite=False)  # the hot-loop mode: skipped on the device, counted
-    assert int(trainer.skipped_steps) == 1
-    for name, p in trainer.sae.named_parameters():
-        assert torch.equal(p, before[name]), name
-    assert torch.equal(trainer.tokens_since_fired, counters)
-    trainer.step(data.batch(64))  # and training goes on
-    assert not torch.equal(trainer.sae.W_enc, before["W_enc"])
+@pytest.mark.parametrize("bad", [4, 0, 6, 100, -1], ids=["gap", "below", "above", "far", "neg"])
+def test_uncovered_ids_are_refused_with_their_names(bad):
+    sae = make_sae()
+    x = torch.randn(4, 8)
+    ids = torch.tensor([2, bad, 3, 5])
+    with pytest.raises(ValueError, match=rf"layer ids \[{bad}\] are not covered .*\[2, 5, 3\]"):
+        sae.encode(x, layer=ids)
+    with pytest.raises(ValueError, match="not covered"):
+        SaeTrainer(sae).step(x, ids)
 
 
-def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
-    sae = Sae(small_config())
-    sae.save(tmp_path / "sae")
-    with torch.no_grad():
-        sae.W_enc.add_(1.0)
-
-    original = Sae.save_files
-
-    def write_then_crash(self, directory):
-        original(self, directory)
-        raise KeyboardInterrupt  # Ctrl-C after the files are written, before the swap
-
-    monkeypatch.setattr(Sae, "save_files", write_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        sae.save(tmp_path / "sae")
-    back = Sae.load(tmp_path / "sae")
-    assert not torch.equal(back.W_enc, sae.W_enc)  # the old weights, intact
-    assert [p.name for p in tmp_path.iterdir()] == ["sae"]  # no temp files left behind
+def test_float_ids_are_refused():
+    with pytest.raises(TypeError, match="integer tensor"):
+        make_sae().scale_for(torch.tensor([2.0, 3.0]))
 
 
-def test_a_users_folder_named_like_an_old_copy_is_left_alone(tmp_path):
-    """Swaps are recovered from their journal only (tests/test_outputs.py kills one half-way):
-    a folder ``sae.old`` of the user's is neither taken for the SAE nor deleted."""
-    sae = Sae(small_config())
-    sae.save(tmp_path / "sae")
-    os.replace(tmp_path / "sae", tmp_path / "sae.old")  # the user's copy
-    with pytest.raises(FileNotFoundError):
-        Sae.load(tmp_path / "sae")
-    assert (tmp_path / "sae.old" / "cfg.json").exists()
-    with atomic_dir(tmp_path / "x") as d:
-        (d / "f").write_text("1")
-    assert (tmp_path / "x" / "f").read_text() == "1"
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_unchecked_ids_poison_the_step_instead(monkeypatch, check_finite):
+    """Where ids are not checked (a GPU, to avoid a host sync every step), an uncovered id gets
+    a NaN scale: the step is refused or skipped, the weights stay as they were."""
+    monkeypatch.setattr(gsae.sae, "_check_layer_ids", lambda device: False)
+    sae = make_sae()
+    trainer = SaeTrainer(sae)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    ids = torch.tensor([2, 4, 3, 5, 9, 2])
+    assert torch.isnan(sae.scale_for(ids)[[1, 4]]).all()
+    if check_finite:
+        with pytest.raises(FloatingPointError):
+            trainer.step(torch.randn(6, 8), ids)
+    else:
+        trainer.step(torch.randn(6, 8), ids, check_finite=False)
+        assert int(trainer.skipped_steps) == 1
+    for n, p in sae.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
 
 
-def test_activation_scales_accumulate_in_float64_without_float64_copies():
-    """Against a float64 reference over several batches cut by the token budget; no float64
-    tensor larger than one value per token is ever made (at Pythia-1B sizes a float64 copy of
-    the [L, N, d] activations is 8 GiB)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from gsae.init import activation_scales
-
-    class Float64Watch(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                    self.largest = max(self.largest, t.numel())
-            return out
-
-    g = torch.Generator().manual_seed(3)
-    spread = torch.tensor([0.5, 3.0, 40.0])[:, None, None]
-    for dtype in (torch.float32, torch.bfloat16):
-        batches = [(torch.randn(3, 300, 64, generator=g) * spread).to(dtype) for _ in range(4)]
-        x = torch.cat(batches, 1)[:, :1000].double()  # [3, 1000, 64]: the budget cuts batch 4
-        want = {"mean_sq": x.pow(2).sum(2).mean(1).rsqrt(), "mean_norm": 1 / x.norm(dim=2).mean(1)}
-        for mode, reference in want.items():
-            with Float64Watch() as watch:
-                got = activation_scales(iter(batches), 1000, mode)
-            assert watch.largest <= 3 * 300, (dtype, mode, watch.largest)
-            torch.testing.assert_close(
-                torch.tensor(got, dtype=torch.float64), reference, rtol=1e-6, atol=0
-            )
+def test_debug_mode_checks_every_device(monkeypatch):
+    monkeypatch.setenv("GSAE_CHECK_LAYERS", "1")
+    assert gsae.sae._check_layer_ids(torch.device("cuda"))
+    monkeypatch.delenv("GSAE_CHECK_LAYERS")
+    assert not gsae.sae._check_layer_ids(torch.device("cuda"))
+    assert gsae.sae._check_layer_ids(torch.device("cpu"))

@@ -1,5 +1,6 @@
 """A tiny randomly initialised GPTNeoX with a tokenizer trained on a small local text, built
-offline for the tests (nothing is downloaded)."""
+offline for the tests (nothing is downloaded), tiny models of the other families, and the flags
+of the tests' small runs."""
 
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def build_family(
 
     torch.manual_seed(0)
     d, heads = 32, 4
+    shape = dict(  # llama, bert and gptneox name their sizes alike
+        vocab_size=300,
+        hidden_size=d,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * d,
+        max_position_embeddings=positions,
+    )
     configs = {
         "gpt2": (
             tf.GPT2Config(
@@ -70,39 +79,9 @@ def build_family(
             ),
             tf.GPT2LMHeadModel,
         ),
-        "llama": (
-            tf.LlamaConfig(
-                vocab_size=300,
-                hidden_size=d,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                intermediate_size=2 * d,
-                max_position_embeddings=positions,
-            ),
-            tf.LlamaForCausalLM,
-        ),
-        "bert": (
-            tf.BertConfig(
-                vocab_size=300,
-                hidden_size=d,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                intermediate_size=2 * d,
-                max_position_embeddings=positions,
-            ),
-            tf.BertModel,
-        ),
-        "gptneox": (
-            tf.GPTNeoXConfig(
-                vocab_size=300,
-                hidden_size=d,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                intermediate_size=2 * d,
-                max_position_embeddings=positions,
-            ),
-            tf.GPTNeoXForCausalLM,
-        ),
+        "llama": (tf.LlamaConfig(**shape), tf.LlamaForCausalLM),
+        "bert": (tf.BertConfig(**shape), tf.BertModel),
+        "gptneox": (tf.GPTNeoXConfig(**shape), tf.GPTNeoXForCausalLM),
     }
     config, cls = configs[kind]
     cls(config).save_pretrained(directory)
@@ -110,6 +89,39 @@ def build_family(
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, directory / f.name)
     return directory
+
+
+def small_config(**kw):
+    """A small SAE's config (d 32, 128 latents, k 4) for the tests of the SAE, its step and its
+    files; ``kw`` overrides any field."""
+    from gsae.sae import SaeConfig
+
+    base = dict(d=32, num_latents=128, k=4, dead_threshold=20_000)
+    return SaeConfig(**{**base, **kw})
+
+
+def flags(**named) -> list[str]:
+    """Command-line flags from keywords, in their order: ``batch_tokens="512"`` is
+    ``["--batch-tokens", "512"]``, ``repeat=True`` is ``["--repeat"]``; values go through str()."""
+    argv = []
+    for name, value in named.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+# the budget of conftest's trained_runs, which gsae-eval's tests train more runs on
+RUN_BUDGET = dict(
+    batch_tokens="512",
+    ctx_len="64",
+    k="8",
+    scale_tokens="1k",
+    grouping_tokens="2k",
+    dead_threshold="3k",
+    expansion_factor="4",
+    log_every="100",
+    device="cpu",
+)
 
 
 def train_flags(tokens: str) -> list[str]:

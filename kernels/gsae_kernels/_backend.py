@@ -30,7 +30,7 @@ try:  # triton is a Linux-only dependency; elsewhere the torch path is all there
     import triton.language as tl
 
     HAS_TRITON = True
-except ImportError:  # exercised by tests/test_kernels_ops.py (test_imports_and_runs_without_triton)
+except ImportError:  # exercised by tests/kernels/test_ops.py (test_imports_and_runs_without_triton)
     HAS_TRITON = False
 
     class _Shim:

@@ -330,7 +330,7 @@ def _blocks_d(d: int) -> int:
     return min(128, max(16, next_power_of_2(d)))
 
 
-# Launch meta-parameters, one function per kernel (tests/test_triton_compile.py compiles these
+# Launch meta-parameters, one function per kernel (tests/kernels/test_aot.py compiles these
 # exact configurations for sm_80, sm_90, gfx90a and gfx942 and fails on register spills).
 
 

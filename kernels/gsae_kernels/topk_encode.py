@@ -294,7 +294,7 @@ def _matmul_precision(device: torch.device, precision: str):
 
 
 def encode_meta(k: int, precision: str = "fp32") -> dict:
-    """Tiles checked with ptxas and the AMDGCN metadata (tests/test_triton_compile.py, which
+    """Tiles checked with ptxas and the AMDGCN metadata (tests/kernels/test_aot.py, which
     fails on a spill or on shared memory over a target's limit): no spills on sm_80, sm_90,
     gfx90a or gfx942 for k up to 128, in every precision. bf16 operands take BLOCK_D = 16 (one
     MMA k-step): at 32 the sm_90 code spills 24 bytes (128 registers; 4 warps or BLOCK_M = 64

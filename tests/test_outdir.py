@@ -28,7 +28,6 @@ from gsae.cli.eval import main as eval_main
 from gsae.cli.export import main as export_main
 from gsae.cli.groups import main as groups_main
 from gsae.cli.train import main as train_main
-from gsae.io import atomic_dir
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
@@ -177,33 +176,6 @@ def test_out_inside_a_folder_that_is_replaced_as_a_whole_is_refused(trained_runs
     assert call(export_main, [run, "--format", "saelens", "--out", exp / "inner"]) == 2
     assert "replaced as a whole" in capsys.readouterr().err
     assert tree(exp) == before
-
-
-@pytest.mark.parametrize("crash_at", [1, 2])
-def test_a_swap_killed_between_its_renames_is_recovered_from_its_journal(tmp_path, crash_at):
-    """A process killed (os._exit: no clean-up runs) right after its crash_at-th rename; the
-    next writer finds one whole copy under the name, old or new, and no leftovers."""
-    target = tmp_path / "out"
-    with atomic_dir(target) as d:
-        (d / "v").write_text("old")
-    script = textwrap.dedent(f"""
-        import os
-        from gsae.io import atomic_dir
-        real, n = os.replace, [0]
-        def replace(a, b):
-            real(a, b)
-            n[0] += 1
-            if n[0] == {crash_at}:
-                os._exit(3)
-        os.replace = replace
-        with atomic_dir({str(target)!r}) as d:
-            (d / "v").write_text("new")
-    """)
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 3
-    with atomic_dir(target) as d:  # the next write recovers first
-        (d / "v").write_text("next")
-    assert (target / "v").read_text() == "next"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # ---- 3, 4: one command's folder is no other's
@@ -476,25 +448,14 @@ def test_export_model_must_be_a_copy_of_the_runs(trained_runs, tmp_path, capsys)
 
 def test_autointerp_rerun_with_other_settings_is_refused_by_name(trained_runs, tmp_path, capsys):
     out = tmp_path / "ai"
+    run = trained_runs["grouped"]
     with ChatStub() as stub:
-        base = [
-            trained_runs["grouped"],
-            "--endpoint",
-            stub.url,
-            "--explainer-model",
-            "stub",
-            "--latents",
-            "2",
-            "--out",
-            out,
-        ]
-        assert call(autointerp_main, [*base, *BROWSE]) == 0
+        assert call(autointerp_main, autointerp_argv(run, stub, out)) == 0
         sent = len(stub.requests)
-        for flag, value in (("--window", "6"), ("--tokens", "768")):
-            changed = [*BROWSE, flag, value]
-            assert call(autointerp_main, [*base, *changed]) == 2
+        for flag, value in (("--window", "6"), ("--tokens", "768")):  # after BROWSE's: they win
+            assert call(autointerp_main, autointerp_argv(run, stub, out, flag, value)) == 2
             assert flag in capsys.readouterr().err
-        assert call(autointerp_main, [*base, *BROWSE]) == 0  # the same: resumed, nothing asked
+        assert call(autointerp_main, autointerp_argv(run, stub, out)) == 0  # resumed, nothing asked
         assert len(stub.requests) == sent
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_activations import _save_family
+from tiny import build_family
 
 from gsae.eval import RunSaes, evaluate
 from gsae.hf.hooks import lm_logits, record, splice
@@ -24,7 +24,7 @@ def _causal(kind, tiny_model_dir, tmp_path):
     if kind == "gpt_neox":
         return load_model(str(tiny_model_dir), "fp32", lm_head=True)
     return load_model(
-        str(_save_family(kind, tmp_path / kind, tiny_model_dir)), "fp32", lm_head=True
+        str(build_family(kind, tmp_path / kind, tiny_model_dir)), "fp32", lm_head=True
     )
 
 
@@ -161,7 +161,7 @@ def test_other_causal_families(kind, tiny_model_dir, tiny_corpus, tmp_path):
 def test_an_encoder_skips_downstream_with_a_note(head, tiny_model_dir, tiny_corpus, tmp_path):
     import transformers as tf
 
-    path = _save_family("bert", tmp_path / "bert", tiny_model_dir)
+    path = build_family("bert", tmp_path / "bert", tiny_model_dir)
     if head:  # a masked-LM head does not predict the next token: still no downstream metrics
         config = tf.BertConfig.from_pretrained(path)
         tf.BertForMaskedLM(config).save_pretrained(path)

@@ -8,50 +8,31 @@ import shutil
 
 import pytest
 import torch
-from tiny import build_tiny_model, write_corpus
+from tiny import RUN_BUDGET, build_tiny_model, flags, write_corpus
 
 from gsae.cli.eval import main
 from gsae.cli.train import main as train_main
 from gsae.run import load_run
 
-FAST = [
-    "--batch-tokens",
-    "512",
-    "--ctx-len",
-    "64",
-    "--k",
-    "8",
-    "--scale-tokens",
-    "1k",
-    "--grouping-tokens",
-    "2k",
-    "--dead-threshold",
-    "3k",
-    "--expansion-factor",
-    "4",
-    "--log-every",
-    "100",
-    "--device",
-    "cpu",
+# what every gsae-eval writes (and features_<run>.png for each run of several layers per SAE)
+OUTPUTS = [
+    "metrics.jsonl",
+    "metrics.csv",
+    "summary.json",
+    "table1.md",
+    "table1.csv",
+    "table2.md",
+    "report.html",
+    "fig2_amad.png",
+    "fig3_flops.png",
+    "mmco.png",
+    "mmcs.png",
 ]
 
 
 def train(model, corpus, out, groups, tokens="2k", *extra):
-    argv = [
-        "--model",
-        str(model),
-        "--dataset",
-        str(corpus),
-        "--out",
-        str(out),
-        "--groups",
-        groups,
-        "--tokens",
-        tokens,
-        *FAST,
-        *extra,
-    ]
-    assert train_main(argv) == 0
+    argv = flags(model=model, dataset=corpus, out=out, groups=groups, tokens=tokens, **RUN_BUDGET)
+    assert train_main([*argv, *extra]) == 0
     return out
 
 
@@ -89,20 +70,7 @@ def test_eval_writes_every_output(runs, tmp_path, capsys, offline):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Approach |" in printed and "tokens/s" in printed
-    for name in (
-        "metrics.jsonl",
-        "metrics.csv",
-        "summary.json",
-        "table1.md",
-        "table1.csv",
-        "table2.md",
-        "report.html",
-        "fig2_amad.png",
-        "fig3_flops.png",
-        "mmco.png",
-        "mmcs.png",
-        "features_grouped.png",
-    ):
+    for name in (*OUTPUTS, "features_grouped.png"):
         assert (out / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted((r["run"], r["layer"]) for r in records) == sorted(
@@ -296,21 +264,7 @@ def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
     ]
     assert main(argv) == 0
     capsys.readouterr()
-    names = [
-        "metrics.jsonl",
-        "metrics.csv",
-        "summary.json",
-        "table1.md",
-        "table1.csv",
-        "table2.md",
-        "report.html",
-        "fig2_amad.png",
-        "fig3_flops.png",
-        "mmco.png",
-        "mmcs.png",
-        "features_auto.png",
-        "features_even:2.png",
-    ]
+    names = [*OUTPUTS, "features_auto.png", "features_even:2.png"]
     for name in names:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())

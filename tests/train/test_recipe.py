@@ -21,7 +21,7 @@ from gsae.sae import WEIGHT_NAMES, Sae, SaeConfig, SaeSettings
 from gsae.synthetic import SparseFeatures
 from gsae.train.step import SaeTrainer
 
-# Produced by the code before issue 19 (commit 5cb6572), whose defaults were then the paper's
+# Produced by the code of commit 5cb6572, whose defaults were then the paper's
 # optimiser: SaeConfig(d=32, num_latents=256, k=8, dead_threshold=512, init_encoder="paper",
 # init_b_dec="zeros"), 12 steps of 128 tokens of SparseFeatures(d=32, seed=1000) on one thread
 # (AuxK on from step 5), then the FVU on 1,024 more tokens and the sums of the weights.
@@ -191,8 +191,9 @@ def test_a_bad_config_file_is_one_line_before_any_work(text, says, tmp_path, cap
 
 
 def test_a_signum_config_saved_before_average_power_loads_as_it_was():
-    """cfg.json of a signum SAE written before issue 19 (no average_power, lr unset): sparsify's
-    plain mean at its learning rate, not the new defaults; one without an optimizer: Adam."""
+    """cfg.json of a signum SAE written before the defaults changed (no average_power, lr unset):
+    sparsify's plain mean at its learning rate, not the new defaults; one without an optimizer:
+    Adam."""
     old = {
         k: v
         for k, v in SaeConfig(d=64, optimizer="signum").to_dict().items()
@@ -203,3 +204,13 @@ def test_a_signum_config_saved_before_average_power_loads_as_it_was():
     assert cfg.lr_value == pytest.approx(5e-3 / math.sqrt(1024 / 2**14))
     older = {k: v for k, v in old.items() if k != "optimizer"}
     assert SaeConfig.from_dict(older).optimizer == "adam"
+
+
+def test_each_layer_set_gets_its_own_init_seed():
+    """A group SAE and a per-layer SAE of the same run seed must not share a random decoder
+    (MMCS between the runs would then measure the init), while a rerun reproduces it."""
+    from gsae.train.settings import sae_seed
+
+    seeds = {tuple(layers): sae_seed(0, layers) for layers in ([0], [0, 1, 2], [1], [5])}
+    assert len(set(seeds.values())) == len(seeds)
+    assert sae_seed(0, [2, 1, 0]) == seeds[(0, 1, 2)] and sae_seed(1, [0]) != seeds[(0,)]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_activations import _save_family
+from tiny import build_family
 
 from gsae.browse import collect, write_site
 from gsae.browse.collect import CollectConfig
@@ -23,7 +23,7 @@ PREFIX = {"gpt2": "h", "llama": "layers", "bert": "encoder.layer"}
 def test_export_hooks_and_browser_per_family(
     kind, tiny_model_dir, tiny_corpus, tmp_path, one_thread
 ):
-    model = _save_family(kind, tmp_path / kind, tiny_model_dir)
+    model = build_family(kind, tmp_path / kind, tiny_model_dir)
     run = tmp_path / "run"
     argv = [
         "--model",

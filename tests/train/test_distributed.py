@@ -22,7 +22,7 @@ from gsae.train.distributed import plan_owners
 # every test starts torchrun processes (6-17 s each on 2 cores)
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).parents[1] / "dist_worker.py"
 FAST = [
     "--tokens",
     "4k",
@@ -58,10 +58,10 @@ def replicas_checked(folder) -> list[str]:
     return config_flags(folder, check_replicas=True)
 
 
-def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py ARGV`` (gsae-train,
-    faults injected as ``env`` says); ``--standalone`` rendezvous on a free local port."""
-    cmd = [
+def torchrun_command(argv) -> list[str]:
+    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py ARGV``: gsae-train on two
+    processes; ``--standalone`` rendezvous on a free local port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -71,6 +71,11 @@ def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
         str(WORKER),
         *map(str, argv),
     ]
+
+
+def torchrun(argv, env=None, timeout=240) -> subprocess.CompletedProcess:
+    """:func:`torchrun_command` run to its end, faults injected as ``env`` says."""
+    cmd = torchrun_command(argv)
     full = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -381,16 +386,7 @@ def test_ctrl_c_to_torchrun_stops_every_process_with_a_checkpoint(
     out = tmp_path / "run"
     argv = args(tiny_model_dir, tiny_corpus, out, "--log-every", "5")
     argv[argv.index("--tokens") + 1] = "50M"  # longer than the test waits
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        *map(str, argv),
-    ]
+    cmd = torchrun_command(argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

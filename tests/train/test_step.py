@@ -1,4 +1,6 @@
-"""The decoder-gradient projection of ``SaeTrainer._update``.
+"""The SAE's training step (:class:`gsae.train.step.SaeTrainer`): it learns known directions,
+keeps decoder rows at unit norm, counts dead latents, resumes exactly and skips non-finite steps;
+and the decoder-gradient projection of ``SaeTrainer._update``.
 
 Renormalising the rows after the step keeps them at unit norm whether or not the gradient's
 component along each row is removed first, so a test of norms alone stays green without the
@@ -8,8 +10,11 @@ step's result, which Adam's per-element scaling makes depend on the projection.
 
 import pytest
 import torch
+from tiny import small_config
 
+from gsae.init import activation_scale
 from gsae.sae import Sae, SaeConfig
+from gsae.synthetic import SparseFeatures as SparseData
 from gsae.train.step import SaeTrainer
 
 
@@ -101,3 +106,73 @@ def test_rows_stay_unit_norm(seed):
     for _ in range(3):
         trainer.step(torch.randn(32, 16))
     torch.testing.assert_close(trainer.sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.slow
+def test_learns_known_directions():
+    data = SparseData(seed=1000)  # not the SAE's seed: its init would copy the directions
+    sae = Sae(small_config(), layers=[0])
+    assert data.recovered(sae, threshold=0.9) < 0.1  # nothing is found before training
+    sae.set_scale(0, activation_scale([data.batch(4096)], 4096))
+    trainer = SaeTrainer(sae)
+    for _ in range(1200):  # ~15 s on 2 CPU cores
+        trainer.step(data.batch(512))
+    with torch.no_grad():
+        fvu = float(sae(data.batch(4096)).loss.fvu)
+    recovered = data.recovered(sae, threshold=0.9)
+    assert fvu < 0.1, fvu
+    assert recovered >= 0.9, recovered
+
+
+def test_decoder_rows_stay_unit_norm_and_dead_latents_are_counted():
+    data = SparseData()
+    trainer = SaeTrainer(Sae(small_config(dead_threshold=2048), layers=[0]))
+    for _ in range(20):
+        out = trainer.step(data.batch(256))
+    torch.testing.assert_close(trainer.sae.W_dec.norm(dim=1), torch.ones(128))
+    dead = trainer.dead_mask()
+    assert 0 < int(dead.sum()) < 128  # 128 latents for 64 directions: some must die
+    assert float(out.dead_fraction) == pytest.approx(float(dead.float().mean()), abs=0.1)
+    assert float(out.auxk) > 0  # AuxK is on once latents are dead
+
+
+def _train(trainer, data, steps):
+    for _ in range(steps):
+        trainer.step(data.batch(256))
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    cfg = small_config(dead_threshold=4096)  # AuxK active in both halves
+    straight = SaeTrainer(Sae(cfg))
+    _train(straight, SparseData(seed=1), 30)
+
+    data = SparseData(seed=1)
+    first = SaeTrainer(Sae(cfg))
+    _train(first, data, 15)
+    first.save(tmp_path / "ckpt")
+    resumed = SaeTrainer.load(tmp_path / "ckpt")
+    _train(resumed, data, 15)
+
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(resumed.sae, name), getattr(straight.sae, name)), name
+    assert torch.equal(resumed.tokens_since_fired, straight.tokens_since_fired)
+    assert resumed.tokens_seen == straight.tokens_seen and resumed.steps == 30
+
+
+def test_non_finite_step_changes_nothing():
+    data = SparseData()
+    trainer = SaeTrainer(Sae(small_config()))
+    trainer.step(data.batch(64))
+    before = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
+    counters = trainer.tokens_since_fired.clone()
+    bad = data.batch(64)
+    bad[3, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        trainer.step(bad)
+    trainer.step(bad, check_finite=False)  # the hot-loop mode: skipped on the device, counted
+    assert int(trainer.skipped_steps) == 1
+    for name, p in trainer.sae.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert torch.equal(trainer.tokens_since_fired, counters)
+    trainer.step(data.batch(64))  # and training goes on
+    assert not torch.equal(trainer.sae.W_enc, before["W_enc"])

@@ -206,7 +206,7 @@ def test_demo_pipeline_runs_offline(tmp_path, offline):
     assert all(log[-1]["groups"][n]["fvu"] < log[0]["groups"][n]["fvu"] for n in names)
 
 
-# ---- issue 9: groups files, token counting, G_hat, one model load, honest final FVU
+# ---- groups files, token counting, G_hat, one model load, honest final FVU
 
 
 def groups_file(tmp_path, name, **fields):
@@ -370,3 +370,18 @@ def test_the_final_fvu_says_whether_its_tokens_were_trained_on(
     assert train_main(base(tiny_model_dir, tiny_corpus, fresh) + ["--tokens", "1k"]) == 0
     final = json.loads((fresh / "summary.json").read_text())["final_fvu"]
     assert final["held_out"] is True and final["tokens"] > 0
+
+
+def test_demo_defaults_all_take_effect():
+    """`gsae-train --model demo --dataset demo` (the README's main command) must get every demo
+    default: without --repeat the 482k-token corpus runs out before the 1M-token budget."""
+    from gsae.cli.train import parser, settings_from_args
+    from gsae.train.settings import DEMO_SETTINGS
+
+    s = settings_from_args(parser().parse_args(["--model", "demo", "--dataset", "demo"]))
+    assert s.repeat is True and s.tokens == 1_000_000 and s.ctx_len == 128
+    flags = s.flags()
+    for key, value in DEMO_SETTINGS.items():
+        assert flags[key] == value, key
+    assert flags["k"] == 32 and s.batch_tokens == 2048
+    assert settings_from_args(parser().parse_args(["--model", "pythia-70m"])).repeat is False

@@ -3,6 +3,7 @@ from each baseline latent to the group SAE's latents (the paper's direction). Wi
 width a swapped direction can go unnoticed; with different widths it cannot."""
 
 import pytest
+from tiny import RUN_BUDGET, flags
 
 from gsae.cli.train import main as train_main
 from gsae.eval import CoOccurrence, evaluate_runs, mmcs, prepare
@@ -17,36 +18,14 @@ TOKENS = 384
 def wide(trained_runs, tmp_path_factory, one_thread):
     """A G=2 run of SAEs twice as wide as the per-layer baseline's (m = 256 against 128)."""
     out = tmp_path_factory.mktemp("wide") / "wide"
-    argv = [
-        "--model",
-        str(trained_runs["model"]),
-        "--dataset",
-        str(trained_runs["corpus"]),
-        "--out",
-        str(out),
-        "--groups",
-        "2",
-        "--tokens",
-        "2k",
-        "--batch-tokens",
-        "512",
-        "--ctx-len",
-        "64",
-        "--k",
-        "8",
-        "--scale-tokens",
-        "1k",
-        "--grouping-tokens",
-        "2k",
-        "--dead-threshold",
-        "3k",
-        "--expansion-factor",
-        "8",
-        "--log-every",
-        "100",
-        "--device",
-        "cpu",
-    ]
+    argv = flags(
+        model=trained_runs["model"],
+        dataset=trained_runs["corpus"],
+        out=out,
+        groups="2",
+        tokens="2k",
+        **RUN_BUDGET | dict(expansion_factor="8"),
+    )
     assert train_main(argv) == 0
     return out
 

@@ -399,7 +399,7 @@ def test_outputs_respect_the_umask(tiny_model_dir, tiny_corpus, tmp_path, monkey
     assert not wrong, wrong
 
 
-# ---- exceptions inside a step (issue 18): an OOM, a kernel that cannot launch, a CUDA error
+# ---- exceptions inside a step: an OOM, a kernel that cannot launch, a CUDA error
 
 
 def checkpoint_steps(out: Path) -> int:
