@@ -172,12 +172,33 @@ def read_config(path: str) -> dict:
         raise ValueError(f"--config {path}: not a JSON object of settings")
     flat = {k: v for k, v in data.items() if k not in ("version", "sae")}
     flat.update(data.get("sae", {}))
-    flat = from_json_values(flat)
-    known = RunSettings.__dataclass_fields__.keys() | SaeSettings.__dataclass_fields__.keys()
-    unknown = sorted(set(flat) - known)
+    fields = {**SaeSettings.__dataclass_fields__, **RunSettings.__dataclass_fields__}
+    unknown = sorted(set(flat) - set(fields))
     if unknown:
         raise ValueError(f"--config {path}: unknown settings {', '.join(unknown)}")
-    return flat
+    for name, value in flat.items():
+        if not _fits(value, str(fields[name].type), name in COUNTS):
+            raise ValueError(f"--config {path}: {name} must be {fields[name].type}, not {value!r}")
+    return from_json_values(flat)
+
+
+def _fits(value, annotation: str, count: bool) -> bool:
+    """Whether a JSON value fits a field's annotation (``int | None``, ``tuple[float, float]``,
+    ...); a token count may also be text (``"1M"``)."""
+    if count and isinstance(value, str):
+        return True
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    kinds = {
+        "None": value is None,
+        "bool": isinstance(value, bool),
+        "int": number and float(value).is_integer(),
+        "float": number,
+        "str": isinstance(value, str),
+        "tuple[float, float]": isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+    }
+    return any(kinds.get(part.strip(), False) for part in annotation.split("|"))
 
 
 @dataclass

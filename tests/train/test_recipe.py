@@ -179,6 +179,10 @@ def test_a_run_json_is_a_config_for_the_same_run(tmp_path):
         ('{"init_encodr": "fit"}', "unknown settings init_encodr"),
         ("[1, 2]", "not a JSON object of settings"),
         ("{oops", "cannot be read"),
+        ('{"k": "abc"}', "k must be int, not 'abc'"),
+        ('{"betas": 3}', "betas must be tuple[float, float], not 3"),
+        ('{"check_replicas": "yes"}', "check_replicas must be bool"),
+        ('{"lr": true}', "lr must be float | None, not True"),
     ],
 )
 def test_a_bad_config_file_is_one_line_before_any_work(text, says, tmp_path, capsys):
