@@ -113,6 +113,7 @@ class SaeConfig(SaeSettings):
             (self.dead_threshold > 0, f"dead_threshold must be > 0, got {self.dead_threshold}"),
             (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.average_power >= 0, f"average_power must be >= 0, got {self.average_power}"),
+            (self.auxk_alpha >= 0, f"auxk_alpha must be >= 0, got {self.auxk_alpha}"),
             (
                 self.init_b_dec in B_DEC_INITS,
                 f"init_b_dec: {'|'.join(B_DEC_INITS)}, not {self.init_b_dec!r}",

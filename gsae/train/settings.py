@@ -179,6 +179,9 @@ def read_config(path: str) -> dict:
     for name, value in flat.items():
         if not _fits(value, str(fields[name].type), name in COUNTS):
             raise ValueError(f"--config {path}: {name} must be {fields[name].type}, not {value!r}")
+        choices = fields[name].metadata.get("option", {}).get("choices")
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"--config {path}: {name} must be one of {choices}, not {value!r}")
     return from_json_values(flat)
 
 
@@ -320,6 +323,10 @@ class RunSettings:
             raise ValueError(
                 f"--log-every {self.log_every}: need at least 1 step between log lines"
             )
+        if self.layers_per_token not in ("one", "all"):
+            raise ValueError(f"layers_per_token: one|all, not {self.layers_per_token!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout {self.dist_timeout}: need more than 0 seconds")
         check_threshold(self.threshold)  # --groups N records G_hat beside G too
         # the SAE's own settings (--lr, --k, ...) now, not once the model has loaded: a width
         # wide enough for any k stands in for the model's, which only the checks of m use

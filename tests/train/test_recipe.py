@@ -218,3 +218,60 @@ def test_each_layer_set_gets_its_own_init_seed():
     seeds = {tuple(layers): sae_seed(0, layers) for layers in ([0], [0, 1, 2], [1], [5])}
     assert len(set(seeds.values())) == len(seeds)
     assert sae_seed(0, [2, 1, 0]) == seeds[(0, 1, 2)] and sae_seed(1, [0]) != seeds[(0,)]
+
+
+def test_any_config_value_gives_settings_or_one_value_error(tmp_path):
+    """A seeded fuzz of --config files: a random value for each of a few random settings
+    gives a run's settings or a ValueError (one line for the user), never another exception."""
+    import json
+    import random
+
+    from gsae.train.settings import RunSettings, resolve_settings
+
+    rng = random.Random(0)
+    names = sorted({*RunSettings.__dataclass_fields__, *SaeSettings.__dataclass_fields__} - {"sae"})
+    values = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1,
+        7,
+        2.5,
+        1e30,
+        "x",
+        "1M",
+        "15m",
+        "",
+        [1, 2],
+        [0.9, 0.99],
+        {},
+    ]
+    outcomes = {"settings": 0, "refused": 0}
+    for i in range(300):
+        chosen = {name: rng.choice(values) for name in rng.sample(names, rng.randint(1, 4))}
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps(chosen))
+        try:
+            resolve_settings({"model": "demo", "dataset": "demo"}, str(path))
+            outcomes["settings"] += 1
+        except ValueError as err:
+            assert "\n" not in str(err), (chosen, err)
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 10, outcomes  # both outcomes are exercised
+
+
+@pytest.mark.parametrize(
+    "research, says",
+    [
+        ({"layers_per_token": "some"}, "layers_per_token: one|all"),
+        ({"auxk_alpha": -1}, "auxk_alpha must be >= 0"),
+        ({"recipe": ""}, "recipe must be one of"),
+        ({"dist_timeout": 0}, "--dist-timeout 0"),
+    ],
+)
+def test_a_config_value_out_of_its_range_is_refused(research, says, tmp_path):
+    """Values the fuzz above found accepted or crashing before they were checked."""
+    with pytest.raises(ValueError, match=says):
+        settings_from_args(parser().parse_args([*FLAGS, *config_flags(tmp_path, **research)]))
