@@ -530,14 +530,7 @@ def prepare(
     if not run_dirs:
         raise ValueError("no runs to evaluate")
     device = resolve_device(device)
-    runs = _unique([load_run(path) for path in run_dirs])
-    base = load_run(baseline) if baseline is not None else None
-    if base is not None:
-        runs = [r for r in runs if r.path.resolve() != base.path.resolve()]
-        runs.insert(0, base)  # the baseline is evaluated too (the figures' star)
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        runs = _renamed(runs)
+    runs, base = _runs_and_baseline(run_dirs, baseline)
     check_runs(runs, base, model)
     first = next((r for r in runs if not r.foreign), runs[0])  # a gsae-train run's settings
     dataset, trained_split, column, ctx_len = first.data_settings(dataset, None, column, ctx_len)
@@ -554,20 +547,7 @@ def prepare(
             f"held-out text: the {dataset!r} dataset's {split!r} split, which "
             f"training on its {trained_split!r} split never reads"
         )
-    for run in runs:
-        if run.foreign and not run.arg("dataset"):
-            notes.append(
-                f"{run.name}: sparsify SAEs whose training text is unknown (no "
-                "config.json): it may overlap the evaluation text"
-            )
-        if run.foreign:
-            run.args.setdefault("ctx_len", ctx_len)  # for the FLOP model, when not recorded
-    contexts = sorted({int(r.arg("ctx_len", ctx_len)) for r in runs})
-    if contexts != [ctx_len]:
-        notes.append(
-            f"the runs were trained with contexts of {contexts} tokens; all are "
-            f"evaluated with {ctx_len}"
-        )
+    notes += _text_notes(runs, ctx_len)
     model_dtype = model_dtype or default_dtype(device)
     if model is None:  # the runs' own (a sparsify baseline may not name it)
         model = next((r.model for r in runs if r.args.get("model")), None) or first.model
@@ -605,6 +585,39 @@ def prepare(
             f"text{where}; pass another --dataset or --split"
         )
     return plan
+
+
+def _runs_and_baseline(run_dirs, baseline) -> tuple[list[FinishedRun], FinishedRun | None]:
+    """The runs to evaluate, the baseline first (it is evaluated too: the figures' star), each
+    once and each under a name of its own."""
+    runs = _unique([load_run(path) for path in run_dirs])
+    base = load_run(baseline) if baseline is not None else None
+    if base is not None:
+        runs = [r for r in runs if r.path.resolve() != base.path.resolve()]
+        runs.insert(0, base)
+    names = [r.name for r in runs]
+    return (_renamed(runs) if len(set(names)) != len(names) else runs), base
+
+
+def _text_notes(runs: list[FinishedRun], ctx_len: int) -> list[str]:
+    """What the report says of the runs' training text and context against the evaluation's;
+    a sparsify run's unrecorded context is taken as the evaluation's (for the FLOP model)."""
+    notes = []
+    for run in runs:
+        if run.foreign and not run.arg("dataset"):
+            notes.append(
+                f"{run.name}: sparsify SAEs whose training text is unknown (no "
+                "config.json): it may overlap the evaluation text"
+            )
+        if run.foreign:
+            run.args.setdefault("ctx_len", ctx_len)
+    contexts = sorted({int(r.arg("ctx_len", ctx_len)) for r in runs})
+    if contexts != [ctx_len]:
+        notes.append(
+            f"the runs were trained with contexts of {contexts} tokens; all are "
+            f"evaluated with {ctx_len}"
+        )
+    return notes
 
 
 def _unique(runs: list[FinishedRun]) -> list[FinishedRun]:
