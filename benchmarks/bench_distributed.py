@@ -38,7 +38,7 @@ def formula_bytes(
 
     ``n`` tokens per step (the global batch), ``d`` the model width, ``m`` latents per SAE,
     ``owners`` the processes of each of the G SAEs, ``elem`` the bytes of one activation (the
-    model's dtype), ``rows_per_token`` per SAE (1, or its layers with --layers-per-token all).
+    model's dtype), ``rows_per_token`` per SAE (1, or its layers with layers_per_token "all").
     - replicated: every process hands all_reduce one float32 buffer of every SAE's gradients
       (2dm + m + d), fired-latent counts (m), batch statistics (d + 6), and 2 flags;
     - distribute-saes: all_to_all sends every token's drawn rows to the owners of each SAE, but

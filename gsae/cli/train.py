@@ -3,8 +3,9 @@
 A run: resolve the groups (``--groups auto|N|per-layer|even:N`` or ``--groups-file``), estimate
 each layer's activation scale, then loop: one forward (stopping after the deepest layer any group
 needs), and for each group an SAE step on, per token, the activation of a layer drawn uniformly
-from the group, or of every layer of the group with ``--layers-per-token all``. Every stage is
-saved as soon as it is done and ``--resume OUT`` continues from there (see gsae.train).
+from the group, or of every layer of the group with ``layers_per_token: "all"`` (a --config
+setting). Every stage is saved as soon as it is done and ``--resume OUT`` continues from there
+(see gsae.train).
 """
 
 from __future__ import annotations

@@ -469,8 +469,8 @@ class TrainingLoop:
 
     def log_step(self, outs: dict[str, StepOutput]) -> str:
         """Write a log record (a GPU sync, once per --log-every steps; with --distribute-saes a
-        gather of every SAE's numbers); stop on skipped steps. With ``--check-replicas``, also
-        check that every copy of each SAE is identical."""
+        gather of every SAE's numbers); stop on skipped steps. With ``check_replicas`` (a --config
+        setting), also check that every copy of each SAE is identical."""
         metrics = self.engine.metrics(outs)
         if self.settings.check_replicas:
             self.engine.check_replicas(self.steps)

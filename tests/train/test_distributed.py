@@ -158,7 +158,7 @@ def test_fewer_saes_than_processes_split_each_batch(
     per_token, tiny_model_dir, tiny_corpus, tmp_path, offline
 ):
     """One SAE for every layer on 2 processes: both own it, each trains on half the rows (with
-    --layers-per-token all: half of every layer's rows)."""
+    layers_per_token "all": half of every layer's rows)."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--groups", "1", "--include-last"]
     alone = config_flags(tmp_path, layers_per_token=per_token)
@@ -237,7 +237,7 @@ def test_a_failing_process_ends_the_job(fault, expect, tiny_model_dir, tiny_corp
 
 
 def test_replicas_that_differ_are_caught(tiny_model_dir, tiny_corpus, tmp_path):
-    """--check-replicas compares every copy at each log step: a copy changed on one process
+    """check_replicas compares every copy at each log step: a copy changed on one process
     stops the run, naming the SAE."""
     result = torchrun(
         args(tiny_model_dir, tiny_corpus, tmp_path / "run", *replicas_checked(tmp_path)),
