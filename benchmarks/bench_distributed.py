@@ -125,12 +125,13 @@ def test_two_processes_against_one(benchmark, report, tmp_path):
         )
 
     # bytes per step: measured (every process's, summed) against the formula
-    from gsae.cli.train import DEMO_DEFAULTS
+    from gsae.sae import SaeSettings
+    from gsae.train.settings import DEMO_SETTINGS
 
     cfg = json.loads((DEMO / "config.json").read_text())
     d = cfg["hidden_size"]
-    m = 16 * d  # --expansion-factor's default
-    n = DEMO_DEFAULTS["batch_tokens"]
+    m = SaeSettings.expansion_factor * d
+    n = DEMO_SETTINGS["batch_tokens"]
     for name, placement in (
         ("2, replicated", "replicated"),
         ("2, distribute-saes", "distribute-saes"),
