@@ -146,6 +146,75 @@ class SparsifyRun:
         return self.sae.W_dec.detach().clone()
 
 
+class SaelensRun:
+    """SAELens' TopK SAE (``TopKTrainingSAE`` at ``TopKTrainingSAEConfig``'s defaults but k) in
+    SAELens' own trainer (``SAETrainer`` at ``SAETrainerConfig``'s defaults): what a SAELens user
+    gets. That is Adam at 3e-4, betas (0.9, 0.999), a constant learning rate, gradient norm
+    clipped to 1, AuxK at weight 1 with its 1,000-step dead window, decoder rows at norm 0.1,
+    ``b_dec`` zeros, activations rescaled by the decoder norm, and ``normalize_activations``
+    "none": it sees the same batches as the others (with ``"expected_average_only_in"``, its own
+    normalisation, scaled to ``E||x|| = sqrt(d)``). Batches go in through the trainer's public
+    step, as its ``fit`` loop does; dead latents are counted in tokens here, as for the others."""
+
+    def __init__(self, d, m, k, dead_threshold, seed=0, normalize="none"):
+        from sae_lens import (
+            LanguageModelSAERunnerConfig,
+            LoggingConfig,
+            TopKTrainingSAE,
+            TopKTrainingSAEConfig,
+        )
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        torch.manual_seed(seed)
+        cfg = TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, normalize_activations=normalize)
+        # the trainer's settings as SAELens' runner derives them from its defaults (the token
+        # total only sizes a learning-rate schedule, and the default one is constant)
+        user = LanguageModelSAERunnerConfig(
+            sae=cfg,
+            train_batch_size_tokens=DEMO_BATCH,
+            logger=LoggingConfig(log_to_wandb=False),
+            verbose=False,
+        )
+        sae = TopKTrainingSAE(cfg)
+        self.trainer = SAETrainer(user.to_sae_trainer_config(), sae, data_provider=iter(()))
+        self.normalize, self.threshold = normalize, dead_threshold
+        self.since = torch.zeros(m, dtype=torch.long)
+
+    def step(self, x):
+        t = self.trainer
+        if (
+            self.normalize == "expected_average_only_in"
+            and t.activation_scaler.scaling_factor is None
+        ):
+            # what fit() estimates from its first batches: sqrt(d) / E||x||
+            t.activation_scaler.scaling_factor = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
+        t.maybe_reset_sparsity()  # fit()'s loop, one step of it
+        out = t.step(x)
+        t.n_training_steps += 1
+        self.since += x.shape[0]
+        self.since[(out.feature_acts > 0).any(0)] = 0
+
+    @torch.no_grad()
+    def evaluate(self, x):
+        t = self.trainer
+        t.sae.eval()
+        acts = t.sae.encode(t.activation_scaler(x))  # [N, m]
+        recon = t.sae.decode(acts)
+        t.sae.train()
+        if t.activation_scaler.scaling_factor is not None:
+            recon = recon / t.activation_scaler.scaling_factor
+        return fvu(x, recon), float((acts > 0).sum(1).float().mean())
+
+    def dead(self):
+        return float((self.since >= self.threshold).float().mean())
+
+
+def fvu(x, recon) -> float:
+    """Fraction of variance unexplained: squared error over the variance about the batch mean
+    (as gsae's and sparsify's losses)."""
+    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
 def train(run, batches, held_out, directions=None) -> Quality:
     for x in batches:
         run.step(x)
@@ -158,12 +227,18 @@ def train(run, batches, held_out, directions=None) -> Quality:
     return Quality(fvu, l0, run.dead(), recovered)
 
 
-def has_sparsify() -> bool:
+def _importable(name: str) -> bool:
     try:
-        import sparsify  # noqa: F401
+        __import__(name)
     except ImportError:
         return False
     return True
+
+
+def can_run(cls) -> bool:
+    """The peers' runners need their packages (skipped without them)."""
+    need = {SparsifyRun: "sparsify", SaelensRun: "sae_lens"}.get(cls)
+    return need is None or _importable(need)
 
 
 # ---- data
@@ -222,10 +297,16 @@ def train_budgets(run, pool, budgets, held_out) -> dict[int, Quality]:
 # ---- benchmarks
 
 DEFAULT, SPARSIFY = "gsae defaults", "sparsify defaults (signum, no AuxK)"
+SAELENS = "SAELens defaults (TopK, its SAETrainer)"
+PEERS = {  # the ratios' denominators, and issue 19's targets against them
+    SPARSIFY: ("sparsify defaults", " (target <= 0.9)", " (target: <=)"),
+    SAELENS: ("SAELens defaults", "", ""),
+}
 PAPER = {k: v for k, v in RECIPES["paper"].items() if k in SaeConfig.__dataclass_fields__}
 DEMO_CANDIDATES = {  # name -> (runner, kwargs, at every budget or the first only)
     DEFAULT: (GsaeRun, {}, True),
     SPARSIFY: (SparsifyRun, {}, True),
+    SAELENS: (SaelensRun, {}, True),
     "gsae --recipe paper": (GsaeRun, PAPER, False),
     "gsae --optimizer adam (the defaults before issue 19)": (GsaeRun, {"optimizer": "adam"}, False),
     "gsae signum as sparsify's (--average-power 0, lr 5e-3)": (
@@ -238,6 +319,11 @@ DEMO_CANDIDATES = {  # name -> (runner, kwargs, at every budget or the first onl
         {"optimizer": "adam", "auxk_alpha": 1 / 32},
         False,
     ),
+    "SAELens, its own normalisation (expected_average_only_in)": (
+        SaelensRun,
+        {"normalize": "expected_average_only_in"},
+        False,
+    ),
 }
 
 
@@ -246,7 +332,7 @@ def _demo_sweep(demo_activations, layers, budgets, seeds, only_pair=False):
     ``only_pair``: gsae's defaults and sparsify's alone)."""
     results: dict[str, dict] = {}
     for name, (cls, kwargs, every) in DEMO_CANDIDATES.items():
-        if (cls is SparsifyRun and not has_sparsify()) or (only_pair and not every):
+        if not can_run(cls) or (only_pair and not every):
             continue
         runs = results.setdefault(name, {})
         for seed in seeds:
@@ -294,19 +380,20 @@ def _report_sweep(report, results, layers, seeds):
                     name,
                     f"FVU {q.fvu:.4f}  L0 {q.l0:.1f}  dead {q.dead:.3f}",
                 )
-    if SPARSIFY not in results:
-        report("demo", f"{DEFAULT} / sparsify", "skipped: eai-sparsify not installed")
-        return
-    ours, theirs = results[DEFAULT], results[SPARSIFY]
-    for tokens in sorted(next(iter(ours.values()))):
-        for layer in layers:
-            a, b = _mean(ours, seeds, layer, tokens), _mean(theirs, seeds, layer, tokens)
-            report(
-                f"demo {tokens:>9,} tokens, layer {layer}",
-                "FVU gsae defaults / sparsify defaults",
-                f"{a.fvu / b.fvu:.3f} (target <= 0.9); dead {a.dead:.3f} vs {b.dead:.3f} "
-                "(target: <=)",
-            )
+    ours = results[DEFAULT]
+    for peer, (short, target, dead_target) in PEERS.items():
+        if peer not in results:
+            report("demo", f"{DEFAULT} / {short}", "skipped: its package is not installed")
+            continue
+        theirs = results[peer]
+        for tokens in sorted(next(iter(ours.values()))):
+            for layer in layers:
+                a, b = _mean(ours, seeds, layer, tokens), _mean(theirs, seeds, layer, tokens)
+                report(
+                    f"demo {tokens:>9,} tokens, layer {layer}",
+                    f"FVU gsae defaults / {short}",
+                    f"{a.fvu / b.fvu:.3f}{target}; dead {a.dead:.3f} vs {b.dead:.3f}{dead_target}",
+                )
 
 
 # ---- Group-SAEs on the new defaults: Table 1's per-layer SAEs against the demo's G-hat groups
@@ -392,7 +479,7 @@ def test_quality_synthetic(benchmark, report):
     scale = activation_scale([data.batch(8192)], 8192)
     batches = [scale * data.batch(n) for _ in range(steps)]
     held = scale * data.batch(8192)
-    names = [n for n, (cls, _) in SYN_CANDIDATES.items() if cls is GsaeRun or has_sparsify()]
+    names = [n for n, (cls, _) in SYN_CANDIDATES.items() if can_run(cls)]
     results = {}
 
     def run_all():
