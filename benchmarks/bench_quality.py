@@ -11,9 +11,9 @@ and seeds come from ``GSAE_QUALITY_BUDGETS`` (default ``200k,1M``), ``GSAE_QUALI
 (default every layer) and ``GSAE_QUALITY_SEEDS`` (default ``0``; figures are means over them);
 ``GSAE_QUALITY_ONLY_DEFAULTS=1`` trains only the three defaults (the other candidates run at the
 first budget). docs/results.md's table is three runs of ``GSAE_QUALITY_ONLY_DEFAULTS=1``:
-``GSAE_QUALITY_BUDGETS=200k GSAE_QUALITY_SEEDS=0,1,2`` (about 12 minutes of one CPU core),
-``GSAE_QUALITY_BUDGETS=1M`` (about 20) and ``GSAE_QUALITY_BUDGETS=5M`` with
-``GSAE_QUALITY_LAYERS`` (about 15 a layer). Synthetic: d = 256, 200 steps of 4,096
+``GSAE_QUALITY_BUDGETS=200k GSAE_QUALITY_SEEDS=0,1,2`` (9 minutes of one CPU core),
+``GSAE_QUALITY_BUDGETS=1M`` (15) and ``GSAE_QUALITY_BUDGETS=5M`` with ``GSAE_QUALITY_LAYERS``
+(15 a layer). Synthetic: d = 256, 200 steps of 4,096
 (gsae.synthetic.SparseFeatures, whose true directions are known).
 
 Each SAE is trained on the same batches, normalised the same way (mean squared norm 1): gsae's
