@@ -1,4 +1,5 @@
-"""Issues 8 and 19: SAE quality at equal tokens, gsae against sparsify on the same batches.
+"""Issues 8 and 19: SAE quality at equal tokens, gsae against sparsify and SAELens on the same
+batches.
 
 Real activations (issue 19's sweep): the bundled demo model's residual streams, the whole demo
 corpus (~482k tokens) read once; its last 50k tokens are held out, the rest is cycled in stream
@@ -7,23 +8,26 @@ to the largest budget and evaluated at every budget on the way (every optimiser 
 schedule-free or at a constant learning rate, so a shorter run is a prefix of a longer one):
 held-out FVU, L0 and the fraction of latents dead (no firing for 100k tokens). Budgets, layers
 and seeds come from ``GSAE_QUALITY_BUDGETS`` (default ``200k,1M``), ``GSAE_QUALITY_LAYERS``
-(default every layer) and ``GSAE_QUALITY_SEEDS`` (default ``0``); ``GSAE_QUALITY_ONLY_DEFAULTS=1``
-trains only the two defaults (the other candidates run at the first budget). The 5M point of the
-README's table is ``GSAE_QUALITY_BUDGETS=200k,1M,5M`` (about an hour of one CPU core, so not the
-default of ``--benchmark-only``). Synthetic: d = 256, 200 steps of 4,096
+(default every layer) and ``GSAE_QUALITY_SEEDS`` (default ``0``; figures are means over them);
+``GSAE_QUALITY_ONLY_DEFAULTS=1`` trains only the three defaults (the other candidates run at the
+first budget). docs/results.md's table is three runs of ``GSAE_QUALITY_ONLY_DEFAULTS=1``:
+``GSAE_QUALITY_BUDGETS=200k GSAE_QUALITY_SEEDS=0,1,2`` (9 minutes of one CPU core),
+``GSAE_QUALITY_BUDGETS=1M`` (15) and ``GSAE_QUALITY_BUDGETS=5M`` with ``GSAE_QUALITY_LAYERS``
+(15 a layer). Synthetic: d = 256, 200 steps of 4,096
 (gsae.synthetic.SparseFeatures, whose true directions are known).
 
-Each SAE is trained by the same loop on the same batches, normalised the same way: gsae's own
-``SaeTrainer``, and for sparsify (``pip install eai-sparsify``; skipped without it) its
-``SparseCoder`` in the step of sparsify's own trainer (loss, gradient projection, decoder
-renormalisation, first-batch ``b_dec``) with the optimiser a sparsify user gets: sparsify 1.3's
-``TrainConfig`` defaults, schedule-free sign-SGD at 5e-3 / sqrt(m / 2^14) and no AuxK
-(``auxk_alpha = 0``).
+Each SAE is trained on the same batches, normalised the same way (mean squared norm 1): gsae's
+own ``SaeTrainer``; sparsify's ``SparseCoder`` (``pip install eai-sparsify``; skipped without it)
+in the step of sparsify's own trainer (loss, gradient projection, decoder renormalisation,
+first-batch ``b_dec``) with the optimiser a sparsify user gets: sparsify 1.3's ``TrainConfig``
+defaults, schedule-free sign-SGD at 5e-3 / sqrt(m / 2^14) and no AuxK (``auxk_alpha = 0``); and
+SAELens' ``TopKTrainingSAE`` in its own ``SAETrainer``, every setting at SAELens' defaults
+(:class:`SaelensRun`; skipped without ``sae_lens``).
 
 Targets (issue 19): gsae's defaults reach held-out FVU <= 0.9x sparsify's defaults on every demo
 layer at every budget, with no more dead latents; (issue 8) synthetic FVU <= 0.134 with >= 90%
-of directions recovered. Printed, never asserted. With ``--benchmark-disable`` (the CI smoke
-run) one layer trains for 10 steps.
+of directions recovered. The ratios to SAELens are printed beside them, with no target. Printed,
+never asserted. With ``--benchmark-disable`` (the CI smoke run) one layer trains for 10 steps.
 """
 
 from __future__ import annotations
@@ -146,6 +150,75 @@ class SparsifyRun:
         return self.sae.W_dec.detach().clone()
 
 
+class SaelensRun:
+    """SAELens' TopK SAE (``TopKTrainingSAE`` at ``TopKTrainingSAEConfig``'s defaults but k) in
+    SAELens' own trainer (``SAETrainer`` at ``SAETrainerConfig``'s defaults): what a SAELens user
+    gets. That is Adam at 3e-4, betas (0.9, 0.999), a constant learning rate, gradient norm
+    clipped to 1, AuxK at weight 1 with its 1,000-step dead window, decoder rows at norm 0.1,
+    ``b_dec`` zeros, activations rescaled by the decoder norm, and ``normalize_activations``
+    "none": it sees the same batches as the others (with ``"expected_average_only_in"``, its own
+    normalisation, scaled to ``E||x|| = sqrt(d)``). Batches go in through the trainer's public
+    step, as its ``fit`` loop does; dead latents are counted in tokens here, as for the others."""
+
+    def __init__(self, d, m, k, dead_threshold, seed=0, normalize="none"):
+        from sae_lens import (
+            LanguageModelSAERunnerConfig,
+            LoggingConfig,
+            TopKTrainingSAE,
+            TopKTrainingSAEConfig,
+        )
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        torch.manual_seed(seed)
+        cfg = TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, normalize_activations=normalize)
+        # the trainer's settings as SAELens' runner derives them from its defaults (the token
+        # total only sizes a learning-rate schedule, and the default one is constant)
+        user = LanguageModelSAERunnerConfig(
+            sae=cfg,
+            train_batch_size_tokens=DEMO_BATCH,
+            logger=LoggingConfig(log_to_wandb=False),
+            verbose=False,
+        )
+        sae = TopKTrainingSAE(cfg)
+        self.trainer = SAETrainer(user.to_sae_trainer_config(), sae, data_provider=iter(()))
+        self.normalize, self.threshold = normalize, dead_threshold
+        self.since = torch.zeros(m, dtype=torch.long)
+
+    def step(self, x):
+        t = self.trainer
+        if (
+            self.normalize == "expected_average_only_in"
+            and t.activation_scaler.scaling_factor is None
+        ):
+            # what fit() estimates from its first batches: sqrt(d) / E||x||
+            t.activation_scaler.scaling_factor = math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean())
+        t.maybe_reset_sparsity()  # fit()'s loop, one step of it
+        out = t.step(x)
+        t.n_training_steps += 1
+        self.since += x.shape[0]
+        self.since[(out.feature_acts > 0).any(0)] = 0
+
+    @torch.no_grad()
+    def evaluate(self, x):
+        t = self.trainer
+        t.sae.eval()
+        acts = t.sae.encode(t.activation_scaler(x))  # [N, m]
+        recon = t.sae.decode(acts)
+        t.sae.train()
+        if t.activation_scaler.scaling_factor is not None:
+            recon = recon / t.activation_scaler.scaling_factor
+        return fvu(x, recon), float((acts > 0).sum(1).float().mean())
+
+    def dead(self):
+        return float((self.since >= self.threshold).float().mean())
+
+
+def fvu(x, recon) -> float:
+    """Fraction of variance unexplained: squared error over the variance about the batch mean
+    (as gsae's and sparsify's losses)."""
+    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
 def train(run, batches, held_out, directions=None) -> Quality:
     for x in batches:
         run.step(x)
@@ -158,12 +231,18 @@ def train(run, batches, held_out, directions=None) -> Quality:
     return Quality(fvu, l0, run.dead(), recovered)
 
 
-def has_sparsify() -> bool:
+def _importable(name: str) -> bool:
     try:
-        import sparsify  # noqa: F401
+        __import__(name)
     except ImportError:
         return False
     return True
+
+
+def can_run(cls) -> bool:
+    """The peers' runners need their packages (skipped without them)."""
+    need = {SparsifyRun: "sparsify", SaelensRun: "sae_lens"}.get(cls)
+    return need is None or _importable(need)
 
 
 # ---- data
@@ -200,32 +279,43 @@ def demo_activations(request):
     return out
 
 
-def demo_batches(pool, steps):
-    """``steps`` batches of 2,048 from ``pool``, cycled in order (the corpus's epochs)."""
-    n = pool.shape[0] // DEMO_BATCH
-    return (pool[(i % n) * DEMO_BATCH : (i % n + 1) * DEMO_BATCH] for i in range(steps))
+def demo_batches(pool, steps, batch=DEMO_BATCH, start=0):
+    """Batches ``start`` to ``start + steps`` of ``batch`` tokens from ``pool``, cycled in order
+    (the corpus's epochs). An epoch is the pool's whole batches of 2,048 whatever ``batch`` is
+    (which divides it), so that every batch size sees the same tokens."""
+    n = pool.shape[0] // DEMO_BATCH * DEMO_BATCH // batch
+    return (pool[(i % n) * batch : (i % n + 1) * batch] for i in range(start, start + steps))
 
 
-def train_budgets(run, pool, budgets, held_out) -> dict[int, Quality]:
-    """Train ``run`` to the largest of ``budgets`` (tokens), evaluating at each one."""
-    steps = sorted({max(1, b // DEMO_BATCH) for b in budgets})
+def train_budgets(run, pool, budgets, held_out, batch=DEMO_BATCH) -> dict[int, Quality]:
+    """Train ``run`` to the largest of ``budgets`` (tokens), evaluating at each one. A budget is
+    rounded down to whole batches of 2,048, whatever ``batch`` is, so that every batch size sees
+    the same tokens (``batch`` divides 2,048 or a multiple of it)."""
+    tokens = sorted({max(1, b // DEMO_BATCH) * DEMO_BATCH for b in budgets})
     out, done = {}, 0
-    for target in steps:
-        for x in demo_batches(pool, target - done):
+    for total in tokens:
+        target = max(1, total // batch)
+        for x in demo_batches(pool, target - done, batch, start=done):
             run.step(x)
         done = target
         fvu, l0 = run.evaluate(held_out)
-        out[target * DEMO_BATCH] = Quality(fvu, l0, run.dead())
+        out[total] = Quality(fvu, l0, run.dead())
     return out
 
 
 # ---- benchmarks
 
 DEFAULT, SPARSIFY = "gsae defaults", "sparsify defaults (signum, no AuxK)"
+SAELENS = "SAELens defaults (TopK, its SAETrainer)"
+PEERS = {  # the ratios' denominators, and issue 19's targets against them
+    SPARSIFY: ("sparsify defaults", " (target <= 0.9)", " (target: <=)"),
+    SAELENS: ("SAELens defaults", "", ""),
+}
 PAPER = {k: v for k, v in RECIPES["paper"].items() if k in SaeConfig.__dataclass_fields__}
-DEMO_CANDIDATES = {  # name -> (runner, kwargs, at every budget or the first only)
+DEMO_CANDIDATES = {  # name -> (runner, kwargs (and "batch"), at every budget or the first only)
     DEFAULT: (GsaeRun, {}, True),
     SPARSIFY: (SparsifyRun, {}, True),
+    SAELENS: (SaelensRun, {}, True),
     "gsae --recipe paper": (GsaeRun, PAPER, False),
     "gsae --optimizer adam (the defaults before issue 19)": (GsaeRun, {"optimizer": "adam"}, False),
     "gsae signum as sparsify's (--average-power 0, lr 5e-3)": (
@@ -238,6 +328,14 @@ DEMO_CANDIDATES = {  # name -> (runner, kwargs, at every budget or the first onl
         {"optimizer": "adam", "auxk_alpha": 1 / 32},
         False,
     ),
+    # equal tokens in more, smaller steps: gsae gains at 200k, sparsify loses (docs/results.md)
+    "gsae defaults, batches of 512": (GsaeRun, {"batch": 512}, False),
+    "sparsify defaults, batches of 512": (SparsifyRun, {"batch": 512}, False),
+    "SAELens, its own normalisation (expected_average_only_in)": (
+        SaelensRun,
+        {"normalize": "expected_average_only_in"},
+        False,
+    ),
 }
 
 
@@ -246,15 +344,17 @@ def _demo_sweep(demo_activations, layers, budgets, seeds, only_pair=False):
     ``only_pair``: gsae's defaults and sparsify's alone)."""
     results: dict[str, dict] = {}
     for name, (cls, kwargs, every) in DEMO_CANDIDATES.items():
-        if (cls is SparsifyRun and not has_sparsify()) or (only_pair and not every):
+        if not can_run(cls) or (only_pair and not every):
             continue
         runs = results.setdefault(name, {})
         for seed in seeds:
             for layer in layers:
                 pool, held = demo_activations[layer]
-                run = cls(pool.shape[1], DEMO_M, DEMO_K, DEMO_DEAD, seed=seed, **kwargs)
+                settings = dict(kwargs)
+                batch = settings.pop("batch", DEMO_BATCH)
+                run = cls(pool.shape[1], DEMO_M, DEMO_K, DEMO_DEAD, seed=seed, **settings)
                 todo = budgets if every else budgets[:1]
-                runs[seed, layer] = train_budgets(run, pool, todo, held)
+                runs[seed, layer] = train_budgets(run, pool, todo, held, batch)
     return results
 
 
@@ -294,19 +394,20 @@ def _report_sweep(report, results, layers, seeds):
                     name,
                     f"FVU {q.fvu:.4f}  L0 {q.l0:.1f}  dead {q.dead:.3f}",
                 )
-    if SPARSIFY not in results:
-        report("demo", f"{DEFAULT} / sparsify", "skipped: eai-sparsify not installed")
-        return
-    ours, theirs = results[DEFAULT], results[SPARSIFY]
-    for tokens in sorted(next(iter(ours.values()))):
-        for layer in layers:
-            a, b = _mean(ours, seeds, layer, tokens), _mean(theirs, seeds, layer, tokens)
-            report(
-                f"demo {tokens:>9,} tokens, layer {layer}",
-                "FVU gsae defaults / sparsify defaults",
-                f"{a.fvu / b.fvu:.3f} (target <= 0.9); dead {a.dead:.3f} vs {b.dead:.3f} "
-                "(target: <=)",
-            )
+    ours = results[DEFAULT]
+    for peer, (short, target, dead_target) in PEERS.items():
+        if peer not in results:
+            report("demo", f"{DEFAULT} / {short}", "skipped: its package is not installed")
+            continue
+        theirs = results[peer]
+        for tokens in sorted(next(iter(ours.values()))):
+            for layer in layers:
+                a, b = _mean(ours, seeds, layer, tokens), _mean(theirs, seeds, layer, tokens)
+                report(
+                    f"demo {tokens:>9,} tokens, layer {layer}",
+                    f"FVU gsae defaults / {short}",
+                    f"{a.fvu / b.fvu:.3f}{target}; dead {a.dead:.3f} vs {b.dead:.3f}{dead_target}",
+                )
 
 
 # ---- Group-SAEs on the new defaults: Table 1's per-layer SAEs against the demo's G-hat groups
@@ -392,7 +493,7 @@ def test_quality_synthetic(benchmark, report):
     scale = activation_scale([data.batch(8192)], 8192)
     batches = [scale * data.batch(n) for _ in range(steps)]
     held = scale * data.batch(8192)
-    names = [n for n, (cls, _) in SYN_CANDIDATES.items() if cls is GsaeRun or has_sparsify()]
+    names = [n for n, (cls, _) in SYN_CANDIDATES.items() if can_run(cls)]
     results = {}
 
     def run_all():
