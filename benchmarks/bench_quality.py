@@ -318,7 +318,7 @@ DEMO_CANDIDATES = {  # name -> (runner, kwargs (and "batch"), at every budget or
     SAELENS: (SaelensRun, {}, True),
     "gsae --recipe paper": (GsaeRun, PAPER, False),
     "gsae --optimizer adam (the defaults before issue 19)": (GsaeRun, {"optimizer": "adam"}, False),
-    "gsae signum as sparsify's (--average-power 0, lr 5e-3)": (
+    "gsae signum as sparsify's (average_power 0, lr 5e-3)": (
         GsaeRun,
         {"optimizer": "signum", "average_power": 0.0, "lr": 5e-3 / math.sqrt(DEMO_M / 2**14)},
         False,
@@ -473,8 +473,8 @@ def test_quality_demo_groups(benchmark, report, demo_activations):
 
 SYN_CANDIDATES = {
     "gsae (default)": (GsaeRun, {}),
-    "gsae --init paper": (GsaeRun, {"init_encoder": "paper"}),
-    "gsae --init paper --init-b-dec zeros": (
+    "gsae init_encoder paper": (GsaeRun, {"init_encoder": "paper"}),
+    "gsae init_encoder paper, init_b_dec zeros": (
         GsaeRun,
         {"init_encoder": "paper", "init_b_dec": "zeros"},
     ),
