@@ -45,7 +45,9 @@ def add_options(p: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = 
 def _flag_type(f, meta):
     """How a flag's text is read: the field's type (``int | None``: int), but counts (``1M``)
     and ``int | str`` (``--save-every 15m``) stay text, read with the run's settings."""
-    kinds = [t.strip() for t in str(f.type).split("|")]
+    from ..options import type_names
+
+    kinds = type_names(f)
     if meta["count"] or "str" in kinds:
         return str
     return {"int": int, "float": float}[kinds[0]]
@@ -98,7 +100,7 @@ def data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     from ..train.settings import RunSettings
 
     for key in DATA_SETTINGS:
-        if getattr(args, key, None) is None and key in RunSettings.__dataclass_fields__:
+        if getattr(args, key, None) is None:
             setattr(args, key, RunSettings.__dataclass_fields__[key].default)
     return args
 

@@ -114,11 +114,7 @@ def setting_flags(p: argparse.ArgumentParser) -> dict[str, str]:
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run's settings: the flags given, then the --config file's, the recipe's, and the
     demo's or the paper's defaults."""
-    given = {
-        k: v
-        for k, v in vars(args).items()
-        if v is not None and k not in NOT_SETTINGS and not k.startswith("_former_")
-    }
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in NOT_SETTINGS}
     return resolve_settings(given, getattr(args, "config", None))
 
 

@@ -23,7 +23,7 @@ from ..grouping import DEFAULT_THRESHOLD, check_threshold
 from ..hf.hub import local_name
 from ..hf.models import DEFAULT_CTX_LEN
 from ..hf.texts import DEFAULT_DATASET
-from ..options import option
+from ..options import counts, option, type_names
 from ..run import SETTINGS_VERSION, RunFolder, settings_flags, upgrade_settings
 from ..sae import SaeConfig, SaeSettings, legacy_fields
 from ..units import parse_count
@@ -62,9 +62,6 @@ RECIPES = {
 }
 # several processes: where the SAEs live, the collectives' timeout and a debugging check change
 # nothing that is computed (placements agree to float rounding); --data-shards fixes the batches
-
-
-COUNTS = ("tokens", "grouping_tokens", "scale_tokens", "dead_threshold")
 
 
 def sae_seed(seed: int, layers) -> int:
@@ -177,7 +174,7 @@ def read_config(path: str) -> dict:
     if unknown:
         raise ValueError(f"--config {path}: unknown settings {', '.join(unknown)}")
     for name, value in flat.items():
-        if not _fits(value, str(fields[name].type), name in COUNTS):
+        if not _fits(value, type_names(fields[name]), name in COUNTS):
             raise ValueError(f"--config {path}: {name} must be {fields[name].type}, not {value!r}")
         choices = fields[name].metadata.get("option", {}).get("choices")
         if choices and value is not None and value not in choices:
@@ -185,9 +182,9 @@ def read_config(path: str) -> dict:
     return from_json_values(flat)
 
 
-def _fits(value, annotation: str, count: bool) -> bool:
-    """Whether a JSON value fits a field's annotation (``int | None``, ``tuple[float, float]``,
-    ...); a token count may also be text (``"1M"``)."""
+def _fits(value, annotation: list[str], count: bool) -> bool:
+    """Whether a JSON value fits one of the names of a field's annotation (``int``, ``None``,
+    ``tuple[float, float]``, ...); a token count may also be text (``"1M"``)."""
     if count and isinstance(value, str):
         return True
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -201,7 +198,7 @@ def _fits(value, annotation: str, count: bool) -> bool:
         and len(value) == 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
     }
-    return any(kinds.get(part.strip(), False) for part in annotation.split("|"))
+    return any(kinds.get(name, False) for name in annotation)
 
 
 @dataclass
@@ -211,9 +208,7 @@ class RunSettings:
     bundled demo model's own defaults); the others, and ``sae``'s, a ``--config`` file sets."""
 
     # model and data
-    model: str = option(
-        "pythia-160m", "local directory, hub id, pythia-<size> or 'demo'", flag="--model"
-    )
+    model: str = option("pythia-160m", "local directory, hub id, pythia-<size> or 'demo'")
     dataset: str = option(
         DEFAULT_DATASET,
         "hub dataset id (streamed), local .txt/.jsonl/.parquet[.gz], saved datasets dir, or 'demo'",
@@ -377,3 +372,7 @@ class RunSettings:
             return cls.from_json(data)
         except (TypeError, ValueError) as err:
             raise folder.unreadable_settings(err) from None
+
+
+# the token-count settings, read by parse_count (``1M``) from a flag or a --config file
+COUNTS = counts(RunSettings, SaeSettings)
