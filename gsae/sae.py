@@ -76,6 +76,11 @@ class SaeSettings:
         choices=OPTIMIZERS,
     )
     average_power: float = 2.0  # signum: step t weighs t^r in the average (sparsify's: r = 0)
+    # batch warm-up: the first warmup_tokens tokens are trained in steps of at most warmup_batch
+    # tokens (each batch split): early on more, smaller steps learn more per token; later the
+    # full batch's lower noise does (benchmarks/bench_quality.py). warmup_tokens 0: off (paper)
+    warmup_tokens: int = 300_000
+    warmup_batch: int = 1024
     init_encoder: str = "fit"  # scale of W_enc = c W_dec^T: see Sae; "paper": c = 1
     init_b_dec: str = "mean"  # of the first batch; "median": geometric median; "zeros" (paper)
     scale_mode: str = "mean_sq"  # paper: E||s x||^2 = 1; "mean_norm": E||s x|| = 1 (authors' code)
@@ -114,6 +119,8 @@ class SaeConfig(SaeSettings):
             (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.average_power >= 0, f"average_power must be >= 0, got {self.average_power}"),
             (self.auxk_alpha >= 0, f"auxk_alpha must be >= 0, got {self.auxk_alpha}"),
+            (self.warmup_tokens >= 0, f"warmup_tokens must be >= 0, got {self.warmup_tokens}"),
+            (self.warmup_batch >= 1, f"warmup_batch must be >= 1, got {self.warmup_batch}"),
             (
                 self.init_b_dec in B_DEC_INITS,
                 f"init_b_dec: {'|'.join(B_DEC_INITS)}, not {self.init_b_dec!r}",
@@ -150,10 +157,12 @@ class SaeConfig(SaeSettings):
 
 
 def legacy_fields(data: dict) -> dict:
-    """SaeConfig fields (with ``d``) as saved, completed for a config saved before
-    ``average_power`` existed, when the default optimizer was Adam and signum meant sparsify's
-    plain mean at 5e-3 / sqrt(m / 2^14): so an old run resumes, and its SAEs load, as what they
-    were."""
+    """SaeConfig fields (with ``d``) as saved, completed for a config saved before a field
+    existed: before ``warmup_tokens``, no batch warm-up; before ``average_power``, the default
+    optimizer was Adam and signum meant sparsify's plain mean at 5e-3 / sqrt(m / 2^14). So an old
+    run resumes, and its SAEs load, as what they were."""
+    if "warmup_tokens" not in data:  # saved before the batch warm-up: trained without one
+        data = {**data, "warmup_tokens": 0}
     if "average_power" in data:
         return data
     data = {"optimizer": "adam", **data, "average_power": 0.0}  # adam: the default until then

@@ -33,7 +33,7 @@ import torch
 from .distributed import World
 from .sampler import LayerSampler
 from .shards import ShardLayout
-from .step import SaeTrainer, StepOutput
+from .step import SaeTrainer, StepOutput, mean_output, warmup_split
 
 
 @dataclass
@@ -142,15 +142,31 @@ class GradientBucket:
         self.flat.zero_()
 
 
-def _data_parallel(world: World, group, groups, batches, bucket: GradientBucket, tokens: int):
-    """The data-parallel step of ``groups`` (each on its part ``batches``) within process group
-    ``group``: init (first step), backward, one all_reduce of ``bucket``, then the update. The
-    bucket's flags must be set by the caller before; returns the reduced flags and a function
-    applying the update."""
+def _init_replicas(world: World, group, groups, batches) -> None:
+    """The first step's init of ``groups`` (each on its part ``batches``) within process group
+    ``group``: the whole batch's statistics, the same on every replica."""
     total = world.summer(group)
     for g, b in zip(groups, batches, strict=True):
-        if not g.trainer.initialized:  # the whole batch's statistics, the same on every replica
+        if not g.trainer.initialized:
             g.trainer.initialized = g.trainer.sae.init_from_batch(b.x, b.layer, total) is not None
+
+
+def _warmup_steps(trainer: SaeTrainer, batches, tokens: int) -> list[tuple[list, int]]:
+    """The steps a data-parallel batch makes (several during the batch warm-up, the same number
+    on every process: it depends on the whole batch's ``tokens`` and the replicas' common
+    state): each step's part of every group's ``batches``, and its tokens."""
+    parts = trainer.warmup_parts(tokens)
+    if parts == 1:
+        return [(list(batches), tokens)]
+    split = [warmup_split(b.x, b.layer, tokens, parts) for b in batches]
+    counts = split[0][2]
+    return [([_Rows(xs[j], ls[j]) for xs, ls, _ in split], counts[j]) for j in range(parts)]
+
+
+def _data_parallel(world: World, group, groups, batches, bucket: GradientBucket, tokens: int):
+    """The data-parallel step of ``groups`` (each on its part ``batches``, initialised) within
+    process group ``group``: backward, one all_reduce of ``bucket``, then the update. The
+    bucket's flags must be set by the caller before; returns a function applying the update."""
     for g, b, part in zip(groups, batches, bucket.parts, strict=True):
         g.trainer.backward_part(b.x, b.layer, part.hits, part.stats)
     world.all_reduce(bucket.flat, group)
@@ -162,6 +178,13 @@ def _data_parallel(world: World, group, groups, batches, bucket: GradientBucket,
         }
 
     return apply
+
+
+def _mean_outputs(outs: list[dict[str, StepOutput]]) -> dict[str, StepOutput]:
+    """Each SAE's numbers over the steps of one batch (several during the batch warm-up)."""
+    if len(outs) == 1:
+        return outs[0]
+    return {name: mean_output([o[name] for o in outs]) for name in outs[0]}
 
 
 class ReplicatedSteps:
@@ -189,13 +212,17 @@ class ReplicatedSteps:
         if positions is None:  # no data here (used up, or no shard): take part with nothing
             hidden, positions = hidden[:, :0], self.positions[:0]
         batches = self.sampler.draw(hidden, step, positions, self.total)
-        self.bucket.zero()
-        self.bucket.flags[0], self.bucket.flags[1] = float(exhausted), float(stop)
-        apply = _data_parallel(self.world, None, self.groups, batches, self.bucket, self.total)
-        exhausted_any, stop_any = (self.bucket.flags > 0).tolist()  # the step's one sync
-        if exhausted_any:
-            return StepResult({}, True, stop_any)
-        return StepResult(apply(), False, stop_any)
+        _init_replicas(self.world, None, self.groups, batches)
+        outs = []
+        for part, tokens in _warmup_steps(self.groups[0].trainer, batches, self.total):
+            self.bucket.zero()
+            self.bucket.flags[0], self.bucket.flags[1] = float(exhausted), float(stop)
+            apply = _data_parallel(self.world, None, self.groups, part, self.bucket, tokens)
+            exhausted_any, stop_any = (self.bucket.flags > 0).tolist()  # the step's one sync
+            if exhausted_any:  # known at the first of the warm-up's steps: nothing is updated
+                return StepResult({}, True, stop_any)
+            outs.append(apply())
+        return StepResult(_mean_outputs(outs), False, stop_any)
 
     def metrics(self, outs: dict[str, StepOutput]) -> dict[str, dict]:
         # the replicas hold the same numbers: no exchange needed
@@ -349,17 +376,13 @@ class DistributedSteps:
                     x, layer, check_finite=False, tokens=self.total
                 )
             else:  # a share of it: data-parallel with the SAE's other owners
-                bucket = self.bucket[i]
-                bucket.zero()
-                apply = _data_parallel(
-                    self.world,
-                    self.process_groups[i],
-                    [group],
-                    [_Rows(x, layer)],
-                    bucket,
-                    self.total,
-                )
-                outs.update(apply())
+                rows, bucket, pg = [_Rows(x, layer)], self.bucket[i], self.process_groups[i]
+                _init_replicas(self.world, pg, [group], rows)
+                done = []
+                for part, tokens in _warmup_steps(group.trainer, rows, self.total):
+                    bucket.zero()
+                    done.append(_data_parallel(self.world, pg, [group], part, bucket, tokens)())
+                outs.update(_mean_outputs(done))
         return StepResult(outs, False, stop_any)
 
     def metrics(self, outs: dict[str, StepOutput]) -> dict[str, dict]:

@@ -58,6 +58,7 @@ RECIPES = {
         "init_b_dec": "zeros",
         "model_dtype": "fp32",
         "sae_precision": "fp32",  # the encoder's matmul in IEEE fp32, as the paper trained
+        "warmup_tokens": 0,  # every step the whole batch
     },
 }
 # several processes: where the SAEs live, the collectives' timeout and a debugging check change

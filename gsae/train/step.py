@@ -100,6 +100,23 @@ class DeadCount:
         return self.value
 
 
+def mean_output(outs: list[StepOutput]) -> StepOutput:
+    """The numbers of a batch trained in several steps (the batch warm-up): their means."""
+    return StepOutput(*(torch.stack(values).mean() for values in zip(*outs, strict=True)))
+
+
+def warmup_split(x: torch.Tensor, layer, tokens: int, parts: int) -> tuple[list, list, list]:
+    """``x [N, d]``, its ``layer`` (an int, or a tensor ``[N]``) and ``tokens`` in ``parts``
+    steps of the batch warm-up: rows ``j::parts`` for step j, so that each step holds every
+    part of the batch (a layer-major batch of several layers per token, too); its tokens are
+    ``tokens`` shared out as evenly."""
+    xs = [x[j::parts] for j in range(parts)]
+    per_row = isinstance(layer, torch.Tensor) and layer.dim() == 1
+    layers = [layer[j::parts] if per_row else layer for j in range(parts)]
+    base, extra = divmod(tokens, parts)
+    return xs, layers, [base + (j < extra) for j in range(parts)]
+
+
 def make_optimizer(sae: Sae) -> torch.optim.Optimizer:
     """Schedule-free sign-SGD (``signum``, the default: sparsify's optimiser with gsae's learning
     rate and averaging weights) or Adam (the paper's). Both honour ``found_inf`` on the device, so
@@ -175,10 +192,31 @@ class SaeTrainer:
     ) -> StepOutput:
         """One optimisation step on ``x [N, d]`` (model units) from ``layer``. ``tokens``: how
         many tokens the rows stand for (default N; fewer when x stacks several layers of each
-        token), which is what the dead-latent counters count."""
+        token), which is what the dead-latent counters count. During the batch warm-up (the
+        first ``warmup_tokens``) the batch is split into :meth:`warmup_parts` steps; the
+        returned numbers are then their means."""
+        tokens = x.shape[0] if tokens is None else tokens
+        if not self.initialized:  # the first finite batch completes the init (a whole batch)
+            self.initialized = self.sae.init_from_batch(x, layer) is not None
+        parts = min(self.warmup_parts(tokens), max(1, x.shape[0]))
+        if parts == 1:
+            return self._step(x, layer, tokens, check_finite)
+        outs = [
+            self._step(*part, check_finite)
+            for part in zip(*warmup_split(x, layer, tokens, parts), strict=True)
+        ]
+        return mean_output(outs)
+
+    def warmup_parts(self, tokens: int) -> int:
+        """How many steps a batch of ``tokens`` makes: 1, or during the batch warm-up enough
+        for at most ``warmup_batch`` tokens each (decided at the batch's start, from the host's
+        count: no sync)."""
+        if self.tokens_seen >= self.cfg.warmup_tokens:
+            return 1
+        return max(1, -(-tokens // self.cfg.warmup_batch))
+
+    def _step(self, x, layer, tokens: int, check_finite: bool) -> StepOutput:
         sae = self.sae
-        if not self.initialized:  # the first finite batch completes the init
-            self.initialized = sae.init_from_batch(x, layer) is not None
         dead = self.dead_mask()
         out, auxk = self._forward(sae.normalize(x, layer), dead)
         loss = out.loss.fvu + self.cfg.auxk_alpha * auxk
@@ -193,7 +231,7 @@ class SaeTrainer:
                 f"{tuple(x.shape)}, all finite: {x_finite}); the weights were not updated"
             )
         self._update(finite)
-        self._count_firing(out.latents, finite, x.shape[0] if tokens is None else tokens)
+        self._count_firing(out.latents, finite, tokens)
         with torch.no_grad():
             l0 = (out.latents.values > 0).sum(1).float().mean()
         return StepOutput(

@@ -49,13 +49,24 @@ FAST = [
 ATOL = 1e-5
 
 
-def args(model, corpus, out, *extra):
-    return ["--model", str(model), "--dataset", str(corpus), "--out", str(out), *FAST, *extra]
+# the batch warm-up in its first half: the first 4 batches in 4 steps each (64 rows a process)
+WARMUP = {"warmup_tokens": 2048, "warmup_batch": 128}
 
 
-def replicas_checked(folder) -> list[str]:
-    """The flags of a run that compares every copy of each SAE at each log step."""
-    return config_flags(folder, check_replicas=True)
+def args(model, corpus, out, *extra, **settings):
+    """gsae-train's flags; ``settings``: research settings, with WARMUP, in a --config file."""
+    config = config_flags(Path(out).parent, **WARMUP, **settings)
+    return [
+        "--model",
+        str(model),
+        "--dataset",
+        str(corpus),
+        "--out",
+        str(out),
+        *FAST,
+        *config,
+        *extra,
+    ]
 
 
 def torchrun_command(argv) -> list[str]:
@@ -127,10 +138,8 @@ def test_two_processes_train_the_saes_of_one(
     placement, reference, tiny_model_dir, tiny_corpus, tmp_path
 ):
     out = tmp_path / "run"
-    extra = replicas_checked(tmp_path) + (
-        ["--distribute-saes"] if placement != "replicated" else []
-    )
-    ok(torchrun(args(tiny_model_dir, tiny_corpus, out, *extra)))
+    extra = ["--distribute-saes"] if placement != "replicated" else []
+    ok(torchrun(args(tiny_model_dir, tiny_corpus, out, *extra, check_replicas=True)))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["data_shards"] == 2
     owners = summary["owners"]
@@ -141,6 +150,11 @@ def test_two_processes_train_the_saes_of_one(
         assert all(len(o) == 1 for o in owners.values())
         assert {o[0] for o in owners.values()} == {0, 1}
     assert_same_saes(reference, out)
+    # the warm-up's 4 batches took 4 steps each, on one process and on two
+    for run in (reference, out):
+        for name in owners:
+            state = json.loads((run / "checkpoint" / name / "state.json").read_text())
+            assert state["steps"] == 4 * 4 + 4, (run, name)
     # rank 0 alone logs: one line per log step, with the whole batch's losses
     mine, ref = log_lines(out), log_lines(reference)
     assert [r["step"] for r in mine] == [r["step"] for r in ref]
@@ -161,13 +175,11 @@ def test_fewer_saes_than_processes_split_each_batch(
     layers_per_token "all": half of every layer's rows)."""
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ["--groups", "1", "--include-last"]
-    alone = config_flags(tmp_path, layers_per_token=per_token)
-    checked = config_flags(tmp_path, layers_per_token=per_token, check_replicas=True)
-    assert (
-        train_main(args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra, *alone))
-        == 0
-    )
-    ok(torchrun(args(tiny_model_dir, tiny_corpus, two, *extra, *checked, "--distribute-saes")))
+    each = {"layers_per_token": per_token}
+    one_args = args(tiny_model_dir, tiny_corpus, one, "--data-shards", "2", *extra, **each)
+    assert train_main(one_args) == 0
+    checked = {**each, "check_replicas": True}
+    ok(torchrun(args(tiny_model_dir, tiny_corpus, two, *extra, "--distribute-saes", **checked)))
     assert json.loads((two / "summary.json").read_text())["owners"] == {"layers_0-3": [0, 1]}
     assert_same_saes(one, two)
 
@@ -240,7 +252,7 @@ def test_replicas_that_differ_are_caught(tiny_model_dir, tiny_corpus, tmp_path):
     """check_replicas compares every copy at each log step: a copy changed on one process
     stops the run, naming the SAE."""
     result = torchrun(
-        args(tiny_model_dir, tiny_corpus, tmp_path / "run", *replicas_checked(tmp_path)),
+        args(tiny_model_dir, tiny_corpus, tmp_path / "run", check_replicas=True),
         env={"GSAE_TEST_FAULT": "1:1:perturb"},
     )
     assert result.returncode != 0

@@ -71,6 +71,7 @@ def test_paper_recipe_reproduces_the_numbers_of_the_code_before_the_new_defaults
     cfg = s.sae_config(32)
     assert cfg.m == 256 and cfg.optimizer == "adam" and s.model_dtype == "fp32"
     assert s.sae_precision == "fp32"  # IEEE fp32 matmuls on a GPU too, as the paper trained
+    assert cfg.warmup_tokens == 0  # every step the whole batch, as the paper trained
     assert cfg.lr_value == pytest.approx(2e-4 / math.sqrt(256 / 2**14))
     losses, fvu, sums = train_synthetic(cfg)
     assert losses == PAPER_LOSSES  # bit for bit
@@ -142,6 +143,8 @@ def test_every_setting_is_a_flag_or_a_config_entry(tmp_path):
         "check_replicas": True,
         "num_latents": 96,
         "betas": [0.8, 0.99],
+        "warmup_tokens": 5000,
+        "warmup_batch": 64,
     }
     assert set(stored) == set(flags) | set(research)
     assert not set(flags) & set(research)
@@ -208,6 +211,18 @@ def test_a_signum_config_saved_before_average_power_loads_as_it_was():
     assert cfg.lr_value == pytest.approx(5e-3 / math.sqrt(1024 / 2**14))
     older = {k: v for k, v in old.items() if k != "optimizer"}
     assert SaeConfig.from_dict(older).optimizer == "adam"
+
+
+def test_a_run_saved_before_the_batch_warm_up_resumes_without_one(tmp_path):
+    """cfg.json and run.json written before warmup_tokens existed: no warm-up (a resumed run
+    goes on as it was trained), while a new run gets the default one."""
+    from gsae.train.settings import sae_settings
+
+    saved = SaeConfig(d=64).to_dict()
+    old = {k: v for k, v in saved.items() if k not in ("warmup_tokens", "warmup_batch")}
+    assert SaeConfig.from_dict(old).warmup_tokens == 0
+    assert sae_settings({k: v for k, v in old.items() if k != "d"})["warmup_tokens"] == 0
+    assert SaeConfig.from_dict(saved).warmup_tokens == SaeConfig(d=64).warmup_tokens > 0
 
 
 def test_each_layer_set_gets_its_own_init_seed():

@@ -176,3 +176,42 @@ def test_non_finite_step_changes_nothing():
     assert torch.equal(trainer.tokens_since_fired, counters)
     trainer.step(data.batch(64))  # and training goes on
     assert not torch.equal(trainer.sae.W_enc, before["W_enc"])
+
+
+def test_batch_warm_up_steps_through_the_parts_of_each_batch():
+    """During the warm-up a batch is split into steps of at most ``warmup_batch`` tokens, rows
+    j::parts each (so every step holds every part of the batch), the init from the whole batch;
+    after ``warmup_tokens`` a batch is one step again. Bit-identical to those steps taken one by
+    one by a trainer without the warm-up."""
+    data = SparseData(seed=3)
+    batches = [data.batch(64) for _ in range(4)]
+    warm = SaeTrainer(Sae(small_config(warmup_tokens=128, warmup_batch=20)))  # 4 parts: 16 rows
+    plain = SaeTrainer(Sae(small_config(warmup_tokens=0)))
+    plain.sae.load_state_dict(warm.sae.state_dict())
+    outs = [warm.step(x) for x in batches]
+    plain.initialized = plain.sae.init_from_batch(batches[0]) is not None
+    for x in batches[:2]:  # tokens 0 and 64 are inside the warm-up
+        for j in range(4):
+            plain.step(x[j::4])
+    for x in batches[2:]:
+        plain.step(x)
+    assert warm.steps == plain.steps == 2 * 4 + 2
+    assert warm.tokens_seen == plain.tokens_seen == 256
+    for name, p in warm.sae.named_parameters():
+        assert torch.equal(p, dict(plain.sae.named_parameters())[name]), name
+    assert torch.equal(warm.tokens_since_fired, plain.tokens_since_fired)
+    assert all(torch.isfinite(torch.stack(list(o))).all() for o in outs)
+
+
+def test_batch_warm_up_splits_every_layer_of_a_layer_major_batch():
+    """A batch of two layers per token, layer-major ``[2 * N, d]``: each warm-up step gets
+    rows of both layers, and counts its share of the tokens."""
+    from gsae.train.step import warmup_split
+
+    x = torch.arange(16.0).view(8, 2)  # 2 layers x 4 tokens
+    layer = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    xs, layers, tokens = warmup_split(x, layer, tokens=4, parts=2)
+    assert [t.tolist() for t in layers] == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert torch.equal(torch.cat(xs).sort(0).values, x.sort(0).values)
+    assert tokens == [2, 2]
+    assert warmup_split(x, 3, tokens=5, parts=2)[1:] == ([3, 3], [3, 2])
