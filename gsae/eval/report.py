@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from .. import grouping as gp
-from ..io import atomic_dir, atomic_path, write_json
+from ..io import atomic_dir, atomic_path, finite, write_json
 from ..outdir import write_marker
 from ..run import FinishedRun
 from .approaches import POOLED, RunSummary, g_hat_of, summarize, table_layers
@@ -141,18 +141,8 @@ def _fmt(value) -> str:
 
 def write_metrics(rows: list[dict], out: Path) -> None:
     with atomic_path(out / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(finite(r)) + "\n" for r in rows))
     _write_csv(out / "metrics.csv", CSV_COLUMNS, [_csv_row(r) for r in rows])
-
-
-def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -316,40 +306,37 @@ def _write_files(result: EvalResult, plan: EvalPlan, out: Path) -> list[Path]:
     _write_csv(out / "table1.csv", list(t1_rows[0]), t1_rows)
     write_json(
         out / "summary.json",
-        _jsonable(
-            {
-                "eval": plan.config(),
-                "tokens": result.tokens,
-                "positions": result.positions,
-                "seconds": round(result.seconds, 2),
-                "passes": result.passes,
-                "notes": result.notes,
-                "runs": {
-                    s.run.name: {
-                        "path": str(s.run.path.resolve()),
-                        "approach": s.approach,
-                        "groups": s.num_groups,
-                        "amad": s.amad,
-                        "flops_fraction": s.flops_fraction,
-                        **{k: v._asdict() for k, v in s.metrics.items()},
-                    }
-                    for s in summaries
-                },
-                "per_group": group_summary(result),
-                "mmco": {
-                    run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
-                    for run, d in result.mmco.items()
-                },
-                "mmcs": {
-                    run: {f"{a},{g}": v for (a, g), v in d.items()}
-                    for run, d in result.mmcs.items()
-                },
-                "mmcs_init": {
-                    run: {f"{a},{g}": v for (a, g), v in d.items()}
-                    for run, d in result.mmcs_init.items()
-                },
-            }
-        ),
+        {
+            "eval": plan.config(),
+            "tokens": result.tokens,
+            "positions": result.positions,
+            "seconds": round(result.seconds, 2),
+            "passes": result.passes,
+            "notes": result.notes,
+            "runs": {
+                s.run.name: {
+                    "path": str(s.run.path.resolve()),
+                    "approach": s.approach,
+                    "groups": s.num_groups,
+                    "amad": s.amad,
+                    "flops_fraction": s.flops_fraction,
+                    **{k: v._asdict() for k, v in s.metrics.items()},
+                }
+                for s in summaries
+            },
+            "per_group": group_summary(result),
+            "mmco": {
+                run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
+                for run, d in result.mmco.items()
+            },
+            "mmcs": {
+                run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()
+            },
+            "mmcs_init": {
+                run: {f"{a},{g}": v for (a, g), v in d.items()}
+                for run, d in result.mmcs_init.items()
+            },
+        },
     )
     feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
@@ -535,7 +522,7 @@ def check_report_run(out: str | Path, run_path: str | None) -> None:
 
 def _write_autointerp(out: Path, entries: list[dict]) -> None:
     with atomic_path(out / AUTOINTERP_FILE) as tmp:
-        tmp.write_text("".join(json.dumps(_jsonable(e)) + "\n" for e in entries))
+        tmp.write_text("".join(json.dumps(finite(e)) + "\n" for e in entries))
 
 
 def _with_autointerp(page: str, out: Path) -> str:

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import config_flags
+from tiny import config_flags, flags
 
 from gsae.cli.train import main as train_main
 from gsae.run import RunFolder
@@ -16,27 +16,18 @@ from gsae.train import RunSettings, loop
 # tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = [
-    "--tokens",
-    "12k",
-    "--grouping-tokens",
-    "4k",
-    "--scale-tokens",
-    "2k",
-    "--batch-tokens",
-    "512",
-    "--ctx-len",
-    "64",
-    "--k",
-    "8",
-    "--dead-threshold",
-    "3k",
-    "--repeat",
-    "--log-every",
-    "4",
-    "--device",
-    "cpu",
-]
+FAST = flags(
+    tokens="12k",
+    grouping_tokens="4k",
+    scale_tokens="2k",
+    batch_tokens=512,
+    ctx_len=64,
+    k=8,
+    dead_threshold="3k",
+    repeat=True,
+    log_every=4,
+    device="cpu",
+)
 
 
 def base(tiny_model_dir, tiny_corpus, out):
@@ -182,22 +173,15 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
 def test_demo_pipeline_runs_offline(tmp_path, offline):
     """The README's main command, on a smaller budget: the bundled model and corpus."""
     out = tmp_path / "demo"
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--out",
-        str(out),
-        "--tokens",
-        "16k",
-        "--grouping-tokens",
-        "8k",
-        "--scale-tokens",
-        "4k",
-        "--log-every",
-        "2",
-    ]
+    argv = flags(
+        model="demo",
+        dataset="demo",
+        out=out,
+        tokens="16k",
+        grouping_tokens="8k",
+        scale_tokens="4k",
+        log_every=2,
+    )
     assert train_main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sum(len(g["layers"]) for g in summary["groups"].values()) == 6
