@@ -164,6 +164,18 @@ def train_flags(tokens: str) -> list[str]:
     ]
 
 
+def short_run(tokens: str, grouping_tokens: str, scale_tokens: str, **more) -> list[str]:
+    """gsae-train flags for a short run of the tiny model: batches of 512 tokens in contexts of
+    64, k 8, the corpus repeated, on the CPU; ``more``: further flags, as for :func:`flags`."""
+    budget = dict(tokens=tokens, grouping_tokens=grouping_tokens, scale_tokens=scale_tokens)
+    return flags(**budget, batch_tokens=512, ctx_len=64, k=8, repeat=True, device="cpu", **more)
+
+
+def demo_run(out, tokens: str, **more) -> list[str]:
+    """gsae-train flags for a run of the bundled demo model over the demo corpus into ``out``."""
+    return flags(model="demo", dataset="demo", out=out, tokens=tokens, **more)
+
+
 def config_flags(folder: Path, **settings) -> list[str]:
     """``--config FILE`` for gsae-train's research settings (those without a flag), written
     as a JSON file in ``folder``."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import flags
+from tiny import demo_run, flags
 
 from gsae.cli import autointerp, browse, groups
 from gsae.cli import eval as eval_cli
@@ -396,16 +396,8 @@ def test_a_demo_run_that_went_round_its_train_split_is_evaluated_on_the_test_spl
     tmp_path, capsys, offline, one_thread
 ):
     run = tmp_path / "demo"
-    argv = flags(
-        model="demo",
-        dataset="demo",
-        out=run,
-        tokens="2k",
-        grouping_tokens="1k",
-        scale_tokens="1k",
-        expansion_factor=2,
-        device="cpu",
-    )
+    budget = dict(grouping_tokens="1k", scale_tokens="1k", expansion_factor=2, device="cpu")
+    argv = demo_run(run, "2k", **budget)
     assert train_cli.main(argv) == 0
     _position_run(run, "demo", epoch=3)  # as if --repeat went round the train split
     out = tmp_path / "eval"
