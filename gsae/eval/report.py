@@ -146,7 +146,7 @@ def write_metrics(rows: list[dict], out: Path) -> list[Path]:
 
 
 def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(finite(r)) + "\n" for r in rows)  # NaN as null
+    return "".join(json.dumps(finite(r)) + "\n" for r in rows)  # NaN and inf as null
 
 
 def _write_text(path: Path, text: str) -> Path:
