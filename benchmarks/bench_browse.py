@@ -15,7 +15,7 @@ With --benchmark-disable (CI) the sizes shrink so that the file only has to run.
 import time
 
 import torch
-from conftest import peak_extra_bytes
+from conftest import forward_seconds, peak_extra_bytes
 
 from gsae.browse.collect import CollectConfig, SaeCollector, _Batch
 from gsae.sae import Sae, SaeConfig
@@ -121,7 +121,6 @@ def test_browse_collection_on_a_demo_run(benchmark, report, tmp_path):
     benchmark.group = "browse-demo"
     from gsae.browse.collect import collect
     from gsae.cli.train import main as train_main
-    from gsae.hf.hooks import ActivationReader
     from gsae.hf.models import load_model
     from gsae.hf.texts import iter_texts
     from gsae.hf.tokens import TokenStream
@@ -155,17 +154,10 @@ def test_browse_collection_on_a_demo_run(benchmark, report, tmp_path):
 
     def forward():
         loaded = load_model("demo", "fp32", "cpu")
-        reader = ActivationReader(loaded, list(range(6)))
-        seen, start = 0, time.perf_counter()
         with TokenStream(
             lambda: iter_texts("demo"), loaded.tokenizer, ctx_len=128, batch_size=64
         ) as stream:
-            for batch in stream:
-                reader(batch.input_ids, batch.attention_mask)
-                seen += batch.num_tokens
-                if seen >= tokens:
-                    break
-        return time.perf_counter() - start
+            return forward_seconds(loaded, stream, tokens)
 
     def run_both():
         result["forward"] = forward()

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DEMO_TRAIN
 
 from gsae.hf.hub import bundled_dir
 
@@ -82,26 +83,7 @@ def launch(out: Path, argv: list[str], processes: int, counts: Path) -> dict:
 def test_two_processes_against_one(benchmark, report, tmp_path):
     benchmark.group = "distributed"
     tokens = "16k" if benchmark.disabled else "200k"  # CI: a smoke run
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--tokens",
-        tokens,
-        "--grouping-tokens",
-        "20k",
-        "--scale-tokens",
-        "8k",
-        "--log-every",
-        "1000",
-        "--save-every",
-        "10M",
-        "--device",
-        "cpu",
-        "--data-shards",
-        "2",
-    ]
+    argv = [*DEMO_TRAIN, "--tokens", tokens, "--save-every", "10M", "--data-shards", "2"]
     runs = {}
 
     def all_three():

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from conftest import gpu_available, peak_extra_bytes
+from conftest import forward_seconds, gpu_available, peak_extra_bytes
 
 from gsae.eval.similarity import CoOccurrence
 
@@ -178,7 +178,6 @@ write_report(result, plan, r"{root}/out-{tokens}")
 def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
     from gsae.eval import prepare, run_plan
     from gsae.eval.report import write_report
-    from gsae.hf.hooks import ActivationReader
 
     benchmark.group = "eval-demo"
     tokens = 1024 if benchmark.disabled else 32768
@@ -202,14 +201,7 @@ def test_gsae_eval_of_a_demo_run(benchmark, report, demo_runs):
         plan = prepare(
             [demo_runs / "auto"], tokens=tokens, batch_tokens=2048, device="cpu", downstream=False
         )
-        reader = ActivationReader(plan.loaded, list(range(plan.loaded.num_layers)))
-        start, seen = time.perf_counter(), 0
-        for batch in plan.batches():
-            reader(batch.input_ids, batch.attention_mask)
-            seen += batch.num_tokens
-            if seen >= tokens:
-                break
-        return time.perf_counter() - start
+        return forward_seconds(plan.loaded, plan.batches(), tokens)
 
     def run():
         seconds["full"], plan = evaluate()

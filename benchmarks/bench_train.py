@@ -10,7 +10,7 @@ Target: they agree within 10%.
 import json
 
 import pytest
-from conftest import interleaved
+from conftest import DEMO_TRAIN, interleaved
 
 from gsae import grouping as gp
 from gsae.cli.train import main as train_main
@@ -21,25 +21,7 @@ DEMO = bundled_dir() / "model"
 
 def run(tmp_path, name, extra):
     out = tmp_path / name
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--out",
-        str(out),
-        "--tokens",
-        "60k",
-        "--grouping-tokens",
-        "20k",
-        "--scale-tokens",
-        "8k",
-        "--log-every",
-        "1000",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    argv = [*DEMO_TRAIN, "--out", str(out), "--tokens", "60k", *extra]
     assert train_main(argv) == 0
     return json.loads((out / "summary.json").read_text())
 

@@ -46,6 +46,39 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{case:<{width}}  {metric:<38} {value}")
 
 
+# gsae-train on the bundled demo model and corpus, as the benchmarks train it (each adds --out
+# and --tokens): distances from 20k tokens, scales from 8k, on the CPU
+DEMO_TRAIN = [
+    "--model",
+    "demo",
+    "--dataset",
+    "demo",
+    "--grouping-tokens",
+    "20k",
+    "--scale-tokens",
+    "8k",
+    "--log-every",
+    "1000",
+    "--device",
+    "cpu",
+]
+
+
+def forward_seconds(loaded, batches, tokens: int) -> float:
+    """Seconds of the plain forward that a command's cost is compared with: every layer's
+    residual stream read (ActivationReader) from ``batches`` until ``tokens`` tokens."""
+    from gsae.hf.hooks import ActivationReader
+
+    reader = ActivationReader(loaded, list(range(loaded.num_layers)))
+    seen, start = 0, time.perf_counter()
+    for batch in batches:
+        reader(batch.input_ids, batch.attention_mask)
+        seen += batch.num_tokens
+        if seen >= tokens:
+            break
+    return time.perf_counter() - start
+
+
 def gpu_available() -> bool:
     return torch.cuda.is_available()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -342,16 +342,7 @@ class Grouping:
         missing = [k for k in ("model", "layers", "partitions", "g_hat") if k not in data]
         if not isinstance(data, dict) or missing:
             raise ValueError(f"{path} is not a groups.json (missing {missing})")
-        known = {
-            "model",
-            "layers",
-            "distances",
-            "tokens",
-            "partitions",
-            "g_hat",
-            "threshold",
-            "savings",
-        }
+        known = {f.name for f in fields(cls)} - {"extra"}  # the keys to_json writes itself
         try:
             layers = [_index(x, "layer") for x in data["layers"]]
             partitions = {

@@ -280,18 +280,14 @@ def kept_words(out: Path, existed: bool) -> str:
 
 @contextlib.contextmanager
 def claim(
-    out: str | os.PathLike,
-    command: str,
-    *,
-    inputs: Iterable = (),
-    overwrite: bool | None = False,
-    replaced: bool = True,
+    out: str | os.PathLike, command: str, *, inputs: Iterable = (), **checks
 ) -> Iterator[None]:
-    """``out`` checked (:func:`check_out`) and locked for ``command`` for the block."""
+    """``out`` checked (:func:`check_out`, with its keywords ``checks``: ``overwrite``,
+    ``replaced``) and locked for ``command`` for the block."""
     out = Path(out)
-    inputs = list(inputs)
-    check_out(out, command, inputs=inputs, overwrite=overwrite, replaced=replaced)
+    inputs = list(inputs)  # checked twice
+    check_out(out, command, inputs=inputs, **checks)
     with locked(out, command):
         # again under the lock: another process may have written there meanwhile
-        check_out(out, command, inputs=inputs, overwrite=overwrite, replaced=replaced)
+        check_out(out, command, inputs=inputs, **checks)
         yield

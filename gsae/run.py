@@ -83,6 +83,22 @@ def settings_flags(data: dict) -> dict:
     return {**{k: v for k, v in data.items() if k not in ("version", "sae")}, **data["sae"]}
 
 
+@dataclass(frozen=True)
+class RunData:
+    """How a command that reads finished runs (gsae-eval, gsae-browse, gsae-autointerp) streams
+    text through their model: the keyword arguments ``data`` of
+    :func:`~gsae.browse.collect.collect` and :func:`~gsae.eval.evaluate.prepare`. None: the
+    run's own setting (for ``model_dtype``: bf16 on a GPU, fp32 on a CPU)."""
+
+    dataset: str | None = None
+    split: str | None = None
+    column: str | None = None
+    ctx_len: int | None = None
+    batch_tokens: int = 8192  # tokens per forward
+    device: str = "auto"
+    model_dtype: str | None = None
+
+
 @dataclass
 class SaeEntry:
     """One SAE of a run: its folder, the model layers it covers and its size."""

@@ -263,28 +263,19 @@ def test_from_sparsify_refuses_what_is_not_a_topk_sae(tmp_path):
 
 def test_export_command_and_its_refusals(trained_runs, tmp_path, capsys, offline):
     out = tmp_path / "exported"
-    assert main([str(trained_runs["grouped"]), "--format", "sparsify", "--out", str(out)]) == 0
+
+    def export(fmt, folder, *extra):
+        return main([str(trained_runs["grouped"]), "--format", fmt, "--out", str(folder), *extra])
+
+    assert export("sparsify", out) == 0
     printed = capsys.readouterr().out
     assert "layers.2" in printed and "layers_1-2" in printed and "wrote 4 SAEs" in printed
     # a second export replaces the first as a whole
-    assert main([str(trained_runs["grouped"]), "--format", "saelens", "--out", str(out)]) == 0
+    assert export("saelens", out) == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
         f"blocks.{x}.hook_resid_post" for x in range(4)
     ]
-    assert (
-        main(
-            [
-                str(trained_runs["grouped"]),
-                "--format",
-                "sparsify",
-                "--out",
-                str(out),
-                "--hookpoint-prefix",
-                "gpt_neox.layers",
-            ]
-        )
-        == 0
-    )
+    assert export("sparsify", out, "--hookpoint-prefix", "gpt_neox.layers") == 0
     assert (out / "gpt_neox.layers.3" / "cfg.json").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -308,19 +299,7 @@ def test_export_command_and_its_refusals(trained_runs, tmp_path, capsys, offline
         assert main([*argv, "--format", "sparsify"]) == 2
         assert message in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine"
-    assert (
-        main(
-            [
-                str(trained_runs["grouped"]),
-                "--format",
-                "sparsify",
-                "--out",
-                str(foreign),
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    assert export("sparsify", foreign, "--overwrite") == 0
 
 
 def test_gsae_eval_takes_a_sparsify_trained_baseline(trained_runs, tmp_path, offline):

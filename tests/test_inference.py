@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from test_docs import code_blocks
+from tiny import demo_run
 
 from gsae.cli.train import main as train_main
 from gsae.hf.hooks import ActivationReader, lm_logits, record, splice
@@ -97,24 +98,8 @@ def test_readme_inference_example_on_a_demo_run(tmp_path, one_thread, monkeypatc
     """The docs' examples that use the quick start's run, as written, on a small run of the demo
     model saved where the quick start saves it (``out/demo``, relative to the working directory)."""
     monkeypatch.chdir(tmp_path)
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--out",
-        "out/demo",
-        "--groups",
-        "even:2",
-        "--tokens",
-        "2k",
-        "--scale-tokens",
-        "1k",
-        "--batch-tokens",
-        "512",
-        "--device",
-        "cpu",
-    ]
+    budget = dict(groups="even:2", scale_tokens="1k", batch_tokens=512, device="cpu")
+    argv = demo_run("out/demo", "2k", **budget)
     assert train_main(argv) == 0
     blocks = [(where, code) for where, code in code_blocks("python") if "out/demo" in code]
     assert blocks, "no python example of the README or docs/ uses the quick start's run"

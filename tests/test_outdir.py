@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from chat_stub import ChatStub
-from tiny import train_flags
+from tiny import QUICK_EVAL, train_flags
 
 import gsae.browse.collect
 import gsae.browse.site
@@ -31,17 +31,6 @@ from gsae.cli.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("offline", "one_thread")
 
-EVAL = [
-    "--tokens",
-    "256",
-    "--batch-tokens",
-    "256",
-    "--no-downstream",
-    "--mmco-pairs",
-    "none",
-    "--device",
-    "cpu",
-]
 BROWSE = [
     "--tokens",
     "512",
@@ -104,7 +93,7 @@ def evaluated(trained_runs, tmp_path_factory):
     """A gsae-eval folder of both runs (the per-layer one as baseline)."""
     out = tmp_path_factory.mktemp("evaluated") / "eval"
     runs = [trained_runs["grouped"], "--baseline", trained_runs["per-layer"]]
-    assert call(eval_main, [*runs, "--out", out, *EVAL]) == 0
+    assert call(eval_main, [*runs, "--out", out, *QUICK_EVAL]) == 0
     return out
 
 
@@ -213,7 +202,7 @@ def test_autointerp_and_eval_refuse_each_others_folders(
     (interp / "summary.json").write_text('{"run": "x"}')
     before = tree(interp)
     no_work(monkeypatch, gsae.eval, "prepare")
-    assert call(eval_main, [trained_runs["grouped"], "--out", interp, *EVAL]) == 2
+    assert call(eval_main, [trained_runs["grouped"], "--out", interp, *QUICK_EVAL]) == 2
     assert "gsae-autointerp" in capsys.readouterr().err
     assert tree(interp) == before
 
@@ -234,7 +223,7 @@ def test_one_writer_per_output_folder(
         ),
         "export": (export_main, [run, "--format", "sparsify"]),
         "browse": (browse_main, [run, *BROWSE]),
-        "eval": (eval_main, [run, *EVAL]),
+        "eval": (eval_main, [run, *QUICK_EVAL]),
         "groups": (groups_main, ["--from-matrix", tmp_path / "m.json"]),
     }
     (tmp_path / "m.json").write_text("[[0, 0.5], [0.5, 0]]")
@@ -293,7 +282,7 @@ def test_an_interrupted_eval_leaves_the_earlier_one_whole(
     shutil.copytree(evaluated, out)
     before = tree(out)
     sigint_at(monkeypatch, figures, "write_all")  # after the metrics and tables were written
-    assert call(eval_main, [trained_runs["per-layer"], "--out", out, *EVAL]) == 130
+    assert call(eval_main, [trained_runs["per-layer"], "--out", out, *QUICK_EVAL]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "earlier outputs" in err
     assert tree(out) == before
@@ -303,7 +292,7 @@ def test_an_eval_leaves_nothing_of_the_earlier_one(trained_runs, evaluated, tmp_
     out = tmp_path / "eval"
     shutil.copytree(evaluated, out)
     assert (out / "mmcs.png").exists()  # the earlier one had a baseline
-    assert call(eval_main, [trained_runs["per-layer"], "--out", out, *EVAL]) == 0
+    assert call(eval_main, [trained_runs["per-layer"], "--out", out, *QUICK_EVAL]) == 0
     assert not (out / "mmcs.png").exists() and not (out / "features_grouped.csv").exists()
     assert json.loads((out / "summary.json").read_text())["runs"].keys() == {"per-layer"}
 
@@ -312,7 +301,7 @@ def test_autointerp_report_takes_only_the_scores_of_a_run_it_evaluated(
     trained_runs, tmp_path, capsys
 ):
     eval_dir = tmp_path / "eval"  # an evaluation of the per-layer run alone
-    assert call(eval_main, [trained_runs["per-layer"], "--out", eval_dir, *EVAL]) == 0
+    assert call(eval_main, [trained_runs["per-layer"], "--out", eval_dir, *QUICK_EVAL]) == 0
     before = tree(eval_dir)
     with ChatStub() as stub:
         argv = autointerp_argv(trained_runs["grouped"], stub, tmp_path / "ai", "--report", eval_dir)
@@ -406,7 +395,7 @@ def test_special_or_file_outs_are_refused_before_any_work(
     no_work(monkeypatch, gsae.export, "fold_scale")
     run = trained_runs["grouped"]
     commands = [
-        (eval_main, [run, *EVAL]),
+        (eval_main, [run, *QUICK_EVAL]),
         (browse_main, [run, *BROWSE]),
         (export_main, [run, "--format", "sparsify"]),
         (groups_main, ["--model", trained_runs["model"]]),
@@ -483,7 +472,7 @@ def test_a_corrupted_sae_file_is_one_line_in_eval(trained_runs, tmp_path, capsys
     shutil.copytree(trained_runs["grouped"], run)
     weights = run / "layers_1-2" / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    assert call(eval_main, [run, "--out", tmp_path / "eval", *EVAL]) == 2
+    assert call(eval_main, [run, "--out", tmp_path / "eval", *QUICK_EVAL]) == 2
     err = capsys.readouterr().err.strip()
     assert str(weights) in err.splitlines()[-1] and "Traceback" not in err
 

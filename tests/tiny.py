@@ -124,6 +124,21 @@ RUN_BUDGET = dict(
 )
 
 
+def local_run(model, corpus, out, **budget) -> list[str]:
+    """gsae-train's or gsae-groups' flags for a run of a local model over a local text, repeated
+    (a tiny corpus runs out), on the CPU; ``budget``: more flags, as for :func:`flags`."""
+    return flags(model=model, dataset=corpus, out=out, **budget, repeat=True, device="cpu")
+
+
+# gsae-eval at its smallest, on conftest's trained runs: 256 tokens, no spliced forwards
+QUICK_EVAL = flags(
+    tokens=256, batch_tokens=256, no_downstream=True, mmco_pairs="none", device="cpu"
+)
+
+# the collection of gsae-browse's and gsae-autointerp's tests (each adds its own --random)
+SMALL_COLLECTION = flags(tokens=1536, batch_tokens=512, device="cpu", window=16, top=6)
+
+
 def train_flags(tokens: str) -> list[str]:
     """gsae-train flags for a run of a few steps on a tiny model: 2 groups, scales from 256
     tokens, batches of 128 tokens in contexts of 32, k 8 of 4x latents."""
@@ -147,6 +162,18 @@ def train_flags(tokens: str) -> list[str]:
         "--log-every",
         "2",
     ]
+
+
+def short_run(tokens: str, grouping_tokens: str, scale_tokens: str, **more) -> list[str]:
+    """gsae-train flags for a short run of the tiny model: batches of 512 tokens in contexts of
+    64, k 8, the corpus repeated, on the CPU; ``more``: further flags, as for :func:`flags`."""
+    budget = dict(tokens=tokens, grouping_tokens=grouping_tokens, scale_tokens=scale_tokens)
+    return flags(**budget, batch_tokens=512, ctx_len=64, k=8, repeat=True, device="cpu", **more)
+
+
+def demo_run(out, tokens: str, **more) -> list[str]:
+    """gsae-train flags for a run of the bundled demo model over the demo corpus into ``out``."""
+    return flags(model="demo", dataset="demo", out=out, tokens=tokens, **more)
 
 
 def config_flags(folder: Path, **settings) -> list[str]:

@@ -131,16 +131,17 @@ class ChatClient:
 
     def key(self, messages: list[dict]) -> str:
         """The cache key of a request: the model and everything that shapes its answer."""
-        blob = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": 0,
-                "max_tokens": self.max_tokens,
-            },
-            sort_keys=True,
-        )
+        blob = json.dumps(self._request(messages), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _request(self, messages: list[dict]) -> dict:
+        """The request body: what is sent is what the cache key hashes."""
+        return {
+            "model": self.model,
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
 
     def complete(self, messages: list[dict], readable: Callable[[str], bool] | None = None) -> str:
         """One answer (from the cache when it holds one). An answer that ``readable`` refuses
@@ -191,14 +192,7 @@ class ChatClient:
         return answers
 
     def _post(self, messages: list[dict]) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": 0,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
+        body = json.dumps(self._request(messages)).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

@@ -37,7 +37,7 @@ from ..hf.models import LoadedModel, context_length, load_model
 from ..hf.texts import TextSource, open_texts
 from ..hf.tokens import StreamPosition, TokenStream
 from ..io import atomic_dir, save_safetensors
-from ..run import FinishedRun, load_run
+from ..run import FinishedRun, RunData, load_run
 from ..sae import Sae
 from .heap import WindowHeap, window_candidates
 
@@ -321,40 +321,36 @@ def collect(
     run_dir: str | Path,
     *,
     tokens: int = 1_000_000,
-    dataset: str | None = None,
-    split: str | None = None,
-    column: str | None = None,
-    ctx_len: int | None = None,
-    batch_tokens: int = 8192,
-    device: str = "auto",
-    model_dtype: str | None = None,
     baseline: str | Path | None = None,
     config: CollectConfig | None = None,
     jaccard_memory: int = 4 << 30,
     model: str | None = None,
     progress: Callable[[int], None] | None = None,
+    **data,
 ) -> Collection:
     """Stream ``tokens`` tokens of the run's text (or ``dataset``) through its model and SAEs
-    and gather every SAE's :class:`SaeCollector` statistics.
+    and gather every SAE's :class:`SaeCollector` statistics. ``data``: the fields of
+    :class:`~gsae.run.RunData` (``dataset``, ``ctx_len``, ``batch_tokens``, ``device``, ...).
 
     ``baseline``: a per-layer gsae-train run of the same model; each latent's best-matching
     baseline latent by decoder cosine at every layer of its group, and by Jaccard of their
     firing (co-occurrence counts of ``m x m_base`` int32 per layer, up to ``jaccard_memory``
     bytes in all: the layers beyond it get the cosine match only, with a note)."""
     cfg = (config or CollectConfig()).validate()
+    data = RunData(**data)
     if tokens <= 0:
         raise ValueError(f"--tokens must be > 0, got {tokens}")
-    plan = _Plan.make(run_dir, baseline, dataset, split, column, ctx_len, model)
+    plan = _Plan.make(run_dir, baseline, data, model)
     if cfg.window > plan.ctx_len:  # windows lie inside one sequence: a longer one cannot
         raise ValueError(
             f"--window {cfg.window} is longer than the {plan.ctx_len}-token "
             f"sequences the text is read in; pass --window {plan.ctx_len} or less "
             "(or a longer --ctx-len)"
         )
-    if batch_tokens < 1:
-        raise ValueError(f"--batch-tokens {batch_tokens}: need at least 1 token per forward")
-    device = resolve_device(device)
-    loaded = load_model(plan.model, model_dtype, device)  # bf16 on a GPU, fp32 on a CPU
+    if data.batch_tokens < 1:
+        raise ValueError(f"--batch-tokens {data.batch_tokens}: need at least 1 token per forward")
+    device = resolve_device(data.device)
+    loaded = load_model(plan.model, data.model_dtype, device)  # bf16 on a GPU, fp32 on a CPU
     check_model(
         [plan.run] + ([plan.base] if plan.base else []),
         loaded.num_layers,
@@ -364,7 +360,7 @@ def collect(
     context_length(loaded, plan.ctx_len)  # refuses one longer than the model's positions
     generator = torch.Generator(device).manual_seed(cfg.seed)
     collectors, notes = _collectors(plan, cfg, device, generator, jaccard_memory)
-    seen = _stream(plan, loaded, collectors, cfg, tokens, batch_tokens, progress)
+    seen = _stream(plan, loaded, collectors, cfg, tokens, data.batch_tokens, progress)
     if seen == 0:
         raise ValueError(f"the text holds no tokens: {plan.dataset!r} (split {plan.split!r})")
     if seen < tokens:
@@ -400,12 +396,14 @@ class _Plan:
     texts: TextSource
 
     @classmethod
-    def make(cls, run_dir, baseline, dataset, split, column, ctx_len, model) -> _Plan:
+    def make(cls, run_dir, baseline, data: RunData, model) -> _Plan:
         run = load_run(run_dir)
         base = load_run(baseline) if baseline is not None else None
         if base is not None:
             check_runs([run], base, model)
-        dataset, split, column, ctx_len = run.data_settings(dataset, split, column, ctx_len)
+        dataset, split, column, ctx_len = run.data_settings(
+            data.dataset, data.split, data.column, data.ctx_len
+        )
         if ctx_len < 2:
             raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
         texts = open_texts(dataset, split, column)  # fails now if it cannot be opened

@@ -4,6 +4,7 @@ others import."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -91,8 +92,9 @@ def add_run_data_args(p: argparse.ArgumentParser, whose: str = "run's") -> None:
 def run_data(args: argparse.Namespace) -> dict:
     """The flags of :func:`add_run_data_args` as the library's keyword arguments (``collect``,
     ``prepare``)."""
-    names = ("dataset", "split", "column", "ctx_len", "batch_tokens", "device", "model_dtype")
-    return {name: getattr(args, name) for name in names}
+    from ..run import RunData
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(RunData)}
 
 
 def data_defaults(args: argparse.Namespace) -> argparse.Namespace:

@@ -41,18 +41,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="group the last layer too (by default it gets its own SAE)",
     )
-    p.add_argument(
-        "--expansion-factor",
-        type=int,
-        default=SaeSettings.expansion_factor,
-        help="for the SAE cost estimate (default: %(default)s)",
-    )
-    p.add_argument(
-        "--k",
-        type=int,
-        default=SaeSettings.k,
-        help="for the SAE cost estimate (default: %(default)s)",
-    )
+    for field in ("expansion_factor", "k"):  # the SAE's own settings, read for its cost only
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=getattr(SaeSettings, field),
+            help="for the SAE cost estimate (default: %(default)s)",
+        )
     p.add_argument(
         "--from-matrix",
         default=None,

@@ -29,7 +29,7 @@ from ..hf.hooks import ActivationReader, lm_logits, record, splice
 from ..hf.models import LoadedModel, context_length, load_model
 from ..hf.texts import TextSource, heldout_split, open_texts
 from ..hf.tokens import StreamPosition, TokenBatch, TokenStream
-from ..run import FinishedRun, load_run
+from ..run import FinishedRun, RunData, load_run
 from ..sae import Sae
 from .metrics import (
     Downstream,
@@ -506,36 +506,34 @@ def prepare(
     *,
     baseline: str | Path | None = None,
     tokens: int = 1_000_000,
-    dataset: str | None = None,
-    split: str | None = None,
-    column: str | None = None,
-    ctx_len: int | None = None,
-    batch_tokens: int = 8192,
     model: str | None = None,
-    device: str = "auto",
-    model_dtype: str | None = None,
     allow_overlap: bool = False,
     downstream: bool = True,
     pairs: str = "all",
     mmco_memory: int = DEFAULT_MMCO_MEMORY,
+    **data,
 ) -> EvalPlan:
     """Read and check the runs, load the model, open the held-out text and make sure it holds
     tokens: every refusal (:class:`~gsae.run.RunError`, :class:`~gsae.eval.runs.HeldOut`,
     ``ValueError``, and the model's and dataset's load errors) comes from here, before any
-    work."""
+    work. ``data``: the fields of :class:`~gsae.run.RunData` (``dataset``, ``split``,
+    ``ctx_len``, ``batch_tokens``, ``device``, ...); the split defaults to the held-out one."""
+    data = RunData(**data)
     if tokens <= 0:
         raise ValueError(f"--tokens must be > 0, got {tokens}: an evaluation set of 0 tokens")
     if pairs not in MMCO_PAIRS:
         raise ValueError(f"mmco pairs must be one of {MMCO_PAIRS}, got {pairs!r}")
     if not run_dirs:
         raise ValueError("no runs to evaluate")
-    device = resolve_device(device)
+    device = resolve_device(data.device)
     runs, base = _runs_and_baseline(run_dirs, baseline)
     check_runs(runs, base, model)
     first = next((r for r in runs if not r.foreign), runs[0])  # a gsae-train run's settings
-    dataset, trained_split, column, ctx_len = first.data_settings(dataset, None, column, ctx_len)
-    held_split = heldout_split(dataset, trained_split) if split is None else None
-    split = split or held_split or trained_split
+    dataset, trained_split, column, ctx_len = first.data_settings(
+        data.dataset, None, data.column, data.ctx_len
+    )
+    held_split = heldout_split(dataset, trained_split) if data.split is None else None
+    split, batch_tokens = data.split or held_split or trained_split, data.batch_tokens
     if ctx_len < 2 or batch_tokens < 1:
         raise ValueError(
             f"need --ctx-len >= 2 and --batch-tokens >= 1, got {ctx_len}, {batch_tokens}"
@@ -548,7 +546,7 @@ def prepare(
             f"training on its {trained_split!r} split never reads"
         )
     notes += _text_notes(runs, ctx_len)
-    model_dtype = model_dtype or default_dtype(device)
+    model_dtype = data.model_dtype or default_dtype(device)
     if model is None:  # the runs' own (a sparsify baseline may not name it)
         model = next((r.model for r in runs if r.args.get("model")), None) or first.model
     loaded = load_model(model, model_dtype, device, lm_head=downstream)

@@ -4,6 +4,7 @@ training FLOPs (Figure 3), MMCO heatmaps with group borders (Figures 9-11), MMCS
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -244,66 +245,56 @@ def write_all(
 ) -> list[tuple[Path, str]]:
     """Every figure that the runs allow, with the line the report prints under it."""
     name = plan.model_name
-    written = []
-    fig2 = out / "fig2_amad.png"
-    if quality_against(summaries, "amad", fig2, "AMAD(G)", f"{name}: quality against AMAD(G)"):
-        written.append(
-            (
-                fig2,
-                "Figure 2: FVU and ΔCE% (mean ± std over layers) against AMAD(G) "
-                "of each run's partition; star: per-layer baseline, square: Ĝ, triangle: "
-                "evenly spaced groups, diamond: smaller per-layer SAEs. Lower is "
-                "better; the paper finds a turning point near AMAD = 0.2.",
-            )
-        )
-    fig3 = out / "fig3_flops.png"
-    if quality_against(
-        summaries,
-        "flops_fraction",
-        fig3,
-        "training FLOPs / per-layer SAEs",
-        f"{name}: quality against training compute",
-    ):
-        written.append(
-            (
-                fig3,
-                "Figure 3: the same metrics against the training FLOPs of each "
-                "approach relative to one SAE per layer (dense SAE step, as the paper).",
-            )
-        )
-    mmco = out / "mmco.png"
-    if mmco_heatmaps(result, summaries, mmco):
-        written.append(
-            (
-                mmco,
-                "Figures 9-11: MMCO (Eq. 17) between the baseline SAE of each "
-                "layer (rows) and each run's SAE at each layer (columns), over the "
-                "evaluation tokens; black squares: the run's groups. High values inside "
-                "the squares: the group SAE fires like the per-layer ones.",
-            )
-        )
-    mmcs = out / "mmcs.png"
-    if mmcs_lines(result, summaries, mmcs):
-        written.append(
-            (
-                mmcs,
-                "Figures 12-14: MMCS (Eq. 18) of each baseline layer's decoder "
-                "with each group SAE's decoder; filled markers on the group's own "
-                "layers, where the paper finds the similarity peaks. Dotted: the same "
-                "pair of decoders as initialised: SAEs trained with one seed start from "
-                "one random decoder, and what they keep of it is not learned.",
-            )
-        )
+    # (file, draw(path) -> whether it drew anything, the line under it)
+    figures = [
+        (
+            "fig2_amad.png",
+            lambda path: quality_against(
+                summaries, "amad", path, "AMAD(G)", f"{name}: quality against AMAD(G)"
+            ),
+            "Figure 2: FVU and ΔCE% (mean ± std over layers) against AMAD(G) "
+            "of each run's partition; star: per-layer baseline, square: Ĝ, triangle: "
+            "evenly spaced groups, diamond: smaller per-layer SAEs. Lower is "
+            "better; the paper finds a turning point near AMAD = 0.2.",
+        ),
+        (
+            "fig3_flops.png",
+            lambda path: quality_against(
+                summaries,
+                "flops_fraction",
+                path,
+                "training FLOPs / per-layer SAEs",
+                f"{name}: quality against training compute",
+            ),
+            "Figure 3: the same metrics against the training FLOPs of each "
+            "approach relative to one SAE per layer (dense SAE step, as the paper).",
+        ),
+        (
+            "mmco.png",
+            lambda path: mmco_heatmaps(result, summaries, path),
+            "Figures 9-11: MMCO (Eq. 17) between the baseline SAE of each "
+            "layer (rows) and each run's SAE at each layer (columns), over the "
+            "evaluation tokens; black squares: the run's groups. High values inside "
+            "the squares: the group SAE fires like the per-layer ones.",
+        ),
+        (
+            "mmcs.png",
+            lambda path: mmcs_lines(result, summaries, path),
+            "Figures 12-14: MMCS (Eq. 18) of each baseline layer's decoder "
+            "with each group SAE's decoder; filled markers on the group's own "
+            "layers, where the paper finds the similarity peaks. Dotted: the same "
+            "pair of decoders as initialised: SAEs trained with one seed start from "
+            "one random decoder, and what they keep of it is not learned.",
+        ),
+    ]
     for s in _by_groups(summaries):
-        safe = s.run.name.replace("/", "_")
-        path = out / f"features_{safe}.png"
-        if feature_heatmaps(result, s, path):
-            written.append(
-                (
-                    path,
-                    f"Figures 15-17 ({s.run.name}): how each latent's firings "
-                    "spread over the layers of its group (share per layer, darker = "
-                    "more), latents sorted by their mean layer.",
-                )
+        figures.append(
+            (
+                f"features_{s.run.name.replace('/', '_')}.png",
+                functools.partial(feature_heatmaps, result, s),
+                f"Figures 15-17 ({s.run.name}): how each latent's firings "
+                "spread over the layers of its group (share per layer, darker = "
+                "more), latents sorted by their mean layer.",
             )
-    return written
+        )
+    return [(out / file, caption) for file, draw, caption in figures if draw(out / file)]

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from .. import grouping as gp
-from ..io import atomic_dir, atomic_path, write_json
+from ..io import atomic_dir, atomic_path, finite, write_json
 from ..outdir import write_marker
 from ..run import FinishedRun
 from .approaches import POOLED, RunSummary, g_hat_of, summarize, table_layers
@@ -139,29 +139,28 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_metrics(rows: list[dict], out: Path) -> None:
-    with atomic_path(out / "metrics.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
-    _write_csv(out / "metrics.csv", CSV_COLUMNS, [_csv_row(r) for r in rows])
+def write_metrics(rows: list[dict], out: Path) -> list[Path]:
+    """metrics.jsonl and metrics.csv; returns their paths."""
+    jsonl = _write_text(out / "metrics.jsonl", _jsonl(rows))
+    return [jsonl, _write_csv(out / "metrics.csv", CSV_COLUMNS, [_csv_row(r) for r in rows])]
 
 
-def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(finite(r)) + "\n" for r in rows)  # NaN and inf as null
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    return _write_text(path, buffer.getvalue())
 
 
 def pm(stat: Pooled | dict, scale: float = 1.0, digits: int = 3) -> str:
@@ -307,66 +306,52 @@ def _write_files(result: EvalResult, plan: EvalPlan, out: Path) -> list[Path]:
     summaries = summarize(result, plan)
     layers = table_layers(plan.runs)
     rows = records(result, plan, summaries)
-    write_metrics(rows, out)
+    written = write_metrics(rows, out)  # and each file below, as it is written
     t1_md, t1_rows = table1(summaries, layers)
     t2_md = table2(plan, summaries)
-    for name, text in (("table1.md", t1_md), ("table2.md", t2_md)):
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(text)
-    _write_csv(out / "table1.csv", list(t1_rows[0]), t1_rows)
+    written += [_write_text(out / "table1.md", t1_md), _write_text(out / "table2.md", t2_md)]
+    written.append(_write_csv(out / "table1.csv", list(t1_rows[0]), t1_rows))
+    written.append(out / "summary.json")
     write_json(
-        out / "summary.json",
-        _jsonable(
-            {
-                "eval": plan.config(),
-                "tokens": result.tokens,
-                "positions": result.positions,
-                "seconds": round(result.seconds, 2),
-                "passes": result.passes,
-                "notes": result.notes,
-                "runs": {
-                    s.run.name: {
-                        "path": str(s.run.path.resolve()),
-                        "approach": s.approach,
-                        "groups": s.num_groups,
-                        "amad": s.amad,
-                        "flops_fraction": s.flops_fraction,
-                        **{k: v._asdict() for k, v in s.metrics.items()},
-                    }
-                    for s in summaries
-                },
-                "per_group": group_summary(result),
-                "mmco": {
-                    run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
-                    for run, d in result.mmco.items()
-                },
-                "mmcs": {
-                    run: {f"{a},{g}": v for (a, g), v in d.items()}
-                    for run, d in result.mmcs.items()
-                },
-                "mmcs_init": {
-                    run: {f"{a},{g}": v for (a, g), v in d.items()}
-                    for run, d in result.mmcs_init.items()
-                },
-            }
-        ),
+        written[-1],
+        {
+            "eval": plan.config(),
+            "tokens": result.tokens,
+            "positions": result.positions,
+            "seconds": round(result.seconds, 2),
+            "passes": result.passes,
+            "notes": result.notes,
+            "runs": {
+                s.run.name: {
+                    "path": str(s.run.path.resolve()),
+                    "approach": s.approach,
+                    "groups": s.num_groups,
+                    "amad": s.amad,
+                    "flops_fraction": s.flops_fraction,
+                    **{k: v._asdict() for k, v in s.metrics.items()},
+                }
+                for s in summaries
+            },
+            "per_group": group_summary(result),
+            "mmco": {
+                run: {f"{a},{b}": v._asdict() for (a, b), v in d.items()}
+                for run, d in result.mmco.items()
+            },
+            "mmcs": {
+                run: {f"{a},{g}": v for (a, g), v in d.items()} for run, d in result.mmcs.items()
+            },
+            "mmcs_init": {
+                run: {f"{a},{g}": v for (a, g), v in d.items()}
+                for run, d in result.mmcs_init.items()
+            },
+        },
     )
     feature_files = write_features(result, out)
     images = figures.write_all(result, plan, summaries, out)
     page = html_report(result, plan, t1_md, t2_md, images)
     page = _with_autointerp(page, out)  # auto-interp results added earlier stay in the report
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(page)
-    written = [
-        "metrics.jsonl",
-        "metrics.csv",
-        "summary.json",
-        "table1.md",
-        "table1.csv",
-        "table2.md",
-        "report.html",
-    ]
-    return [out / name for name in written] + feature_files + [path for path, _ in images]
+    written.append(_write_text(out / "report.html", page))
+    return written + feature_files + [path for path, _ in images]
 
 
 def write_features(result: EvalResult, out: Path) -> list[Path]:
@@ -510,9 +495,7 @@ def add_autointerp(out: str | Path, summary: dict) -> list[Path]:
     check_report_run(out, summary.get("run_path"))
     kept = [s for s in read_autointerp(out) if s.get("run_path") != summary.get("run_path")]
     _write_autointerp(out, kept + [summary])
-    page = _with_autointerp((out / "report.html").read_text(), out)
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(page)
+    _write_text(out / "report.html", _with_autointerp((out / "report.html").read_text(), out))
     written = [out / AUTOINTERP_FILE, out / "report.html"]
     return written + ([out / AUTOINTERP_FIGURE] if (out / AUTOINTERP_FIGURE).exists() else [])
 
@@ -534,8 +517,7 @@ def check_report_run(out: str | Path, run_path: str | None) -> None:
 
 
 def _write_autointerp(out: Path, entries: list[dict]) -> None:
-    with atomic_path(out / AUTOINTERP_FILE) as tmp:
-        tmp.write_text("".join(json.dumps(_jsonable(e)) + "\n" for e in entries))
+    _write_text(out / AUTOINTERP_FILE, _jsonl(entries))
 
 
 def _with_autointerp(page: str, out: Path) -> str:

@@ -9,7 +9,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -71,12 +71,7 @@ class StreamPosition:
     offset: int = 0
 
     def to_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "documents": self.documents,
-            "source": self.source,
-            "offset": self.offset,
-        }
+        return asdict(self)  # (a copy: the source state is not shared with the saved form)
 
     @classmethod
     def from_dict(cls, d: dict) -> StreamPosition:

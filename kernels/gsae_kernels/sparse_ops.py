@@ -52,6 +52,27 @@ from ._backend import cdiv, next_power_of_2, tl, triton
 # --------------------------------------------------------------------------------------------
 
 
+# Helpers the kernels here and in topk_encode.py share (@triton.jit: inlined where called).
+
+
+@triton.jit
+def block(axis: tl.constexpr, BLOCK: tl.constexpr, bound):
+    """This program's ``BLOCK`` offsets along grid axis ``axis`` (int64: no overflow in the
+    pointer arithmetic of large tensors) and their mask ``< bound``."""
+    offs = (tl.program_id(axis) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    return offs, offs < bound
+
+
+@triton.jit
+def load_tile(P, rows, cols, stride_r, stride_c, rmask, cmask):
+    """``P[rows, cols]`` in fp32, 0 where masked: ``[len(rows), len(cols)]``."""
+    return tl.load(
+        P + rows[:, None] * stride_r + cols[None, :] * stride_c,
+        mask=rmask[:, None] & cmask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
 @triton.jit
 def _gather_combine_kernel(
     W,
@@ -73,10 +94,8 @@ def _gather_combine_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    rmask = rows < N
-    cmask = cols < D
+    rows, rmask = block(0, BLOCK_N, N)
+    cols, cmask = block(1, BLOCK_D, D)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for j in range(0, K):
         w = tl.load(W + rows * stride_wn + j * stride_wk, mask=rmask, other=0.0).to(tl.float32)
@@ -113,9 +132,8 @@ def _row_dot_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rows, rmask = block(0, BLOCK_N, N)
     slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < N
     smask = rmask[:, None] & (slots < K)[None, :]  # [BLOCK_N, BLOCK_K]
     lat = tl.load(
         IDX + rows[:, None] * stride_in + slots[None, :] * stride_ik, mask=smask, other=0
@@ -124,11 +142,7 @@ def _row_dot_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         cmask = cols < D
-        g = tl.load(
-            G + rows[:, None] * stride_gn + cols[None, :] * stride_gd,
-            mask=rmask[:, None] & cmask[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        g = load_tile(G, rows, cols, stride_gn, stride_gd, rmask, cmask)  # [BLOCK_N, BLOCK_D]
         t = tl.load(
             T + lat[:, :, None] * stride_tm + cols[None, None, :] * stride_td,
             mask=smask[:, :, None] & cmask[None, None, :],
@@ -162,8 +176,7 @@ def _transpose_tail_kernel(
 ):
     """Overflow piece q (the piece-th SPLIT entries of a long segment): its partial sums."""
     q = tl.program_id(0)
-    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    cmask = cols < D
+    cols, cmask = block(1, BLOCK_D, D)
     if q < tl.load(XOFFS + M):  # the grid is an upper bound on the number of pieces
         lat = tl.load(PLAT + q)
         piece = q - tl.load(XOFFS + lat) + 1  # piece 0 is summed by the head kernel
@@ -178,11 +191,7 @@ def _transpose_tail_kernel(
             emask = e < end
             r = tl.load(ROWS + e, mask=emask, other=0).to(tl.int64)
             w = tl.load(WS + e, mask=emask, other=0.0).to(tl.float32)
-            x = tl.load(
-                X + r[:, None] * stride_xn + cols[None, :] * stride_xd,
-                mask=emask[:, None] & cmask[None, :],
-                other=0.0,
-            ).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+            x = load_tile(X, r, cols, stride_xn, stride_xd, emask, cmask)  # [BLOCK_E, BLOCK_D]
             if HAS_SHIFT:
                 x -= s[None, :]
             acc += w[:, None] * x
@@ -219,10 +228,8 @@ def _sparse_transpose_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Head: the first SPLIT entries of each of BLOCK_L latents, then their tails' partials."""
-    lats = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
-    lmask = lats < M
-    cmask = cols < D
+    lats, lmask = block(0, BLOCK_L, M)
+    cols, cmask = block(1, BLOCK_D, D)
     start = tl.load(OFFS + lats, mask=lmask, other=0)  # [BLOCK_L]: each latent's CSR segment
     end = tl.minimum(tl.load(OFFS + lats + 1, mask=lmask, other=0), start + SPLIT)
     longest = tl.max(end - start, axis=0)
@@ -371,6 +378,15 @@ def transpose_split(entries: int, num_latents: int) -> int:
     return cdiv(split, TAIL_BLOCK) * TAIL_BLOCK
 
 
+def _launch(kernel, out: torch.Tensor, blocks, meta: dict, *args, **constants) -> torch.Tensor:
+    """Run ``kernel`` with ``meta`` over the grid of ``blocks`` ((size, the meta entry that
+    tiles it) per axis), unless ``out`` is empty; return ``out``."""
+    if out.numel():
+        grid = tuple(cdiv(size, meta[name]) for size, name in blocks)
+        kernel[grid](*args, **constants, **meta)
+    return out
+
+
 def gather_combine(
     w: torch.Tensor, idx: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, backend: str
 ) -> torch.Tensor:
@@ -379,12 +395,12 @@ def gather_combine(
     d = table.shape[1]
     if backend == "triton":
         out = torch.empty(n, d, dtype=table.dtype, device=table.device)
-        if out.numel() == 0:
-            return out
-        meta = gather_combine_meta(d)
-        grid = (cdiv(n, meta["BLOCK_N"]), cdiv(d, meta["BLOCK_D"]))
         b = bias if bias is not None else table
-        _gather_combine_kernel[grid](
+        return _launch(
+            _gather_combine_kernel,
+            out,
+            ((n, "BLOCK_N"), (d, "BLOCK_D")),
+            gather_combine_meta(d),
             w,
             idx,
             table,
@@ -398,9 +414,7 @@ def gather_combine(
             *table.stride(),
             b.stride(0),
             HAS_BIAS=bias is not None,
-            **meta,
         )
-        return out
     if k == 0 or n == 0:
         out = table.new_zeros(n, d)
     else:
@@ -421,14 +435,11 @@ def row_dot(
     d = table.shape[1]
     if backend == "triton":
         out = torch.empty(n, k, dtype=g.dtype, device=g.device)
-        if out.numel() == 0:
-            return out
-        meta = row_dot_meta(k, d)
-        grid = (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))
-        _row_dot_kernel[grid](
-            g, idx, table, out, n, d, k, *g.stride(), *idx.stride(), *table.stride(), **meta
+        blocks = ((n, "BLOCK_N"), (k, "BLOCK_K"))
+        strides = (*g.stride(), *idx.stride(), *table.stride())
+        return _launch(
+            _row_dot_kernel, out, blocks, row_dot_meta(k, d), g, idx, table, out, n, d, k, *strides
         )
-        return out
     if n * k == 0:
         return g.new_zeros(n, k)
     if table.dtype in (torch.float32, torch.float64) and segs is not None:

@@ -66,7 +66,7 @@ from ._backend import (
     tl,
     triton,
 )
-from .sparse_ops import gather_combine, latent_segments, sparse_transpose
+from .sparse_ops import block, gather_combine, latent_segments, load_tile, sparse_transpose
 
 
 class EncodeOutput(NamedTuple):
@@ -204,8 +204,7 @@ def _encode_topk_kernel(
 ):
     K_PAD: tl.constexpr = 1 << LOG_K
     BLOCK_M: tl.constexpr = 1 << LOG_M
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rmask = rows < N
+    rows, rmask = block(0, BLOCK_N, N)
     best = tl.full([BLOCK_N, K_PAD], _SENTINEL, tl.int64)
     for m0 in range(0, M, BLOCK_M):
         lat = m0 + tl.arange(0, BLOCK_M)
@@ -214,11 +213,7 @@ def _encode_topk_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             cmask = cols < D
-            x = tl.load(
-                X + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
-                mask=rmask[:, None] & cmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            x = load_tile(X, rows, cols, stride_xn, stride_xd, rmask, cmask)  # [BLOCK_N, BLOCK_D]
             if HAS_B_DEC:
                 b = tl.load(B_DEC + cols * stride_bd, mask=cmask, other=0.0).to(tl.float32)
                 x -= b[None, :]
@@ -496,11 +491,10 @@ def _encode_fwd_torch(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, precision, li
     return values.relu_(), indices, aux_values.relu_(), aux_indices
 
 
-def _encode_bwd(
-    grad_values, grad_aux, x, W_enc, b_dec, values, indices, aux_values, aux_indices, needs, backend
-):
+def _encode_bwd(grad_values, grad_aux, saved, needs, backend):
     """Gradients for (x, W_enc, b_enc, b_dec) from the selected entries only (None: not
-    needed)."""
+    needed); ``saved``: (x, W_enc, b_dec, values, indices, aux_values, aux_indices)."""
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = saved
     need_x, need_w, need_be, need_bd = needs
     parts = [
         (g * (v > 0), i)
@@ -583,40 +577,16 @@ def _topk_encode_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, W_enc, b_enc, b_dec); a 0-element tensor for each one not needed."""
     with launch_guard(x):
+        saved = (x, W_enc, b_dec, values, indices, aux_values, aux_indices)
         needs = (need_x, need_w, need_b_enc, need_b_dec)
-        grads = _encode_bwd(
-            grad_values,
-            grad_aux,
-            x,
-            W_enc,
-            b_dec,
-            values,
-            indices,
-            aux_values,
-            aux_indices,
-            needs,
-            backend,
-        )
+        grads = _encode_bwd(grad_values, grad_aux, saved, needs, backend)
     return tuple(g if g is not None else empty_like_none(x) for g in grads)
 
 
 @_topk_encode_backward_op.register_fake
-def _(
-    grad_values,
-    grad_aux,
-    x,
-    W_enc,
-    b_dec,
-    values,
-    indices,
-    aux_values,
-    aux_indices,
-    need_x,
-    need_w,
-    need_b_enc,
-    need_b_dec,
-    backend,
-):
+def _(grad_values, grad_aux, x, W_enc, *rest):
+    # rest: b_dec, the 4 selection tensors, need_x, need_w, need_b_enc, need_b_dec, backend
+    need_x, need_w, need_b_enc, need_b_dec = rest[-5:-1]
     (n, d), m = x.shape, W_enc.shape[0]
     shapes = ((need_x, (n, d)), (need_w, (m, d)), (need_b_enc, (m,)), (need_b_dec, (d,)))
     return tuple(x.new_empty(shape) if need else empty_like_none(x) for need, shape in shapes)
@@ -633,37 +603,14 @@ def _encode_setup_context(ctx, inputs, output):
 
 
 def _encode_backward(ctx, grad_values, _grad_indices, grad_aux, _grad_aux_indices):
-    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    saved = ctx.saved_tensors  # the backward op's inputs after the two gradients, in order
     need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
-    need_be = need_be and ctx.has_b_enc
-    need_bd = need_bd and b_dec is not None
+    needs = (need_x, need_w, need_be and ctx.has_b_enc, need_bd and saved[2] is not None)
     grads = torch.ops.gsae_kernels.topk_encode_backward(
-        grad_values,
-        grad_aux,
-        x,
-        W_enc,
-        b_dec,
-        values,
-        indices,
-        aux_values,
-        aux_indices,
-        need_x,
-        need_w,
-        need_be,
-        need_bd,
-        ctx.backend,
+        grad_values, grad_aux, *saved, *needs, ctx.backend
     )
-    needs = (need_x, need_w, need_be, need_bd)
-    return (
-        *(g if need else None for g, need in zip(grads, needs, strict=True)),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+    return *grads, *(None,) * 7  # k, dead_mask, k_aux, backend, precision, aux_limit, fused
 
 
 _topk_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup_context)

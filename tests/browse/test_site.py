@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny import SMALL_COLLECTION, flags
 
 from gsae.cli.browse import main
 
@@ -28,22 +29,8 @@ def site(trained_runs, tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("browse") / "site"
     argv = [
         str(trained_runs["grouped"]),
-        "--out",
-        str(out),
-        "--baseline",
-        str(trained_runs["per-layer"]),
-        "--tokens",
-        "1536",
-        "--batch-tokens",
-        "512",
-        "--device",
-        "cpu",
-        "--window",
-        "16",
-        "--top",
-        "6",
-        "--random",
-        "3",
+        *flags(out=out, baseline=trained_runs["per-layer"], random=3),
+        *SMALL_COLLECTION,
     ]
     assert main(argv) == 0
     return out

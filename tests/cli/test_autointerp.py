@@ -6,6 +6,7 @@ import re
 
 import pytest
 from chat_stub import ChatStub
+from tiny import QUICK_EVAL, SMALL_COLLECTION, flags
 
 from gsae.autointerp import AnswerCache
 from gsae.cli.autointerp import main, parse_args, parser
@@ -22,24 +23,8 @@ def run_cli(stub, run, out, *extra):
             "stub",
             "--out",
             str(out),
-            "--latents",
-            "3",
-            "--tokens",
-            "1536",
-            "--batch-tokens",
-            "512",
-            "--device",
-            "cpu",
-            "--window",
-            "16",
-            "--top",
-            "6",
-            "--random",
-            "4",
-            "--pool",
-            "32",
-            "--concurrency",
-            "3",
+            *flags(latents=3, random=4, pool=32, concurrency=3),
+            *SMALL_COLLECTION,
             *extra,
         ]
     )
@@ -72,18 +57,7 @@ def test_an_interrupted_run_resumes_without_asking_again(
 def test_scores_go_into_the_gsae_eval_report(trained_runs, tmp_path, one_thread, monkeypatch):
     eval_dir = tmp_path / "eval"
     runs = [str(trained_runs["grouped"]), "--baseline", str(trained_runs["per-layer"])]
-    evaluate = [
-        *runs,
-        "--out",
-        str(eval_dir),
-        "--tokens",
-        "256",
-        "--batch-tokens",
-        "256",
-        "--no-downstream",
-        "--mmco-pairs",
-        "none",
-    ]
+    evaluate = [*runs, "--out", str(eval_dir), *QUICK_EVAL]
     assert eval_main(evaluate) == 0
     monkeypatch.setenv("GSAE_TEST_KEY", "sk-secret")
     with ChatStub() as stub:

@@ -222,28 +222,10 @@ def _copy(run, dest):
 def test_demo_end_to_end(tmp_path, capsys, offline, one_thread):
     """The paper's comparison on the bundled demo, on a tiny budget: --groups auto (Ĝ), 1,
     per-layer and even:2, evaluated together against the per-layer baseline."""
-    common = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--tokens",
-        "8k",
-        "--grouping-tokens",
-        "4k",
-        "--scale-tokens",
-        "2k",
-        "--expansion-factor",
-        "2",
-        "--k",
-        "16",
-        "--lr",
-        "1e-2",
-        "--log-every",
-        "1000",
-        "--device",
-        "cpu",
-    ]
+    common = flags(
+        model="demo", dataset="demo", tokens="8k", grouping_tokens="4k", scale_tokens="2k"
+    )
+    common += flags(expansion_factor=2, k=16, lr="1e-2", log_every=1000, device="cpu")
     for groups in ("auto", "per-layer", "even:2"):
         assert train_main([*common, "--groups", groups, "--out", str(tmp_path / groups)]) == 0
     g_hat = load_run(tmp_path / "auto").grouping.g_hat

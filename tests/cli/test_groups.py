@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny import flags, local_run
 
 from gsae import grouping as gp
 from gsae.cli.groups import main as groups_main
@@ -13,25 +14,8 @@ def test_gsae_groups_runs_offline_and_writes_its_outputs(
     tiny_model_dir, tiny_corpus, tmp_path, offline, capsys
 ):
     out = tmp_path / "groups"
-    argv = [
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_corpus),
-        "--tokens",
-        "3k",
-        "--ctx-len",
-        "64",
-        "--batch-size",
-        "4",
-        "--repeat",
-        "--device",
-        "cpu",
-        "--model-dtype",
-        "fp32",
-        "--out",
-        str(out),
-    ]
+    argv = local_run(tiny_model_dir, tiny_corpus, out, tokens="3k", ctx_len=64, batch_size=4)
+    argv += flags(model_dtype="fp32")
     assert groups_main(argv) == 0
     printed = capsys.readouterr().out
     assert "AMAD" in printed and "*" in printed and "G_hat" in printed
@@ -52,22 +36,8 @@ def test_gsae_groups_runs_offline_and_writes_its_outputs(
 
 
 def test_include_last(tiny_model_dir, tiny_corpus, tmp_path, offline):
-    argv = [
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_corpus),
-        "--tokens",
-        "500",
-        "--ctx-len",
-        "32",
-        "--include-last",
-        "--repeat",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path),
-    ]
+    argv = local_run(tiny_model_dir, tiny_corpus, tmp_path, tokens=500, ctx_len=32)
+    argv += flags(include_last=True)
     assert groups_main(argv) == 0
     assert json.loads((tmp_path / "groups.json").read_text())["layers"] == [0, 1, 2, 3]
 

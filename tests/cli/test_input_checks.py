@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import demo_run, flags
 
 from gsae.cli import autointerp, browse, groups
 from gsae.cli import eval as eval_cli
@@ -395,24 +396,8 @@ def test_a_demo_run_that_went_round_its_train_split_is_evaluated_on_the_test_spl
     tmp_path, capsys, offline, one_thread
 ):
     run = tmp_path / "demo"
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--out",
-        str(run),
-        "--tokens",
-        "2k",
-        "--grouping-tokens",
-        "1k",
-        "--scale-tokens",
-        "1k",
-        "--expansion-factor",
-        "2",
-        "--device",
-        "cpu",
-    ]
+    budget = dict(grouping_tokens="1k", scale_tokens="1k", expansion_factor=2, device="cpu")
+    argv = demo_run(run, "2k", **budget)
     assert train_cli.main(argv) == 0
     _position_run(run, "demo", epoch=3)  # as if --repeat went round the train split
     out = tmp_path / "eval"
@@ -433,9 +418,9 @@ def test_sae_settings_are_checked_before_the_model_loads(tmp_path, capsys, monke
         raise RuntimeError("the model was loaded before the settings were checked")
 
     monkeypatch.setattr(pipeline, "load_model", no_model)
-    for flags, words in ((["--lr", "-1"], "lr must be > 0"), (["--k", "0"], "k must be in")):
-        out = tmp_path / flags[0].strip("-")
-        argv = ["--model", "demo", "--dataset", "demo", "--out", str(out), *flags]
+    for bad, words in ((["--lr", "-1"], "lr must be > 0"), (["--k", "0"], "k must be in")):
+        out = tmp_path / bad[0].strip("-")
+        argv = [*flags(model="demo", dataset="demo", out=out), *bad]
         assert train_cli.main(argv) == 2
         one_line_error(capsys, "gsae-train", words)
         assert not out.exists()  # nothing written

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import config_flags
+from tiny import config_flags, demo_run, flags, short_run
 
 from gsae.cli.train import main as train_main
 from gsae.run import RunFolder
@@ -16,27 +16,7 @@ from gsae.train import RunSettings, loop
 # tiny models: one intra-op thread is as fast, and far faster on a busy shared machine
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = [
-    "--tokens",
-    "12k",
-    "--grouping-tokens",
-    "4k",
-    "--scale-tokens",
-    "2k",
-    "--batch-tokens",
-    "512",
-    "--ctx-len",
-    "64",
-    "--k",
-    "8",
-    "--dead-threshold",
-    "3k",
-    "--repeat",
-    "--log-every",
-    "4",
-    "--device",
-    "cpu",
-]
+FAST = short_run("12k", "4k", "2k", dead_threshold="3k", log_every=4)
 
 
 def base(tiny_model_dir, tiny_corpus, out):
@@ -182,22 +162,7 @@ def test_bad_inputs_fail_before_any_work(tiny_model_dir, tiny_corpus, tmp_path, 
 def test_demo_pipeline_runs_offline(tmp_path, offline):
     """The README's main command, on a smaller budget: the bundled model and corpus."""
     out = tmp_path / "demo"
-    argv = [
-        "--model",
-        "demo",
-        "--dataset",
-        "demo",
-        "--out",
-        str(out),
-        "--tokens",
-        "16k",
-        "--grouping-tokens",
-        "8k",
-        "--scale-tokens",
-        "4k",
-        "--log-every",
-        "2",
-    ]
+    argv = demo_run(out, "16k", grouping_tokens="8k", scale_tokens="4k", log_every=2)
     assert train_main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert sum(len(g["layers"]) for g in summary["groups"].values()) == 6
@@ -281,19 +246,8 @@ def test_dead_latents_count_tokens_with_layers_per_token_all(
     out = tmp_path / "all"
     argv = base(tiny_model_dir, tiny_corpus, out) + [
         *config_flags(tmp_path, layers_per_token="all"),
-        "--groups",
-        "even:1",
-        "--include-last",
-        "--tokens",
-        "1536",
-        "--batch-tokens",
-        "128",
-        "--k",
-        "4",
-        "--dead-threshold",
-        "600",
-        "--log-every",
-        "1",
+        *flags(groups="even:1", include_last=True, tokens=1536, batch_tokens=128, k=4),
+        *flags(dead_threshold=600, log_every=1),
     ]
     assert train_main(argv) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -318,14 +272,7 @@ def test_groups_n_is_checked_before_measuring_and_g_hat_is_kept(
     assert "--groups 3" in capsys.readouterr().err and not measured
     out = tmp_path / "b"
     # threshold 0: no G qualifies, so G_hat is the largest (2 of 3 grouped layers); train G = 1
-    argv = base(tiny_model_dir, tiny_corpus, out) + [
-        "--groups",
-        "1",
-        "--threshold",
-        "0",
-        "--tokens",
-        "512",
-    ]
+    argv = base(tiny_model_dir, tiny_corpus, out) + flags(groups=1, threshold=0, tokens=512)
     with pytest.warns(RuntimeWarning, match="no G has AMAD below"):
         assert train_main(argv) == 0
     saved = json.loads((out / "groups.json").read_text())

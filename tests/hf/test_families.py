@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny import build_family
+from tiny import build_family, local_run
 
 from gsae.cli.groups import main as groups_main
 from gsae.cli.train import main as train_main
@@ -23,49 +23,12 @@ def family(request, tiny_model_dir, tmp_path_factory):
 
 
 def train_argv(model, corpus, out, *extra):
-    return [
-        "--model",
-        str(model),
-        "--dataset",
-        str(corpus),
-        "--out",
-        str(out),
-        "--tokens",
-        "400",
-        "--scale-tokens",
-        "96",
-        "--batch-tokens",
-        "96",
-        "--k",
-        "8",
-        "--expansion-factor",
-        "2",
-        "--groups",
-        "even:1",
-        "--repeat",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    train = dict(tokens=400, scale_tokens=96, batch_tokens=96, k=8, expansion_factor=2)
+    return [*local_run(model, corpus, out, **train, groups="even:1"), *extra]
 
 
 def groups_argv(model, corpus, out, *extra):
-    return [
-        "--model",
-        str(model),
-        "--dataset",
-        str(corpus),
-        "--out",
-        str(out),
-        "--tokens",
-        "200",
-        "--batch-size",
-        "2",
-        "--repeat",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return [*local_run(model, corpus, out, tokens=200, batch_size=2), *extra]
 
 
 def test_the_default_context_is_capped_at_the_models_position_limit(

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tiny import build_family
+from tiny import build_family, flags
 
 from gsae.browse import collect, write_site
 from gsae.browse.collect import CollectConfig
@@ -25,31 +25,9 @@ def test_export_hooks_and_browser_per_family(
 ):
     model = build_family(kind, tmp_path / kind, tiny_model_dir)
     run = tmp_path / "run"
-    argv = [
-        "--model",
-        str(model),
-        "--dataset",
-        str(tiny_corpus),
-        "--out",
-        str(run),
-        "--groups",
-        "even:2",
-        "--include-last",
-        "--tokens",
-        "1k",
-        "--batch-tokens",
-        "256",
-        "--ctx-len",
-        "64",
-        "--k",
-        "4",
-        "--expansion-factor",
-        "4",
-        "--scale-tokens",
-        "512",
-        "--device",
-        "cpu",
-    ]
+    argv = flags(model=model, dataset=tiny_corpus, out=run, groups="even:2", include_last=True)
+    argv += flags(tokens="1k", scale_tokens=512, batch_tokens=256, ctx_len=64, k=4)
+    argv += flags(expansion_factor=4, device="cpu")
     assert train_main(argv) == 0
     saes = GroupSAEs.load(run)
     assert saes.layers == [0, 1, 2] and len(saes.saes) == 2

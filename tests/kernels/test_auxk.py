@@ -9,24 +9,14 @@ from gsae_kernels import TopKSAE, sparse_decode, topk_encode
 from gsae_kernels import auxk as auxk_mod
 from gsae_kernels.auxk import auxk_recon
 from gsae_kernels.topk_encode import _aux_candidates, resolve_encoder
-from test_kernels import dead_mask_for, fresh, make_params
+from test_kernels import dead_mask_for, encoder_args, fresh, make_params
 from tolerances import TOL
 
 NAMES = ("x", "W_enc", "b_enc", "b_dec", "W_dec")
 
 
 def sparse_auxk(p, k, dead, k_aux, precision):
-    enc = topk_encode(
-        p["x"],
-        p["W_enc"],
-        p["b_enc"],
-        p["b_dec"],
-        k,
-        dead,
-        k_aux,
-        backend="torch",
-        precision=precision,
-    )
+    enc = topk_encode(*encoder_args(p), k, dead, k_aux, backend="torch", precision=precision)
     return sparse_decode(enc.aux_values, enc.aux_indices, p["W_dec"], None, backend="torch")
 
 
@@ -54,15 +44,7 @@ def test_dense_auxk_matches_the_sparse_one(monkeypatch, n_dead, exact, precision
     want, want_g = grads_of(lambda p: sparse_auxk(p, k, dead, k_aux, precision), params, g)
     got, got_g = grads_of(
         lambda p: auxk_recon(
-            p["x"],
-            p["W_enc"],
-            p["b_enc"],
-            p["b_dec"],
-            p["W_dec"],
-            dead,
-            k_aux,
-            precision=precision,
-            aux_limit=limit,
+            *encoder_args(p), p["W_dec"], dead, k_aux, precision=precision, aux_limit=limit
         ),
         params,
         g,

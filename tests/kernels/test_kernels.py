@@ -36,6 +36,13 @@ def make_params(n, d, m, dtype=torch.float32, device="cpu", seed=0):
     return {k: v.to(device=device, dtype=dtype).requires_grad_() for k, v in params.items()}
 
 
+ENCODER = ("x", "W_enc", "b_enc", "b_dec")  # topk_encode's tensors, in its order
+
+
+def encoder_args(p: dict) -> tuple:
+    return tuple(p[n] for n in ENCODER)
+
+
 def fresh(params):
     return {k: v.detach().clone().requires_grad_() for k, v in params.items()}
 
@@ -77,19 +84,9 @@ def assert_named_close(got: dict, want: dict, dtype):
 
 
 def run_encode(backend, params, k, dead_mask, k_aux, grads):
-    p = fresh({n: params[n] for n in ("x", "W_enc", "b_enc", "b_dec")})
+    p = fresh({n: params[n] for n in ENCODER})
     backend, _, encoder = backend.partition("-")
-    out = encode(
-        p["x"],
-        p["W_enc"],
-        p["b_enc"],
-        p["b_dec"],
-        k,
-        dead_mask,
-        k_aux,
-        backend=backend,
-        encoder=encoder or None,
-    )
+    out = encode(*encoder_args(p), k, dead_mask, k_aux, backend=backend, encoder=encoder or None)
     # an upstream gradient per output slot, keyed by latent id so it does not depend on slot order
     loss = (out.values * grads[0].gather(1, out.indices)).sum()
     if k_aux:
@@ -314,7 +311,7 @@ def test_full_sae_step_matches_reference(backend, device):
 
     def step(bk):
         p = fresh(params)
-        enc = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead, k_aux, backend=bk)
+        enc = encode(*encoder_args(p), k, dead, k_aux, backend=bk)
         x_hat = sparse_decode(enc.values, enc.indices, p["W_dec"], p["b_dec"], backend=bk)
         aux = sparse_decode(enc.aux_values, enc.aux_indices, p["W_dec"], None, backend=bk)
         out = fvu_auxk_loss(p["x"], x_hat, aux, backend=bk)
@@ -418,7 +415,7 @@ def test_backward_builds_no_dense_latent_matrix():
     """The torch path's backward never materialises anything of N x m elements."""
     n, d, m, k = 300, 32, 256, 8  # N m = 76800 is far above every legitimate size (m d = 8192)
     p = make_params(n, d, m)
-    enc = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, backend="torch")
+    enc = encode(*encoder_args(p), k, backend="torch")
     x_hat = sparse_decode(enc.values, enc.indices, p["W_dec"], p["b_dec"], backend="torch")
     loss = fvu_auxk_loss(p["x"], x_hat, backend="torch").loss
     log = _ShapeLog()
@@ -455,7 +452,7 @@ def test_latent_chosen_by_every_row(backend, device):
 
     def step(bk):
         p = fresh(params)
-        enc = encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead, k_aux, backend=bk)
+        enc = encode(*encoder_args(p), k, dead, k_aux, backend=bk)
         assert (enc.indices == 0).any(1).all()
         x_hat = sparse_decode(enc.values, enc.indices, p["W_dec"], p["b_dec"], backend=bk)
         aux = sparse_decode(enc.aux_values, enc.aux_indices, p["W_dec"], backend=bk)
@@ -564,7 +561,7 @@ def test_backend_choice(monkeypatch):
 def test_reference_backend_is_the_reference(monkeypatch):
     p = make_params(10, 16, 40)
     monkeypatch.setenv("GSAE_KERNELS", "reference")
-    args = (p["x"], p["W_enc"], p["b_enc"], p["b_dec"], 4)
+    args = (*encoder_args(p), 4)
     got = encode(*args)
     want = reference.topk_encode(*args)
     assert torch.equal(got.values, want[0]) and torch.equal(got.indices, want[1])

@@ -10,7 +10,8 @@ from conftest import TRITON_DEVICE
 from gsae_kernels import reference, topk_encode
 from gsae_kernels.sparse_ops import latent_segments
 from gsae_kernels.topk_encode import resolve_precision, round_operand
-from test_kernels import dead_mask_for, dense, make_params
+from test_kernels import dead_mask_for, dense, encoder_args, make_params
+from tiny import flags
 
 from gsae.sae import Sae, SaeConfig
 from gsae.train.step import SaeTrainer, resolve_sae_precision
@@ -61,17 +62,7 @@ def test_torch_path_rounds_operands_and_sums_in_fp32(precision):
     n, d, m, k, k_aux = 64, 96, 300, 8, 16
     p = make_params(n, d, m)
     dead = dead_mask_for(m, 40, "cpu")
-    out = topk_encode(
-        p["x"],
-        p["W_enc"],
-        p["b_enc"],
-        p["b_dec"],
-        k,
-        dead,
-        k_aux,
-        backend="torch",
-        precision=precision,
-    )
+    out = topk_encode(*encoder_args(p), k, dead, k_aux, backend="torch", precision=precision)
     want = rounded_reference(p, k, dead, k_aux, precision)
     got_dense = dense(out.values.detach(), out.indices, m)
     want_dense = dense(want[0], want[1], m)
@@ -82,7 +73,7 @@ def test_torch_path_rounds_operands_and_sums_in_fp32(precision):
         rtol=1e-5,
         atol=1e-5,
     )
-    fp32 = topk_encode(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, backend="torch")
+    fp32 = topk_encode(*encoder_args(p), k, backend="torch")
     assert not torch.equal(dense(fp32.values.detach(), fp32.indices, m), got_dense)
     # the backward is the fp32 one: gradients reach the fp32 weights
     out.values.sum().backward()
@@ -95,7 +86,7 @@ def test_triton_precision_matches_the_torch_path(precision):
     """One policy on both backends (the interpreter mishandles bf16 dots: GPU only)."""
     n, d, m, k = 512, 256, 2048, 32
     p = {n_: t.detach().cuda() for n_, t in make_params(n, d, m).items()}
-    args = (p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k)
+    args = (*encoder_args(p), k)
     a = topk_encode(*args, backend="triton", precision=precision)
     b = topk_encode(*args, backend="torch", precision=precision)
     got, want = dense(a.values, a.indices, m), dense(b.values, b.indices, m)
@@ -118,7 +109,7 @@ def test_auxk_on_gpu_candidates_matches_exact(monkeypatch, backend):
     n, d, m, k, k_aux, n_dead = 37, 63, 200, 7, 24, 30
     p = make_params(n, d, m, device=TRITON_DEVICE)
     dead = dead_mask_for(m, n_dead, TRITON_DEVICE)
-    args = (p["x"], p["W_enc"], p["b_enc"], p["b_dec"], k, dead, k_aux)
+    args = (*encoder_args(p), k, dead, k_aux)
     exact = topk_encode(*args, backend=backend)
     monkeypatch.setattr(te, "_aux_candidates", functools.partial(te._aux_candidates, exact=False))
     covered = topk_encode(*args, backend=backend, aux_limit=n_dead + 13)  # 13 live ones masked
@@ -295,30 +286,9 @@ def test_sae_precision_is_a_run_setting(tiny_model_dir, tiny_corpus, tmp_path, o
         made.append(kwargs.get("precision"))
         return real(*args, **kwargs)
 
-    argv = [
-        "--model",
-        str(tiny_model_dir),
-        "--dataset",
-        str(tiny_corpus),
-        "--out",
-        str(out),
-        "--tokens",
-        "1k",
-        "--grouping-tokens",
-        "1k",
-        "--scale-tokens",
-        "1k",
-        "--batch-tokens",
-        "256",
-        "--ctx-len",
-        "64",
-        "--k",
-        "8",
-        "--device",
-        "cpu",
-        "--sae-precision",
-        "tf32",
-    ]
+    argv = flags(model=tiny_model_dir, dataset=tiny_corpus, out=out, sae_precision="tf32")
+    argv += flags(tokens="1k", grouping_tokens="1k", scale_tokens="1k", batch_tokens=256)
+    argv += flags(ctx_len=64, k=8, device="cpu")
     loop.SaeTrainer = spy
     try:
         assert train_main(argv) == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import config_flags
+from tiny import config_flags, short_run
 
 from gsae.cli.train import main as train_main
 from gsae.train.distributed import plan_owners
@@ -23,27 +23,7 @@ from gsae.train.distributed import plan_owners
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 WORKER = Path(__file__).parents[1] / "dist_worker.py"
-FAST = [
-    "--tokens",
-    "4k",
-    "--grouping-tokens",
-    "2k",
-    "--scale-tokens",
-    "1k",
-    "--batch-tokens",
-    "512",
-    "--ctx-len",
-    "64",
-    "--k",
-    "8",
-    "--dead-threshold",
-    "2k",
-    "--repeat",
-    "--log-every",
-    "2",
-    "--device",
-    "cpu",
-]
+FAST = short_run("4k", "2k", "1k", dead_threshold="2k", log_every=2)
 # float32 rounding: the replicas sum the parts' gradients, one process the whole batch's; one
 # Adam step moves a weight by ~lr = 1e-3, so a missed, doubled or wrong step is far above this
 ATOL = 1e-5
