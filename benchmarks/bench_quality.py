@@ -317,10 +317,24 @@ DEMO_CANDIDATES = {  # name -> (runner, kwargs (and "batch"), at every budget or
     SPARSIFY: (SparsifyRun, {}, True),
     SAELENS: (SaelensRun, {}, True),
     "gsae --recipe paper": (GsaeRun, PAPER, False),
-    "gsae --optimizer adam (the defaults before issue 19)": (GsaeRun, {"optimizer": "adam"}, False),
+    "gsae without the batch warm-up (the defaults before it)": (
+        GsaeRun,
+        {"warmup_tokens": 0},
+        False,
+    ),
+    "gsae --optimizer adam, no warm-up (the defaults before issue 19)": (
+        GsaeRun,
+        {"optimizer": "adam", "warmup_tokens": 0},
+        False,
+    ),
     "gsae signum as sparsify's (average_power 0, lr 5e-3)": (
         GsaeRun,
-        {"optimizer": "signum", "average_power": 0.0, "lr": 5e-3 / math.sqrt(DEMO_M / 2**14)},
+        {
+            "optimizer": "signum",
+            "average_power": 0.0,
+            "lr": 5e-3 / math.sqrt(DEMO_M / 2**14),
+            "warmup_tokens": 0,
+        },
         False,
     ),
     "sparsify, adam, AuxK 1/32 (issue 8's comparison)": (
@@ -415,7 +429,11 @@ def _report_sweep(report, results, layers, seeds):
 GROUP_TOKENS = 200_000
 GROUP_SETTINGS = {
     "defaults": {},
-    "--optimizer adam (the defaults before issue 19)": {"optimizer": "adam"},
+    "no batch warm-up (the defaults before it)": {"warmup_tokens": 0},
+    "--optimizer adam, no warm-up (the defaults before issue 19)": {
+        "optimizer": "adam",
+        "warmup_tokens": 0,
+    },
 }
 
 

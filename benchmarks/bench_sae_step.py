@@ -19,8 +19,12 @@ CPU_CASES = [
 ]
 
 
+# the steady-state step: no batch warm-up (it splits the first 300k tokens' steps in parts)
+STEADY = {"warmup_tokens": 0}
+
+
 def make_trainer(d, m, k, backend, device="cpu"):
-    sae = Sae(SaeConfig(d=d, num_latents=m, k=k), device=device)
+    sae = Sae(SaeConfig(d=d, num_latents=m, k=k, **STEADY), device=device)
     sae.backend = backend
     return SaeTrainer(sae)
 
@@ -60,7 +64,7 @@ import torch
 from gsae.sae import Sae, SaeConfig
 from gsae.train.step import SaeTrainer
 torch.manual_seed(0)
-sae = Sae(SaeConfig(d={d}, num_latents={m}, k={k}))
+sae = Sae(SaeConfig(d={d}, num_latents={m}, k={k}, warmup_tokens=0))
 sae.backend = "{backend}"
 trainer = SaeTrainer(sae)
 x = torch.randn({n}, {d})
@@ -132,7 +136,7 @@ def test_gpu_train_step(benchmark, report, rounds, precision):
     dead[torch.randperm(m, device="cuda")[: m // 4]] = True
     fns = {}
     for backend in ("triton", "torch"):
-        sae = Sae(SaeConfig(d=d, num_latents=m, k=k, k_aux=k_aux), device="cuda")
+        sae = Sae(SaeConfig(d=d, num_latents=m, k=k, k_aux=k_aux, **STEADY), device="cuda")
         sae.backend = backend
         trainer = SaeTrainer(sae, precision=precision)
         keep_dead = with_dead_latents(trainer, dead)

@@ -621,6 +621,8 @@ def gsae_trainer(shape: dict, device, precision: str | None, aux: bool, optimize
     )
     if optimizer:
         kwargs["optimizer"] = optimizer
+    if "warmup_tokens" in SaeConfig.__dataclass_fields__:  # the steady-state step is timed
+        kwargs["warmup_tokens"] = 0
     where = python_precision() if precision else None
     if where == "SaeConfig":
         kwargs["precision"] = precision

@@ -36,8 +36,11 @@ def run_session(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProces
         cwd=ROOT,
         timeout=900,
     )
-    report = json.loads((out / "gpu_session.json").read_text())
-    return proc, report
+    path = out / "gpu_session.json"
+    assert path.exists(), (
+        f"no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc, json.loads(path.read_text())
 
 
 @pytest.mark.slow
