@@ -7,6 +7,9 @@ the dead-latent counters and runs one step at a time:
    default, Adam for ``--recipe paper``), renormalise the rows to unit norm;
 4. reset the counter of every latent that fired (value > 0), advance the others by N.
 
+During the batch warm-up (the first ``warmup_tokens`` of the SAE) a batch is split into parts of
+at most ``warmup_batch`` tokens, each one such step (:func:`warmup_split`).
+
 A step whose loss is not finite changes nothing: with ``check_finite=True`` (the default) it
 raises ``FloatingPointError`` before the update; with ``check_finite=False`` (the trainer's hot
 loop, which must not sync the GPU every step) the optimiser (fused Adam, or signum through its
@@ -228,7 +231,7 @@ class SaeTrainer:
             x_finite = bool(torch.isfinite(x).all())
             raise FloatingPointError(
                 f"non-finite loss {float(loss.detach())} at step {self.steps} (x: shape "
-                f"{tuple(x.shape)}, all finite: {x_finite}); the weights were not updated"
+                f"{tuple(x.shape)}, all finite: {x_finite}); this step did not update the weights"
             )
         self._update(finite)
         self._count_firing(out.latents, finite, tokens)
