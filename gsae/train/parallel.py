@@ -214,13 +214,16 @@ class ReplicatedSteps:
         batches = self.sampler.draw(hidden, step, positions, self.total)
         _init_replicas(self.world, None, self.groups, batches)
         outs = []
-        for part, tokens in _warmup_steps(self.groups[0].trainer, batches, self.total):
+        for j, (part, tokens) in enumerate(
+            _warmup_steps(self.groups[0].trainer, batches, self.total)
+        ):
             self.bucket.zero()
             self.bucket.flags[0], self.bucket.flags[1] = float(exhausted), float(stop)
             apply = _data_parallel(self.world, None, self.groups, part, self.bucket, tokens)
-            exhausted_any, stop_any = (self.bucket.flags > 0).tolist()  # the step's one sync
-            if exhausted_any:  # known at the first of the warm-up's steps: nothing is updated
-                return StepResult({}, True, stop_any)
+            if j == 0:  # the flags are the batch's, the same in every warm-up part: read once
+                exhausted_any, stop_any = (self.bucket.flags > 0).tolist()  # the step's one sync
+                if exhausted_any:  # nothing is updated
+                    return StepResult({}, True, stop_any)
             outs.append(apply())
         return StepResult(_mean_outputs(outs), False, stop_any)
 
